@@ -1,0 +1,212 @@
+//! The kernel/userspace boundary of the load balancer: every value stored in a BPF map, every
+//! map name and every constant both sides must agree on is defined here, once.
+//!
+//! Byte order: addresses and ports hold the bytes exactly as they appear on the wire (network
+//! order). Userspace converts at the edge with `u32::from_ne_bytes(ip.octets())` and
+//! `port.to_be()`, so the XDP program compares raw packet words without swapping.
+//!
+//! Every struct is `#[repr(C)]` with explicit padding so no byte of a map key or value is
+//! uninitialised (the kernel hashes and compares whole keys).
+#![no_std]
+
+pub mod hash;
+
+/// Entries in each service's Maglev lookup table. Prime, as the Maglev paper requires; 65537 is
+/// the paper's default and keeps the share of any backend within 1% of its target for up to
+/// about 650 backends (M > 100 N).
+pub const RING_SIZE: u32 = 65537;
+
+/// A ring entry that names no backend (a service with no usable backend).
+pub const BACKEND_NONE: u32 = u32::MAX;
+
+/// Default number of services; the ring map holds one table per service plus one spare, so a
+/// new table is written in full before the service switches to it.
+pub const DEFAULT_MAX_SERVICES: u32 = 64;
+/// Default size of the backend array (ids are global across services).
+pub const DEFAULT_MAX_BACKENDS: u32 = 4096;
+/// Default connection-table size: room for 1M flows.
+pub const DEFAULT_CONNTRACK_SIZE: u32 = 1 << 20;
+
+/// `IPPROTO_TCP` and `IPPROTO_UDP`, as in the IPv4 header's protocol field.
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+
+/// Names of the maps and programs in the object, used by userspace to find them.
+pub mod names {
+    pub const PROG_BALANCER: &str = "lb_xdp";
+    pub const PROG_PASS: &str = "lb_xdp_pass";
+    pub const SERVICES: &str = "SERVICES";
+    pub const BACKENDS: &str = "BACKENDS";
+    pub const RINGS: &str = "RINGS";
+    pub const CONNTRACK: &str = "CONNTRACK";
+    pub const SERVICE_STATS: &str = "SERVICE_STATS";
+    pub const BACKEND_STATS: &str = "BACKEND_STATS";
+    pub const REASON_STATS: &str = "REASON_STATS";
+    /// Read-only global: non-zero turns on per-packet aya-log diagnostics.
+    pub const GLOBAL_DEBUG: &str = "LB_DEBUG";
+}
+
+/// Key of the service map: an IPv4 VIP, port and protocol.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ServiceKeyV4 {
+    /// VIP, network order.
+    pub addr: u32,
+    /// Port, network order.
+    pub port: u16,
+    /// `PROTO_TCP` or `PROTO_UDP`.
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+/// Forwarding modes (`Service::forward`).
+pub const FORWARD_DSR: u8 = 0;
+
+/// Value of the service map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Service {
+    /// Index into `SERVICE_STATS`; stable for the life of the service.
+    pub id: u32,
+    /// Which table of `RINGS` is live: entries `ring * RING_SIZE .. (ring + 1) * RING_SIZE`.
+    /// Userspace fills a spare table, then flips this field with one map update.
+    pub ring: u32,
+    /// One of the `FORWARD_*` constants.
+    pub forward: u8,
+    pub _pad: [u8; 3],
+}
+
+/// The backend may keep established flows (it exists, is healthy and its MAC is known).
+/// Draining backends keep this flag; removed or failed ones lose it.
+pub const BACKEND_F_ALIVE: u8 = 1;
+
+/// Address families (`Backend::family`), as Linux numbers them.
+pub const AF_INET: u8 = 2;
+
+/// Value of the backend array, indexed by backend id.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Backend {
+    /// Address, network order; IPv4 uses the first 4 bytes.
+    pub addr: [u8; 16],
+    /// Next-hop MAC for L2 direct server return.
+    pub mac: [u8; 6],
+    /// Port, network order.
+    pub port: u16,
+    /// Bumped each time the id is given to a new backend, so a connection-table entry made for
+    /// an earlier holder of the id is recognised as stale.
+    pub generation: u32,
+    /// `BACKEND_F_*` bits.
+    pub flags: u8,
+    /// `AF_INET` (IPv6 comes with a later forwarding issue).
+    pub family: u8,
+    pub _pad: [u8; 2],
+}
+
+/// Key of the connection table: an IPv4 5-tuple, network order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FlowKeyV4 {
+    pub src: u32,
+    pub dst: u32,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Value of the connection table: the backend a flow was given.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FlowState {
+    pub backend: u32,
+    /// `Backend::generation` when the flow was placed.
+    pub generation: u32,
+}
+
+/// Per-CPU packet and byte counter.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Traffic {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// Why the program passed or dropped a packet, or that it forwarded it; the index into
+/// `REASON_STATS`. Every exit of the program is counted under exactly one of these.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reason {
+    /// Forwarded to a backend.
+    Forwarded = 0,
+    /// Not IPv4 (ARP, IPv6, ...): passed to the kernel.
+    PassNotIpv4 = 1,
+    /// IPv4 but neither TCP nor UDP (ICMP, ...): passed.
+    PassNotTcpUdp = 2,
+    /// TCP/UDP to no configured service: passed.
+    PassNotVip = 3,
+    /// An IPv4 fragment: passed (the balancer never forwards fragments, so none can reach a
+    /// wrong backend; the kernel reassembles or drops them).
+    PassFragment = 4,
+    /// Ethernet or VLAN header cut short: passed (not ours to judge).
+    PassShortL2 = 5,
+    /// IPv4 header cut short or inconsistent (version, IHL, total length): dropped.
+    DropMalformedIp = 6,
+    /// TCP/UDP header cut short: dropped.
+    DropMalformedL4 = 7,
+    /// To a service that has no usable backend: dropped.
+    DropNoBackend = 8,
+    /// A map lookup that cannot fail did (inconsistent maps): dropped.
+    DropInternal = 9,
+}
+
+impl Reason {
+    pub const COUNT: u32 = 10;
+    /// Every reason in index order, with its name in metrics and `lb status`.
+    pub const ALL: [(Reason, &'static str); Self::COUNT as usize] = [
+        (Reason::Forwarded, "forwarded"),
+        (Reason::PassNotIpv4, "pass_not_ipv4"),
+        (Reason::PassNotTcpUdp, "pass_not_tcp_udp"),
+        (Reason::PassNotVip, "pass_not_vip"),
+        (Reason::PassFragment, "pass_fragment"),
+        (Reason::PassShortL2, "pass_short_l2"),
+        (Reason::DropMalformedIp, "drop_malformed_ip"),
+        (Reason::DropMalformedL4, "drop_malformed_l4"),
+        (Reason::DropNoBackend, "drop_no_backend"),
+        (Reason::DropInternal, "drop_internal"),
+    ];
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: each type is #[repr(C)], made only of integers and byte arrays, with explicit
+    // padding fields, so every bit pattern is valid and no byte is uninitialised.
+    unsafe impl aya::Pod for super::ServiceKeyV4 {}
+    unsafe impl aya::Pod for super::Service {}
+    unsafe impl aya::Pod for super::Backend {}
+    unsafe impl aya::Pod for super::FlowKeyV4 {}
+    unsafe impl aya::Pod for super::FlowState {}
+    unsafe impl aya::Pod for super::Traffic {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn map_types_have_no_implicit_padding() {
+        assert_eq!(size_of::<ServiceKeyV4>(), 8);
+        assert_eq!(size_of::<Service>(), 12);
+        assert_eq!(size_of::<Backend>(), 32);
+        assert_eq!(size_of::<FlowKeyV4>(), 16);
+        assert_eq!(size_of::<FlowState>(), 8);
+        assert_eq!(size_of::<Traffic>(), 16);
+    }
+
+    #[test]
+    fn reasons_are_listed_in_index_order() {
+        for (i, (reason, _)) in Reason::ALL.iter().enumerate() {
+            assert_eq!(*reason as usize, i);
+        }
+    }
+}

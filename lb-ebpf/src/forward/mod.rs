@@ -1,0 +1,2 @@
+//! One module per forwarding mode.
+pub mod dsr;

@@ -1,0 +1,94 @@
+//! XDP entry points. Read top-down: parse → select → forward; every exit is counted by reason.
+#![no_std]
+#![no_main]
+
+mod forward;
+mod maps;
+mod parse;
+mod select;
+mod stats;
+
+use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
+use aya_log_ebpf::debug;
+use lb_common::{Reason, ServiceKeyV4};
+
+/// Set to non-zero by the loader (`lb daemon --debug-packets`) to log each forwarding decision.
+/// A read-only global: the verifier sees its value at load time and removes the logging code
+/// from the hot path when it is zero.
+#[unsafe(no_mangle)]
+static LB_DEBUG: u32 = 0;
+
+/// The balancer: L2 direct server return for IPv4 TCP/UDP services.
+#[xdp]
+pub fn lb_xdp(ctx: XdpContext) -> u32 {
+    let reason = match balance(&ctx) {
+        Ok(()) => Reason::Forwarded,
+        Err(reason) => reason,
+    };
+    stats::count_reason(reason);
+    verdict(reason)
+}
+
+/// Stands in for the wire on the far end of a veth: frames sent into a veth with XDP_TX are only
+/// received when the peer runs an XDP program (test beds attach this to the bridge port).
+#[xdp]
+pub fn lb_xdp_pass(_ctx: XdpContext) -> u32 {
+    xdp_action::XDP_PASS
+}
+
+#[inline(always)]
+fn balance(ctx: &XdpContext) -> Result<(), Reason> {
+    let pkt = parse::parse_ipv4(ctx)?;
+    let key = ServiceKeyV4 {
+        addr: pkt.flow.dst,
+        port: pkt.flow.dport,
+        proto: pkt.flow.proto,
+        _pad: 0,
+    };
+    // SAFETY: the value is copied out at once; userspace replaces entries whole.
+    let service = *unsafe { maps::SERVICES.get(&key) }.ok_or(Reason::PassNotVip)?;
+    let (backend_id, backend) = select::backend_for(&service, &pkt.flow)?;
+    forward::dsr::rewrite(ctx, &backend)?;
+
+    let len = (ctx.data_end() - ctx.data()) as u64;
+    stats::count_traffic(&maps::SERVICE_STATS, service.id, len);
+    stats::count_traffic(&maps::BACKEND_STATS, backend_id, len);
+    // SAFETY: a read of a plain u32 global.
+    if unsafe { core::ptr::read_volatile(&LB_DEBUG) } != 0 {
+        debug!(
+            ctx,
+            "service {} flow {:i}:{} -> backend {}",
+            service.id,
+            u32::from_be(pkt.flow.src),
+            u16::from_be(pkt.flow.sport),
+            backend_id
+        );
+    }
+    Ok(())
+}
+
+#[inline(always)]
+fn verdict(reason: Reason) -> u32 {
+    match reason {
+        Reason::Forwarded => xdp_action::XDP_TX,
+        Reason::PassNotIpv4
+        | Reason::PassNotTcpUdp
+        | Reason::PassNotVip
+        | Reason::PassFragment
+        | Reason::PassShortL2 => xdp_action::XDP_PASS,
+        Reason::DropMalformedIp
+        | Reason::DropMalformedL4
+        | Reason::DropNoBackend
+        | Reason::DropInternal => xdp_action::XDP_DROP,
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

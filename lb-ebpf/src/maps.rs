@@ -1,0 +1,41 @@
+//! Every map of the program. The sizes here are defaults; the loader resizes each to the
+//! daemon's configuration before loading (`EbpfLoader::set_max_entries`).
+
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+};
+use lb_common::{
+    Backend, DEFAULT_CONNTRACK_SIZE, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_SERVICES, FlowKeyV4,
+    FlowState, RING_SIZE, Reason, Service, ServiceKeyV4, Traffic,
+};
+
+/// VIP:port/proto → service. One hash lookup per packet decides "is this ours".
+#[map]
+pub static SERVICES: HashMap<ServiceKeyV4, Service> =
+    HashMap::with_max_entries(DEFAULT_MAX_SERVICES, 0);
+
+/// Backend id → backend. An array: ids are small integers allocated by the daemon.
+#[map]
+pub static BACKENDS: Array<Backend> = Array::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
+
+/// Maglev tables, `RING_SIZE` backend ids each: one per service plus a spare, so a new table is
+/// written in full before its service switches to it (4 bytes × 65537 × 65 ≈ 17 MB by default).
+#[map]
+pub static RINGS: Array<u32> = Array::with_max_entries(RING_SIZE * (DEFAULT_MAX_SERVICES + 1), 0);
+
+/// 5-tuple → backend for every flow seen. LRU: the kernel evicts the least recently used flow
+/// when full, so a flood of new flows cannot stop new entries (default 1M flows, ~40 MB).
+#[map]
+pub static CONNTRACK: LruHashMap<FlowKeyV4, FlowState> =
+    LruHashMap::with_max_entries(DEFAULT_CONNTRACK_SIZE, 0);
+
+/// Per-CPU counters (written on every packet, so never shared between CPUs).
+#[map]
+pub static SERVICE_STATS: PerCpuArray<Traffic> =
+    PerCpuArray::with_max_entries(DEFAULT_MAX_SERVICES, 0);
+#[map]
+pub static BACKEND_STATS: PerCpuArray<Traffic> =
+    PerCpuArray::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
+#[map]
+pub static REASON_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Reason::COUNT, 0);

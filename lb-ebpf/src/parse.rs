@@ -1,0 +1,106 @@
+//! Bounds-checked header access and the IPv4 parser. Rules (documented in the README):
+//! not IPv4 → pass; IPv4 that is not TCP/UDP → pass; fragments → pass (never forwarded);
+//! a broken IPv4 header or a cut-short TCP/UDP header → drop.
+
+use aya_ebpf::programs::XdpContext;
+use lb_common::{FlowKeyV4, PROTO_TCP, PROTO_UDP, Reason};
+use network_types::{eth::EthHdr, ip::Ipv4Hdr, tcp::TcpHdr, udp::UdpHdr, vlan::VlanHdr};
+
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_8021Q: u16 = 0x8100;
+const ETH_P_8021AD: u16 = 0x88a8;
+/// IPv4 "more fragments" flag and fragment offset, in the host-order `frags` field.
+const IP_MF: u16 = 0x2000;
+const IP_OFFSET: u16 = 0x1fff;
+
+/// The one accessor for packet bytes: a pointer to a `T` at `offset` if it lies inside the frame.
+#[inline(always)]
+pub fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*const T> {
+    let start = ctx.data();
+    if start + offset + size_of::<T>() > ctx.data_end() {
+        return None;
+    }
+    Some((start + offset) as *const T)
+}
+
+#[inline(always)]
+pub fn ptr_at_mut<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
+    ptr_at::<T>(ctx, offset).map(|p| p.cast_mut())
+}
+
+/// What the balancer needs from an IPv4 TCP/UDP packet.
+pub struct PacketV4 {
+    pub flow: FlowKeyV4,
+}
+
+#[inline(always)]
+pub fn parse_ipv4(ctx: &XdpContext) -> Result<PacketV4, Reason> {
+    let eth: *const EthHdr = ptr_at(ctx, 0).ok_or(Reason::PassShortL2)?;
+    // SAFETY (all reads below): each pointer comes from ptr_at, which checked the bounds.
+    let mut ether_type = unsafe { (*eth).ether_type };
+    let mut l3 = EthHdr::LEN;
+    if ether_type == ETH_P_8021Q.to_be() || ether_type == ETH_P_8021AD.to_be() {
+        let vlan: *const VlanHdr = ptr_at(ctx, l3).ok_or(Reason::PassShortL2)?;
+        ether_type = unsafe { (*vlan).ether_type };
+        l3 += VlanHdr::LEN;
+    }
+    if ether_type != ETH_P_IP.to_be() {
+        return Err(Reason::PassNotIpv4);
+    }
+
+    let ip: *const Ipv4Hdr = ptr_at(ctx, l3).ok_or(Reason::DropMalformedIp)?;
+    let vihl = unsafe { (*ip).vihl };
+    // Masked so the verifier knows the header length is at most 60 bytes.
+    let ihl = ((vihl & 0x0f) as usize) * 4;
+    let total_len = u16::from_be_bytes(unsafe { (*ip).tot_len }) as usize;
+    if vihl >> 4 != 4 || ihl < Ipv4Hdr::LEN || total_len < ihl {
+        return Err(Reason::DropMalformedIp);
+    }
+    if ctx.data() + l3 + total_len > ctx.data_end() {
+        return Err(Reason::DropMalformedIp);
+    }
+    let proto = unsafe { (*ip).proto };
+    if proto != PROTO_TCP && proto != PROTO_UDP {
+        return Err(Reason::PassNotTcpUdp);
+    }
+    let frags = u16::from_be_bytes(unsafe { (*ip).frags });
+    if frags & (IP_MF | IP_OFFSET) != 0 {
+        return Err(Reason::PassFragment);
+    }
+
+    let l4 = l3 + ihl;
+    let (sport, dport, l4_len) = if proto == PROTO_TCP {
+        let tcp: *const TcpHdr = ptr_at(ctx, l4).ok_or(Reason::DropMalformedL4)?;
+        let ports = unsafe {
+            (
+                u16::from_ne_bytes((*tcp).source),
+                u16::from_ne_bytes((*tcp).dest),
+            )
+        };
+        (ports.0, ports.1, TcpHdr::LEN)
+    } else {
+        let udp: *const UdpHdr = ptr_at(ctx, l4).ok_or(Reason::DropMalformedL4)?;
+        let ports = unsafe {
+            (
+                u16::from_ne_bytes((*udp).src),
+                u16::from_ne_bytes((*udp).dst),
+            )
+        };
+        (ports.0, ports.1, UdpHdr::LEN)
+    };
+    // The L4 header must also lie inside the IP datagram, not only inside the frame.
+    if ihl + l4_len > total_len {
+        return Err(Reason::DropMalformedL4);
+    }
+
+    Ok(PacketV4 {
+        flow: FlowKeyV4 {
+            src: u32::from_ne_bytes(unsafe { (*ip).src_addr }),
+            dst: u32::from_ne_bytes(unsafe { (*ip).dst_addr }),
+            sport,
+            dport,
+            proto,
+            _pad: [0; 3],
+        },
+    })
+}

@@ -1,0 +1,40 @@
+//! Backend selection: the connection table first, so an established flow keeps its backend
+//! whatever happens to the others; Maglev for new flows and for flows whose backend is gone.
+
+use lb_common::{
+    BACKEND_F_ALIVE, BACKEND_NONE, Backend, FlowKeyV4, FlowState, RING_SIZE, Reason, Service,
+    hash::flow_hash_v4,
+};
+
+use crate::maps::{BACKENDS, CONNTRACK, RINGS};
+
+#[inline(always)]
+pub fn backend_for(service: &Service, flow: &FlowKeyV4) -> Result<(u32, Backend), Reason> {
+    // SAFETY: FlowState is copied out at once.
+    if let Some(state) = unsafe { CONNTRACK.get(flow) }.copied()
+        && let Some(backend) = BACKENDS.get(state.backend)
+        && backend.flags & BACKEND_F_ALIVE != 0
+        && backend.generation == state.generation
+    {
+        return Ok((state.backend, *backend));
+    }
+
+    let hash = flow_hash_v4(flow.src, flow.dst, flow.sport, flow.dport, flow.proto);
+    let slot = service.ring * RING_SIZE + hash % RING_SIZE;
+    let id = *RINGS.get(slot).ok_or(Reason::DropInternal)?;
+    if id == BACKEND_NONE {
+        return Err(Reason::DropNoBackend);
+    }
+    let backend = *BACKENDS.get(id).ok_or(Reason::DropInternal)?;
+    if backend.flags & BACKEND_F_ALIVE == 0 {
+        // The table is being replaced because this backend just went away.
+        return Err(Reason::DropNoBackend);
+    }
+    let state = FlowState {
+        backend: id,
+        generation: backend.generation,
+    };
+    // A failed insert only costs a Maglev lookup on the next packet, so it is not an error.
+    let _ = CONNTRACK.insert(flow, &state, 0);
+    Ok((id, backend))
+}

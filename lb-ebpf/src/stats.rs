@@ -1,0 +1,25 @@
+//! Per-CPU counters: plain increments, no atomics needed.
+
+use aya_ebpf::maps::PerCpuArray;
+use lb_common::{Reason, Traffic};
+
+use crate::maps::REASON_STATS;
+
+#[inline(always)]
+pub fn count_reason(reason: Reason) {
+    if let Some(counter) = REASON_STATS.get_ptr_mut(reason as u32) {
+        // SAFETY: per-CPU slot, only this CPU writes it while the program runs.
+        unsafe { *counter += 1 };
+    }
+}
+
+#[inline(always)]
+pub fn count_traffic(map: &PerCpuArray<Traffic>, index: u32, bytes: u64) {
+    if let Some(t) = map.get_ptr_mut(index) {
+        // SAFETY: as above.
+        unsafe {
+            (*t).packets += 1;
+            (*t).bytes += bytes;
+        }
+    }
+}

@@ -1,0 +1,629 @@
+//! The daemon's single source of truth: services, backends, health, and the order in which
+//! changes reach the maps. Every request is validated in full before anything is written, so a
+//! refused request changes nothing.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+};
+
+use lb_common::{
+    AF_INET, BACKEND_F_ALIVE, BACKEND_NONE, FORWARD_DSR, RING_SIZE, Reason, ServiceKeyV4,
+};
+use tracing::{info, warn};
+
+use super::health::{ProbeKey, ProbeOutcome};
+use crate::{
+    api::{
+        BackendState, BackendStatus, Forward, Health, HealthCheck, Request, Response, Scheduler,
+        ServiceAddr, ServiceStatus, Status,
+    },
+    dataplane::{Dataplane, DataplaneError},
+    maglev::{self, MaglevBackend},
+    neighbour,
+};
+
+/// Largest accepted backend weight.
+pub const MAX_WEIGHT: u32 = 10_000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("service {0} does not exist")]
+    UnknownService(ServiceAddr),
+    #[error("service {0} already exists")]
+    DuplicateService(ServiceAddr),
+    #[error("backend {ip} is not in service {service}")]
+    UnknownBackend { service: ServiceAddr, ip: IpAddr },
+    #[error("backend {ip} is already in service {service}")]
+    DuplicateBackend { service: ServiceAddr, ip: IpAddr },
+    #[error("{0}")]
+    Invalid(String),
+    #[error("no room: {0}")]
+    Full(&'static str),
+    #[error(transparent)]
+    Dataplane(#[from] DataplaneError),
+}
+
+/// Starts and stops the health probe of one backend (the daemon runs them on tokio; tests can
+/// record the calls).
+pub trait Prober {
+    type Handle;
+    fn start(&mut self, key: ProbeKey, target: SocketAddr, check: HealthCheck) -> Self::Handle;
+    fn stop(&mut self, handle: Self::Handle);
+}
+
+struct ServiceEntry {
+    id: u32,
+    ring: u32,
+    scheduler: Scheduler,
+    forward: Forward,
+    health: HealthCheck,
+    backends: BTreeMap<IpAddr, BackendEntry>,
+    /// (backend id, weight) of the table now live, to skip rebuilding an identical one.
+    table_members: Vec<(u32, u32)>,
+}
+
+struct BackendEntry {
+    id: u32,
+    generation: u32,
+    weight: u32,
+    draining: bool,
+    health: Health,
+    successes: u32,
+    failures: u32,
+    last_error: Option<String>,
+    mac: Option<[u8; 6]>,
+    /// The value last written to the kernel's backend array.
+    written: lb_common::Backend,
+}
+
+impl BackendEntry {
+    /// May keep established flows: healthy and reachable at L2. Draining backends keep theirs.
+    fn alive(&self) -> bool {
+        self.health == Health::Up && self.mac.is_some()
+    }
+
+    /// May receive new flows.
+    fn in_table(&self) -> bool {
+        self.alive() && !self.draining && self.weight > 0
+    }
+}
+
+/// Small integer ids handed out lowest first.
+struct IdPool(BTreeSet<u32>);
+
+impl IdPool {
+    fn new(n: u32) -> Self {
+        IdPool((0..n).collect())
+    }
+    fn take(&mut self) -> Option<u32> {
+        self.0.pop_first()
+    }
+    fn give_back(&mut self, id: u32) {
+        self.0.insert(id);
+    }
+}
+
+pub struct Control<P: Prober> {
+    dp: Dataplane,
+    iface: String,
+    prober: P,
+    services: BTreeMap<ServiceAddr, ServiceEntry>,
+    probes: BTreeMap<(ServiceAddr, IpAddr), P::Handle>,
+    service_ids: IdPool,
+    ring_tables: IdPool,
+    backend_ids: IdPool,
+    /// Generation of each backend id, bumped at every reuse.
+    generations: Vec<u32>,
+}
+
+impl<P: Prober> Control<P> {
+    pub fn new(dp: Dataplane, iface: String, prober: P) -> Self {
+        let sizing = dp.sizing();
+        Control {
+            iface,
+            prober,
+            services: BTreeMap::new(),
+            probes: BTreeMap::new(),
+            service_ids: IdPool::new(sizing.max_services),
+            ring_tables: IdPool::new(sizing.ring_tables()),
+            backend_ids: IdPool::new(sizing.max_backends),
+            generations: vec![0; sizing.max_backends as usize],
+            dp,
+        }
+    }
+
+    pub fn dataplane(&mut self) -> &mut Dataplane {
+        &mut self.dp
+    }
+
+    pub fn handle(&mut self, request: Request) -> Response {
+        let result = match request {
+            Request::ServiceAdd {
+                service,
+                scheduler,
+                forward,
+                health,
+            } => self.service_add(service, scheduler, forward, health),
+            Request::ServiceDel { service } => self.service_del(service),
+            Request::BackendAdd {
+                service,
+                ip,
+                weight,
+            } => self.backend_add(service, ip, weight),
+            Request::BackendDel { service, ip } => self.backend_del(service, ip),
+            Request::BackendDrain { service, ip } => self.backend_drain(service, ip),
+            Request::Status => return self.status().unwrap_or_else(error_response),
+        };
+        match result {
+            Ok(()) => Response::Ok,
+            Err(e) => error_response(e),
+        }
+    }
+
+    pub fn service_add(
+        &mut self,
+        addr: ServiceAddr,
+        scheduler: Scheduler,
+        forward: Forward,
+        health: HealthCheck,
+    ) -> Result<(), ControlError> {
+        let key = service_key(&addr)?;
+        if self.services.contains_key(&addr) {
+            return Err(ControlError::DuplicateService(addr));
+        }
+        if health.rise == 0 || health.fall == 0 {
+            return Err(ControlError::Invalid(
+                "health-check rise and fall must be at least 1".into(),
+            ));
+        }
+        if health.timeout > health.interval {
+            return Err(ControlError::Invalid(
+                "health-check timeout must not exceed the interval".into(),
+            ));
+        }
+        let id = self.service_ids.take().ok_or(ControlError::Full(
+            "every service slot is in use (--max-services)",
+        ))?;
+        // There is always a spare: one more ring table than service ids.
+        let Some(ring) = self.ring_tables.take() else {
+            self.service_ids.give_back(id);
+            return Err(ControlError::Full("no free ring table"));
+        };
+        let written = self
+            .dp
+            .write_ring(ring, &vec![BACKEND_NONE; RING_SIZE as usize])
+            .and_then(|()| self.dp.reset_service_traffic(id))
+            .and_then(|()| {
+                self.dp.set_service(
+                    key,
+                    lb_common::Service {
+                        id,
+                        ring,
+                        forward: FORWARD_DSR,
+                        _pad: [0; 3],
+                    },
+                )
+            });
+        if let Err(e) = written {
+            self.service_ids.give_back(id);
+            self.ring_tables.give_back(ring);
+            return Err(e.into());
+        }
+        info!(service = %addr, id, "service added");
+        self.services.insert(
+            addr,
+            ServiceEntry {
+                id,
+                ring,
+                scheduler,
+                forward,
+                health,
+                backends: BTreeMap::new(),
+                table_members: Vec::new(),
+            },
+        );
+        Ok(())
+    }
+
+    pub fn service_del(&mut self, addr: ServiceAddr) -> Result<(), ControlError> {
+        let key = service_key(&addr)?;
+        if !self.services.contains_key(&addr) {
+            return Err(ControlError::UnknownService(addr));
+        }
+        // Unhook the VIP first: from here on its packets pass to the kernel, so nothing reads the
+        // ring or backends we release below.
+        self.dp.remove_service(&key)?;
+        let Some(entry) = self.services.remove(&addr) else {
+            return Ok(());
+        };
+        for (ip, backend) in &entry.backends {
+            if let Some(probe) = self.probes.remove(&(addr, *ip)) {
+                self.prober.stop(probe);
+            }
+            self.release_backend(backend.id);
+        }
+        self.ring_tables.give_back(entry.ring);
+        self.service_ids.give_back(entry.id);
+        info!(service = %addr, "service deleted");
+        Ok(())
+    }
+
+    pub fn backend_add(
+        &mut self,
+        addr: ServiceAddr,
+        ip: IpAddr,
+        weight: u32,
+    ) -> Result<(), ControlError> {
+        let entry = self
+            .services
+            .get(&addr)
+            .ok_or(ControlError::UnknownService(addr))?;
+        let v4 = match ip {
+            IpAddr::V4(v4) => v4,
+            IpAddr::V6(_) => {
+                return Err(ControlError::Invalid(format!(
+                    "backend {ip}: IPv6 backends are not supported yet"
+                )));
+            }
+        };
+        if v4.is_unspecified() || v4.is_broadcast() || v4.is_multicast() || v4.is_loopback() {
+            return Err(ControlError::Invalid(format!(
+                "backend {ip} is not a unicast host address"
+            )));
+        }
+        if ip == addr.vip {
+            return Err(ControlError::Invalid(format!(
+                "backend {ip} is the service's own VIP"
+            )));
+        }
+        if weight > MAX_WEIGHT {
+            return Err(ControlError::Invalid(format!(
+                "weight {weight} is above the maximum {MAX_WEIGHT}"
+            )));
+        }
+        if entry.backends.contains_key(&ip) {
+            return Err(ControlError::DuplicateBackend { service: addr, ip });
+        }
+        let health = entry.health;
+        let id = self.backend_ids.take().ok_or(ControlError::Full(
+            "every backend slot is in use (--max-backends)",
+        ))?;
+        let generation = self.generations[id as usize].wrapping_add(1);
+        let written = kernel_backend(v4, addr.port, None, generation, 0);
+        let stored = self
+            .dp
+            .reset_backend_traffic(id)
+            .and_then(|()| self.dp.set_backend(id, written));
+        if let Err(e) = stored {
+            self.backend_ids.give_back(id);
+            return Err(e.into());
+        }
+        self.generations[id as usize] = generation;
+        let probe = self.prober.start(
+            ProbeKey {
+                service: addr,
+                ip,
+                generation,
+            },
+            SocketAddr::new(ip, addr.port),
+            health,
+        );
+        self.probes.insert((addr, ip), probe);
+        let Some(entry) = self.services.get_mut(&addr) else {
+            return Ok(());
+        };
+        entry.backends.insert(
+            ip,
+            BackendEntry {
+                id,
+                generation,
+                weight,
+                draining: false,
+                health: Health::Unknown,
+                successes: 0,
+                failures: 0,
+                last_error: None,
+                mac: None,
+                written,
+            },
+        );
+        info!(service = %addr, backend = %ip, id, weight, "backend added; waiting for health checks");
+        // Its MAC may already be known.
+        self.refresh_macs();
+        Ok(())
+    }
+
+    pub fn backend_del(&mut self, addr: ServiceAddr, ip: IpAddr) -> Result<(), ControlError> {
+        let entry = self
+            .services
+            .get_mut(&addr)
+            .ok_or(ControlError::UnknownService(addr))?;
+        let Some(backend) = entry.backends.remove(&ip) else {
+            return Err(ControlError::UnknownBackend { service: addr, ip });
+        };
+        if let Some(probe) = self.probes.remove(&(addr, ip)) {
+            self.prober.stop(probe);
+        }
+        // Out of the table first, then out of the backend array, then its id is free.
+        if let Err(e) = self.sync_service(addr) {
+            warn!(service = %addr, "rebuilding the table after deleting {ip}: {e}");
+        }
+        self.release_backend(backend.id);
+        info!(service = %addr, backend = %ip, "backend deleted");
+        Ok(())
+    }
+
+    pub fn backend_drain(&mut self, addr: ServiceAddr, ip: IpAddr) -> Result<(), ControlError> {
+        let entry = self
+            .services
+            .get_mut(&addr)
+            .ok_or(ControlError::UnknownService(addr))?;
+        let backend = entry
+            .backends
+            .get_mut(&ip)
+            .ok_or(ControlError::UnknownBackend { service: addr, ip })?;
+        if !backend.draining {
+            backend.draining = true;
+            self.sync_service(addr)?;
+            info!(service = %addr, backend = %ip, "backend draining: no new flows");
+        }
+        Ok(())
+    }
+
+    /// A health probe finished. Applies rise/fall and, on a change of state, the maps.
+    pub fn probe_result(&mut self, key: ProbeKey, outcome: ProbeOutcome) {
+        let Some(entry) = self.services.get_mut(&key.service) else {
+            return;
+        };
+        let check = entry.health;
+        let Some(backend) = entry.backends.get_mut(&key.ip) else {
+            return;
+        };
+        if backend.generation != key.generation {
+            return; // a probe of an earlier backend with this address
+        }
+        let before = backend.health;
+        match outcome {
+            Ok(()) => {
+                backend.successes += 1;
+                backend.failures = 0;
+                backend.last_error = None;
+                if backend.health != Health::Up && backend.successes >= check.rise {
+                    backend.health = Health::Up;
+                }
+            }
+            Err(error) => {
+                backend.failures += 1;
+                backend.successes = 0;
+                backend.last_error = Some(error);
+                if backend.health != Health::Down && backend.failures >= check.fall {
+                    backend.health = Health::Down;
+                }
+            }
+        }
+        if backend.health != before {
+            match &backend.last_error {
+                Some(err) => {
+                    warn!(service = %key.service, backend = %key.ip, error = %err, "backend is down")
+                }
+                None => info!(service = %key.service, backend = %key.ip, "backend is up"),
+            }
+            if backend.health == Health::Up {
+                // The probe's connection resolved the neighbour; read it now rather than on the
+                // next tick so the backend enters the table at once.
+                self.refresh_macs();
+            }
+            if let Err(e) = self.sync_service(key.service) {
+                warn!(service = %key.service, "applying a health change: {e}");
+            }
+        }
+    }
+
+    /// Reads the neighbour table and applies new or changed backend MACs.
+    pub fn refresh_macs(&mut self) {
+        let table = match neighbour::arp_table(&self.iface) {
+            Ok(t) => t,
+            Err(e) => {
+                warn!("reading /proc/net/arp: {e}");
+                return;
+            }
+        };
+        let mut changed = Vec::new();
+        for (addr, entry) in &mut self.services {
+            for (ip, backend) in &mut entry.backends {
+                let IpAddr::V4(v4) = ip else { continue };
+                // A MAC that disappears from the table is kept: the entry was only garbage
+                // collected, and a backend that is really gone fails its health checks.
+                if let Some(mac) = table.get(v4)
+                    && backend.mac != Some(*mac)
+                {
+                    info!(service = %addr, backend = %ip, mac = %neighbour::format_mac(mac), "backend MAC learned");
+                    backend.mac = Some(*mac);
+                    changed.push(*addr);
+                }
+            }
+        }
+        changed.dedup();
+        for addr in changed {
+            if let Err(e) = self.sync_service(addr) {
+                warn!(service = %addr, "applying a MAC change: {e}");
+            }
+        }
+    }
+
+    /// Brings the kernel in line with a service's backends: first backends that became usable
+    /// are written, then the table is rebuilt (in the spare table, then switched to in one map
+    /// update), then backends that became unusable are written. So the ring never names a
+    /// backend the kernel does not know as alive, and an unusable backend leaves the table
+    /// before its flows are moved.
+    fn sync_service(&mut self, addr: ServiceAddr) -> Result<(), ControlError> {
+        let key = service_key(&addr)?;
+        let Some(entry) = self.services.get_mut(&addr) else {
+            return Err(ControlError::UnknownService(addr));
+        };
+        write_backends(&mut self.dp, entry, addr.port, true)?;
+
+        let members: Vec<(IpAddr, u32, u32)> = entry
+            .backends
+            .iter()
+            .filter(|(_, b)| b.in_table())
+            .map(|(ip, b)| (*ip, b.id, b.weight))
+            .collect();
+        let ids: Vec<(u32, u32)> = members.iter().map(|(_, id, w)| (*id, *w)).collect();
+        if ids != entry.table_members {
+            let maglev_backends: Vec<MaglevBackend> = members
+                .iter()
+                .map(|(ip, _, w)| MaglevBackend::new(*ip, addr.port, *w))
+                .collect();
+            let table = maglev::build_table(&maglev_backends, RING_SIZE)
+                .map_err(|e| ControlError::Invalid(format!("building the Maglev table: {e}")))?;
+            let table: Vec<u32> = table
+                .into_iter()
+                .map(|i| members.get(i as usize).map_or(BACKEND_NONE, |m| m.1))
+                .collect();
+            let spare = self
+                .ring_tables
+                .take()
+                .ok_or(ControlError::Full("no spare ring table"))?;
+            let switched = self.dp.write_ring(spare, &table).and_then(|()| {
+                self.dp.set_service(
+                    key,
+                    lb_common::Service {
+                        id: entry.id,
+                        ring: spare,
+                        forward: FORWARD_DSR,
+                        _pad: [0; 3],
+                    },
+                )
+            });
+            if let Err(e) = switched {
+                self.ring_tables.give_back(spare);
+                return Err(e.into());
+            }
+            self.ring_tables.give_back(entry.ring);
+            entry.ring = spare;
+            entry.table_members = ids;
+            info!(service = %addr, backends = entry.table_members.len(), "Maglev table switched");
+        }
+
+        write_backends(&mut self.dp, entry, addr.port, false)?;
+        Ok(())
+    }
+
+    /// Marks a backend id dead in the kernel (so flows pinned to it move) and frees it.
+    fn release_backend(&mut self, id: u32) {
+        let generation = self.generations[id as usize];
+        let dead = kernel_backend(Ipv4Addr::UNSPECIFIED, 0, None, generation, 0);
+        if let Err(e) = self.dp.set_backend(id, dead) {
+            warn!(id, "clearing a released backend: {e}");
+        }
+        self.backend_ids.give_back(id);
+    }
+
+    pub fn status(&self) -> Result<Response, ControlError> {
+        let mut services = Vec::new();
+        for (addr, entry) in &self.services {
+            let e = entry;
+            let traffic = self.dp.service_traffic(e.id)?;
+            let mut backends = Vec::new();
+            for (ip, b) in &e.backends {
+                let t = self.dp.backend_traffic(b.id)?;
+                backends.push(BackendStatus {
+                    ip: *ip,
+                    weight: b.weight,
+                    state: if b.draining {
+                        BackendState::Draining
+                    } else if b.in_table() {
+                        BackendState::Active
+                    } else {
+                        BackendState::Down
+                    },
+                    health: b.health,
+                    last_error: b.last_error.clone(),
+                    mac: b.mac.as_ref().map(neighbour::format_mac),
+                    in_table: b.in_table(),
+                    packets: t.packets,
+                    bytes: t.bytes,
+                });
+            }
+            services.push(ServiceStatus {
+                service: addr.to_string(),
+                forward: e.forward,
+                scheduler: e.scheduler,
+                health_check: e.health,
+                packets: traffic.packets,
+                bytes: traffic.bytes,
+                backends,
+            });
+        }
+        let counts = self.dp.reason_counts()?;
+        let counters = Reason::ALL
+            .iter()
+            .map(|(r, name)| (name.to_string(), counts[*r as usize]))
+            .collect();
+        Ok(Response::Status(Status { services, counters }))
+    }
+}
+
+/// Writes the backends whose kernel entry differs from what they should be: with `alive_only`,
+/// only those that are (still or newly) alive; otherwise all the rest (those losing
+/// `BACKEND_F_ALIVE`).
+fn write_backends(
+    dp: &mut Dataplane,
+    entry: &mut ServiceEntry,
+    port: u16,
+    alive_only: bool,
+) -> Result<(), DataplaneError> {
+    for (ip, b) in &mut entry.backends {
+        let IpAddr::V4(v4) = ip else { continue };
+        let flags = if b.alive() { BACKEND_F_ALIVE } else { 0 };
+        let wanted = kernel_backend(*v4, port, b.mac, b.generation, flags);
+        if wanted != b.written && (flags != 0 || !alive_only) {
+            dp.set_backend(b.id, wanted)?;
+            b.written = wanted;
+        }
+    }
+    Ok(())
+}
+
+fn kernel_backend(
+    ip: Ipv4Addr,
+    port: u16,
+    mac: Option<[u8; 6]>,
+    generation: u32,
+    flags: u8,
+) -> lb_common::Backend {
+    let mut addr = [0u8; 16];
+    addr[..4].copy_from_slice(&ip.octets());
+    lb_common::Backend {
+        addr,
+        mac: mac.unwrap_or_default(),
+        port: port.to_be(),
+        generation,
+        flags,
+        family: AF_INET,
+        _pad: [0; 2],
+    }
+}
+
+/// The map key of a service; IPv4 only for now.
+pub fn service_key(addr: &ServiceAddr) -> Result<ServiceKeyV4, ControlError> {
+    match addr.vip {
+        IpAddr::V4(v4) => Ok(ServiceKeyV4 {
+            addr: u32::from_ne_bytes(v4.octets()),
+            port: addr.port.to_be(),
+            proto: addr.proto.number(),
+            _pad: 0,
+        }),
+        IpAddr::V6(_) => Err(ControlError::Invalid(format!(
+            "service {addr}: IPv6 VIPs are not supported yet"
+        ))),
+    }
+}
+
+fn error_response(e: ControlError) -> Response {
+    Response::Error {
+        message: e.to_string(),
+    }
+}

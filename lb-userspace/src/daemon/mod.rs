@@ -1,0 +1,179 @@
+//! `lb daemon`: loads and attaches the XDP program, serves the control API, runs health checks.
+//!
+//! Threads: the control loop runs on its own thread and owns all state and the maps (writing a
+//! table is a blocking syscall); tokio runs the API server, the health probes and the signal
+//! handlers, which talk to the control loop through one channel.
+
+mod control;
+mod health;
+mod server;
+
+use std::{
+    path::PathBuf,
+    sync::mpsc,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+pub use control::{Control, ControlError, Prober};
+pub use health::{ProbeKey, ProbeOutcome};
+use tokio::sync::oneshot;
+use tracing::{info, warn};
+
+use crate::{
+    api::{Request, Response},
+    dataplane::{AttachMode, Dataplane, Sizing},
+};
+
+/// How often the control loop rereads the neighbour table for backend MACs.
+const NEIGHBOUR_REFRESH: Duration = Duration::from_millis(500);
+
+pub enum Event {
+    Api(Request, oneshot::Sender<Response>),
+    Probe(ProbeKey, ProbeOutcome),
+    Shutdown,
+}
+
+pub type EventSender = mpsc::Sender<Event>;
+
+#[derive(Debug, clap::Args)]
+pub struct DaemonArgs {
+    /// Network interface to attach the balancer to (the one VIP traffic arrives on).
+    #[arg(long)]
+    pub iface: String,
+    /// XDP attach mode: native (driver) by default; generic works on any interface but is
+    /// slower; auto tries native and falls back to generic with a warning.
+    #[arg(long, value_enum, default_value = "native")]
+    pub xdp_mode: AttachMode,
+    /// Most services at once (each holds a 65537-entry Maglev table, 256 KiB).
+    #[arg(long, default_value_t = lb_common::DEFAULT_MAX_SERVICES, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub max_services: u32,
+    /// Most backends at once, over all services.
+    #[arg(long, default_value_t = lb_common::DEFAULT_MAX_BACKENDS, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_backends: u32,
+    /// Connection-table size in flows (least recently used flows are evicted when full).
+    #[arg(long, default_value_t = lb_common::DEFAULT_CONNTRACK_SIZE, value_parser = clap::value_parser!(u32).range(1024..=64_000_000))]
+    pub conntrack_size: u32,
+    /// Log every forwarding decision from the XDP program (slow; for debugging only).
+    #[arg(long)]
+    pub debug_packets: bool,
+}
+
+pub fn run(args: DaemonArgs, api: PathBuf) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?;
+
+    let listener = runtime.block_on(server::bind(&api))?;
+
+    let sizing = Sizing {
+        max_services: args.max_services,
+        max_backends: args.max_backends,
+        conntrack_size: args.conntrack_size,
+    };
+    let mut dp = Dataplane::load(sizing, args.debug_packets)
+        .context("loading the XDP program (are you root? is the kernel built with BPF?)")?;
+    // The logger must live as long as the program: it owns the map the program logs into.
+    let logger = aya_log::EbpfLogger::init(dp.ebpf_mut());
+    let mode = dp.attach(&args.iface, args.xdp_mode).with_context(|| {
+        format!(
+            "attaching XDP to {} in {:?} mode (does the interface exist? if its driver has no \
+             native XDP, use --xdp-mode generic or auto)",
+            args.iface, args.xdp_mode
+        )
+    })?;
+    info!(iface = %args.iface, ?mode, api = %api.display(), "XDP balancer attached");
+
+    let (events, inbox) = mpsc::channel();
+    let _log_task = match logger {
+        Ok(logger) => Some(runtime.spawn(drain_kernel_log(logger))),
+        Err(e) => {
+            warn!("kernel-side logging unavailable: {e}");
+            None
+        }
+    };
+    runtime.spawn(server::serve(listener, events.clone()));
+    runtime.spawn(wait_for_signal(events.clone()));
+
+    let prober = health::TokioProber::new(runtime.handle().clone(), events);
+    let mut control = Control::new(dp, args.iface.clone(), prober);
+    control_loop(&mut control, &inbox);
+
+    // Dropping the control state drops the Dataplane, which closes the XDP link: detached.
+    drop(control);
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    if let Err(e) = std::fs::remove_file(&api) {
+        warn!("removing {}: {e}", api.display());
+    }
+    info!(iface = %args.iface, "XDP program detached; daemon stopped");
+    Ok(())
+}
+
+fn control_loop<P: Prober>(control: &mut Control<P>, inbox: &mpsc::Receiver<Event>) {
+    let mut next_refresh = Instant::now();
+    loop {
+        let now = Instant::now();
+        if now >= next_refresh {
+            control.refresh_macs();
+            next_refresh = now + NEIGHBOUR_REFRESH;
+        }
+        match inbox.recv_timeout(next_refresh.saturating_duration_since(now)) {
+            Ok(Event::Api(request, reply)) => {
+                // The client may have gone; the change is applied either way.
+                let _ = reply.send(control.handle(request));
+            }
+            Ok(Event::Probe(key, outcome)) => control.probe_result(key, outcome),
+            Ok(Event::Shutdown) | Err(mpsc::RecvTimeoutError::Disconnected) => return,
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+        }
+    }
+}
+
+async fn wait_for_signal(events: EventSender) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        warn!("cannot install signal handlers; stop the daemon with SIGKILL");
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM: detaching"),
+        _ = int.recv() => info!("SIGINT: detaching"),
+    }
+    let _ = events.send(Event::Shutdown);
+}
+
+/// Forwards records from the XDP program's log map to `tracing` (through the `log` bridge).
+async fn drain_kernel_log(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
+    // SAFETY: the logger owns its ring-buffer fd, which stays open and the same until the
+    // AsyncFd (which owns the logger) is dropped.
+    let registered = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
+    };
+    let Ok(mut fd) = registered else {
+        warn!("kernel-side logging unavailable: cannot poll the log map");
+        return;
+    };
+    loop {
+        let Ok(mut guard) = fd.readable_mut().await else {
+            return;
+        };
+        guard.get_inner_mut().flush();
+        guard.clear_ready();
+    }
+}
+
+/// Refuses to start when the API socket is held by a running daemon.
+pub(crate) fn check_socket_free(api: &std::path::Path) -> anyhow::Result<()> {
+    if std::os::unix::net::UnixStream::connect(api).is_ok() {
+        bail!(
+            "another daemon is already serving {} (stop it, or pick another --api path)",
+            api.display()
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,353 @@
+//! The only module that touches aya: loads the XDP object, attaches it, and reads and writes its
+//! maps with the types of `lb-common`.
+
+use std::os::fd::{AsFd as _, AsRawFd as _};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, IterableMap as _, MapData, PerCpuArray},
+    programs::{Xdp, xdp::XdpMode},
+};
+use lb_common::{
+    Backend, FlowKeyV4, FlowState, RING_SIZE, Reason, Service, ServiceKeyV4, Traffic, names,
+};
+
+/// The XDP object built by build.rs from lb-ebpf.
+pub static XDP_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-xdp"));
+
+#[derive(Debug, thiserror::Error)]
+pub enum DataplaneError {
+    #[error("loading the XDP object: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("map {name}: {source}")]
+    Map {
+        name: &'static str,
+        source: aya::maps::MapError,
+    },
+    #[error("map {0} is missing from the object")]
+    MissingMap(&'static str),
+    #[error("program {name}: {source}")]
+    Program {
+        name: &'static str,
+        source: aya::programs::ProgramError,
+    },
+    #[error("program {0} is missing from the object")]
+    MissingProgram(&'static str),
+    #[error("batch update of {name}: {source}")]
+    Batch {
+        name: &'static str,
+        source: std::io::Error,
+    },
+}
+
+type Result<T> = std::result::Result<T, DataplaneError>;
+
+/// Sizes of the maps, fixed at load time.
+#[derive(Clone, Copy, Debug)]
+pub struct Sizing {
+    pub max_services: u32,
+    pub max_backends: u32,
+    pub conntrack_size: u32,
+}
+
+impl Default for Sizing {
+    fn default() -> Self {
+        Sizing {
+            max_services: lb_common::DEFAULT_MAX_SERVICES,
+            max_backends: lb_common::DEFAULT_MAX_BACKENDS,
+            conntrack_size: lb_common::DEFAULT_CONNTRACK_SIZE,
+        }
+    }
+}
+
+impl Sizing {
+    /// Tables in the ring map: one per service plus one spare to build the next table in.
+    pub fn ring_tables(&self) -> u32 {
+        self.max_services + 1
+    }
+}
+
+/// Where to attach, as asked on the command line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum AttachMode {
+    /// Driver (native) mode; fail if the driver cannot run XDP.
+    Native,
+    /// Generic (skb) mode: works everywhere, slower.
+    Generic,
+    /// Native, and generic with a warning when the driver cannot.
+    Auto,
+}
+
+pub struct Dataplane {
+    ebpf: Ebpf,
+    services: HashMap<MapData, ServiceKeyV4, Service>,
+    backends: Array<MapData, Backend>,
+    rings: Array<MapData, u32>,
+    conntrack: HashMap<MapData, FlowKeyV4, FlowState>,
+    service_stats: PerCpuArray<MapData, Traffic>,
+    backend_stats: PerCpuArray<MapData, Traffic>,
+    reason_stats: PerCpuArray<MapData, u64>,
+    sizing: Sizing,
+}
+
+fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T>
+where
+    T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let map = ebpf
+        .take_map(name)
+        .ok_or(DataplaneError::MissingMap(name))?;
+    T::try_from(map).map_err(|source| DataplaneError::Map { name, source })
+}
+
+impl Dataplane {
+    /// Loads the object with maps of the given sizes. `debug_packets` compiles the per-packet
+    /// log statements in (the verifier drops them otherwise). Nothing is attached yet.
+    pub fn load(sizing: Sizing, debug_packets: bool) -> Result<Self> {
+        let debug: u32 = debug_packets.into();
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries(names::SERVICES, sizing.max_services)
+            .map_max_entries(names::SERVICE_STATS, sizing.max_services)
+            .map_max_entries(names::RINGS, RING_SIZE * sizing.ring_tables())
+            .map_max_entries(names::BACKENDS, sizing.max_backends)
+            .map_max_entries(names::BACKEND_STATS, sizing.max_backends)
+            .map_max_entries(names::CONNTRACK, sizing.conntrack_size)
+            .override_global(names::GLOBAL_DEBUG, &debug, true)
+            .load(XDP_OBJECT)?;
+        Ok(Dataplane {
+            services: take(&mut ebpf, names::SERVICES)?,
+            backends: take(&mut ebpf, names::BACKENDS)?,
+            rings: take(&mut ebpf, names::RINGS)?,
+            conntrack: take(&mut ebpf, names::CONNTRACK)?,
+            service_stats: take(&mut ebpf, names::SERVICE_STATS)?,
+            backend_stats: take(&mut ebpf, names::BACKEND_STATS)?,
+            reason_stats: take(&mut ebpf, names::REASON_STATS)?,
+            ebpf,
+            sizing,
+        })
+    }
+
+    pub fn sizing(&self) -> Sizing {
+        self.sizing
+    }
+
+    /// The aya object, for the logger and for tests that run programs with `BPF_PROG_TEST_RUN`.
+    pub fn ebpf_mut(&mut self) -> &mut Ebpf {
+        &mut self.ebpf
+    }
+
+    /// Verifies and loads one of the object's XDP programs into the kernel.
+    pub fn program(&mut self, name: &'static str) -> Result<&mut Xdp> {
+        let prog: &mut Xdp = self
+            .ebpf
+            .program_mut(name)
+            .ok_or(DataplaneError::MissingProgram(name))?
+            .try_into()
+            .map_err(|source| DataplaneError::Program { name, source })?;
+        if prog.fd().is_err() {
+            prog.load()
+                .map_err(|source| DataplaneError::Program { name, source })?;
+        }
+        Ok(prog)
+    }
+
+    /// Attaches the balancer to `iface`. Returns the mode actually used. The link lives as long
+    /// as this `Dataplane`: dropping it detaches the program.
+    pub fn attach(&mut self, iface: &str, mode: AttachMode) -> Result<AttachMode> {
+        attach_program(self.program(names::PROG_BALANCER)?, iface, mode)
+    }
+
+    pub fn set_service(&mut self, key: ServiceKeyV4, service: Service) -> Result<()> {
+        self.services
+            .insert(key, service, 0)
+            .map_err(|source| DataplaneError::Map {
+                name: names::SERVICES,
+                source,
+            })
+    }
+
+    pub fn remove_service(&mut self, key: &ServiceKeyV4) -> Result<()> {
+        match self.services.remove(key) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(source) => Err(DataplaneError::Map {
+                name: names::SERVICES,
+                source,
+            }),
+        }
+    }
+
+    pub fn set_backend(&mut self, id: u32, backend: Backend) -> Result<()> {
+        self.backends
+            .set(id, backend, 0)
+            .map_err(|source| DataplaneError::Map {
+                name: names::BACKENDS,
+                source,
+            })
+    }
+
+    /// Writes a whole Maglev table into ring table `table` with one batched syscall.
+    pub fn write_ring(&mut self, table: u32, entries: &[u32]) -> Result<()> {
+        assert_eq!(
+            entries.len(),
+            RING_SIZE as usize,
+            "ring tables are RING_SIZE long"
+        );
+        assert!(table < self.sizing.ring_tables(), "ring table out of range");
+        let first = table * RING_SIZE;
+        let keys: Vec<u32> = (first..first + RING_SIZE).collect();
+        let fd = self.rings.map().fd().as_fd().as_raw_fd();
+        update_batch(fd, &keys, entries).map_err(|source| DataplaneError::Batch {
+            name: names::RINGS,
+            source,
+        })
+    }
+
+    /// Reads one ring entry (tests and diagnostics).
+    pub fn ring_entry(&self, table: u32, index: u32) -> Result<u32> {
+        self.rings
+            .get(&(table * RING_SIZE + index), 0)
+            .map_err(|source| DataplaneError::Map {
+                name: names::RINGS,
+                source,
+            })
+    }
+
+    pub fn service_traffic(&self, id: u32) -> Result<Traffic> {
+        sum_traffic(&self.service_stats, id, names::SERVICE_STATS)
+    }
+
+    pub fn backend_traffic(&self, id: u32) -> Result<Traffic> {
+        sum_traffic(&self.backend_stats, id, names::BACKEND_STATS)
+    }
+
+    /// Resets a backend's counters when its id is given to a new backend.
+    pub fn reset_backend_traffic(&mut self, id: u32) -> Result<()> {
+        reset_traffic(&mut self.backend_stats, id, names::BACKEND_STATS)
+    }
+
+    pub fn reset_service_traffic(&mut self, id: u32) -> Result<()> {
+        reset_traffic(&mut self.service_stats, id, names::SERVICE_STATS)
+    }
+
+    /// Packets by reason, summed over CPUs, in `Reason` index order.
+    pub fn reason_counts(&self) -> Result<[u64; Reason::COUNT as usize]> {
+        let mut out = [0; Reason::COUNT as usize];
+        for (i, slot) in out.iter_mut().enumerate() {
+            let per_cpu =
+                self.reason_stats
+                    .get(&(i as u32), 0)
+                    .map_err(|source| DataplaneError::Map {
+                        name: names::REASON_STATS,
+                        source,
+                    })?;
+            *slot = per_cpu.iter().sum();
+        }
+        Ok(out)
+    }
+
+    /// The backend a flow is pinned to in the connection table, if any.
+    pub fn flow(&self, key: &FlowKeyV4) -> Option<FlowState> {
+        self.conntrack.get(key, 0).ok()
+    }
+}
+
+/// Attaches an already loaded XDP program in the requested mode.
+pub fn attach_program(prog: &mut Xdp, iface: &str, mode: AttachMode) -> Result<AttachMode> {
+    let err = |source| DataplaneError::Program {
+        name: "attach",
+        source,
+    };
+    match mode {
+        AttachMode::Native => prog.attach(iface, XdpMode::Driver).map_err(err)?,
+        AttachMode::Generic => prog.attach(iface, XdpMode::Skb).map_err(err)?,
+        AttachMode::Auto => match prog.attach(iface, XdpMode::Driver) {
+            Ok(link) => link,
+            Err(e) => {
+                tracing::warn!(
+                    "native XDP attach to {iface} failed ({e}); falling back to generic mode, \
+                     which is much slower"
+                );
+                prog.attach(iface, XdpMode::Skb).map_err(err)?;
+                return Ok(AttachMode::Generic);
+            }
+        },
+    };
+    Ok(if mode == AttachMode::Generic {
+        AttachMode::Generic
+    } else {
+        AttachMode::Native
+    })
+}
+
+fn sum_traffic(
+    map: &PerCpuArray<MapData, Traffic>,
+    id: u32,
+    name: &'static str,
+) -> Result<Traffic> {
+    let per_cpu = map
+        .get(&id, 0)
+        .map_err(|source| DataplaneError::Map { name, source })?;
+    Ok(per_cpu.iter().fold(Traffic::default(), |acc, t| Traffic {
+        packets: acc.packets + t.packets,
+        bytes: acc.bytes + t.bytes,
+    }))
+}
+
+fn reset_traffic(
+    map: &mut PerCpuArray<MapData, Traffic>,
+    id: u32,
+    name: &'static str,
+) -> Result<()> {
+    let cpus = aya::util::nr_cpus().map_err(|(_, e)| DataplaneError::Batch { name, source: e })?;
+    let zeros = aya::maps::PerCpuValues::try_from(vec![Traffic::default(); cpus])
+        .map_err(|e| DataplaneError::Batch { name, source: e })?;
+    map.set(id, zeros, 0)
+        .map_err(|source| DataplaneError::Map { name, source })
+}
+
+/// `BPF_MAP_UPDATE_BATCH` (aya 0.14 has no wrapper): writes a whole ring table in one syscall
+/// instead of 65537, so a table swap costs about a millisecond.
+fn update_batch(map_fd: i32, keys: &[u32], values: &[u32]) -> std::io::Result<()> {
+    // The kernel's `union bpf_attr` layout for the batch commands.
+    #[repr(C)]
+    #[derive(Default)]
+    struct BatchAttr {
+        in_batch: u64,
+        out_batch: u64,
+        keys: u64,
+        values: u64,
+        count: u32,
+        map_fd: u32,
+        elem_flags: u64,
+        flags: u64,
+    }
+    const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+    let mut attr = BatchAttr {
+        keys: keys.as_ptr() as u64,
+        values: values.as_ptr() as u64,
+        count: keys.len() as u32,
+        map_fd: map_fd as u32,
+        ..Default::default()
+    };
+    // SAFETY: attr points to a live, correctly laid out bpf_attr; keys and values outlive the
+    // call and hold `count` elements of the map's key and value sizes (u32 each).
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_UPDATE_BATCH,
+            &mut attr as *mut BatchAttr,
+            size_of::<BatchAttr>() as u32,
+        )
+    };
+    if ret < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    if attr.count as usize != keys.len() {
+        return Err(std::io::Error::other(format!(
+            "batch update wrote {} of {} entries",
+            attr.count,
+            keys.len()
+        )));
+    }
+    Ok(())
+}

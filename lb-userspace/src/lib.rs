@@ -1,0 +1,8 @@
+//! The `lb` binary's library: API types, the data-plane wrapper, Maglev, daemon and CLI.
+
+pub mod api;
+pub mod cli;
+pub mod daemon;
+pub mod dataplane;
+pub mod maglev;
+pub mod neighbour;

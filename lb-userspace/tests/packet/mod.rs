@@ -1,0 +1,151 @@
+//! A small typed builder for the Ethernet/IPv4/TCP/UDP frames the test_run tests feed in.
+
+use std::net::Ipv4Addr;
+
+pub const LB_MAC: [u8; 6] = [0x02, 0x1b, 0, 0, 0, 0x02];
+pub const CLIENT_MAC: [u8; 6] = [0x02, 0xc1, 0, 0, 0, 0x01];
+
+pub struct Frame {
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    sport: u16,
+    dport: u16,
+    proto: u8,
+    vlan: Option<u16>,
+    options: usize,
+    frags: u16,
+    trailer: usize,
+}
+
+impl Frame {
+    pub fn tcp(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> Self {
+        Frame {
+            src,
+            dst,
+            sport,
+            dport,
+            proto: 6,
+            vlan: None,
+            options: 0,
+            frags: 0,
+            trailer: 0,
+        }
+    }
+
+    pub fn udp(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> Self {
+        Frame {
+            proto: 17,
+            ..Self::tcp(src, sport, dst, dport)
+        }
+    }
+
+    pub fn protocol(mut self, proto: u8) -> Self {
+        self.proto = proto;
+        self
+    }
+
+    pub fn vlan(mut self, id: u16) -> Self {
+        self.vlan = Some(id);
+        self
+    }
+
+    /// IPv4 options of `len` bytes (a multiple of 4, at most 40): NOPs ended by end-of-list.
+    pub fn ip_options(mut self, len: usize) -> Self {
+        assert!(len % 4 == 0 && len <= 40);
+        self.options = len;
+        self
+    }
+
+    /// The IPv4 flags + fragment offset field (host order).
+    pub fn frags(mut self, frags: u16) -> Self {
+        self.frags = frags;
+        self
+    }
+
+    /// Bytes after the IP datagram (Ethernet padding).
+    pub fn trailer(mut self, len: usize) -> Self {
+        self.trailer = len;
+        self
+    }
+
+    pub fn build(&self) -> Vec<u8> {
+        let payload = b"GET / HTTP/1.1\r\n\r\n";
+        let l4_len = if self.proto == 17 { 8 } else { 20 };
+        let ihl = 20 + self.options;
+        let total = ihl + l4_len + payload.len();
+
+        let mut f = Vec::new();
+        f.extend_from_slice(&LB_MAC);
+        f.extend_from_slice(&CLIENT_MAC);
+        if let Some(id) = self.vlan {
+            f.extend_from_slice(&0x8100u16.to_be_bytes());
+            f.extend_from_slice(&id.to_be_bytes());
+        }
+        f.extend_from_slice(&0x0800u16.to_be_bytes());
+
+        let ip_start = f.len();
+        f.push(0x40 | (ihl / 4) as u8);
+        f.push(0);
+        f.extend_from_slice(&(total as u16).to_be_bytes());
+        f.extend_from_slice(&0x1234u16.to_be_bytes());
+        f.extend_from_slice(&self.frags.to_be_bytes());
+        f.push(64);
+        f.push(self.proto);
+        f.extend_from_slice(&[0, 0]);
+        f.extend_from_slice(&self.src.octets());
+        f.extend_from_slice(&self.dst.octets());
+        for i in 0..self.options {
+            f.push(if i + 1 == self.options { 0 } else { 1 });
+        }
+        let csum = checksum(&f[ip_start..ip_start + ihl]);
+        f[ip_start + 10..ip_start + 12].copy_from_slice(&csum.to_be_bytes());
+
+        f.extend_from_slice(&self.sport.to_be_bytes());
+        f.extend_from_slice(&self.dport.to_be_bytes());
+        if self.proto == 17 {
+            f.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+            f.extend_from_slice(&[0, 0]);
+        } else {
+            f.extend_from_slice(&1u32.to_be_bytes()); // seq
+            f.extend_from_slice(&0u32.to_be_bytes()); // ack
+            f.push(0x50); // data offset 5
+            f.push(0x02); // SYN
+            f.extend_from_slice(&64240u16.to_be_bytes());
+            f.extend_from_slice(&[0, 0, 0, 0]);
+        }
+        f.extend_from_slice(payload);
+        f.extend(std::iter::repeat_n(0, self.trailer));
+        f
+    }
+
+    pub fn arp() -> Vec<u8> {
+        let mut f = vec![0xff; 6];
+        f.extend_from_slice(&CLIENT_MAC);
+        f.extend_from_slice(&0x0806u16.to_be_bytes());
+        f.extend_from_slice(&[0, 1, 8, 0, 6, 4, 0, 1]);
+        f.extend_from_slice(&CLIENT_MAC);
+        f.extend_from_slice(&[10, 99, 0, 1, 0, 0, 0, 0, 0, 0, 10, 99, 0, 2]);
+        f
+    }
+
+    pub fn ipv6() -> Vec<u8> {
+        let mut f = LB_MAC.to_vec();
+        f.extend_from_slice(&CLIENT_MAC);
+        f.extend_from_slice(&0x86ddu16.to_be_bytes());
+        f.extend_from_slice(&[0x60, 0, 0, 0, 0, 8, 17, 64]);
+        f.extend_from_slice(&[0; 32]);
+        f.extend_from_slice(&[0, 1, 0, 2, 0, 8, 0, 0]);
+        f
+    }
+}
+
+fn checksum(bytes: &[u8]) -> u16 {
+    let mut sum: u32 = bytes
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}

@@ -1,0 +1,374 @@
+//! The loaded XDP program, run by the kernel with `BPF_PROG_TEST_RUN`: crafted frames in, verdict
+//! and bytes out. One call per packet (repeat = 1), because with repeat > 1 the kernel reruns the
+//! program on the frame it already rewrote. Needs root (loading BPF).
+
+mod packet;
+
+use std::net::Ipv4Addr;
+
+use aya::{TestRun as _, TestRunOptions};
+use lb_common::{
+    AF_INET, BACKEND_F_ALIVE, BACKEND_NONE, Backend, FlowKeyV4, RING_SIZE, Reason, Service,
+    ServiceKeyV4, hash::flow_hash_v4, names,
+};
+use lb_userspace::dataplane::{Dataplane, Sizing};
+use packet::{CLIENT_MAC, Frame, LB_MAC};
+
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+const XDP_TX: u32 = 3;
+
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 10);
+const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 1);
+
+fn mac_of(id: u32) -> [u8; 6] {
+    [0x02, 0xbe, 0, 0, 0, id as u8 + 1]
+}
+
+/// A loaded balancer with small maps and helpers to configure it as the daemon would.
+struct Harness {
+    dp: Dataplane,
+}
+
+impl Harness {
+    fn new() -> Self {
+        assert!(
+            unsafe { libc::geteuid() } == 0,
+            "BPF_PROG_TEST_RUN tests need root (run them through the README test command)"
+        );
+        let sizing = Sizing {
+            max_services: 4,
+            max_backends: 16,
+            conntrack_size: 4096,
+        };
+        let mut dp = Dataplane::load(sizing, false).expect("load the XDP object");
+        dp.program(names::PROG_BALANCER)
+            .expect("verifier accepts the balancer");
+        Harness { dp }
+    }
+
+    fn backend(&mut self, id: u32, generation: u32, alive: bool) {
+        let mut addr = [0; 16];
+        addr[..4].copy_from_slice(&[10, 99, 0, 11 + id as u8]);
+        self.dp
+            .set_backend(
+                id,
+                Backend {
+                    addr,
+                    mac: mac_of(id),
+                    port: 80u16.to_be(),
+                    generation,
+                    flags: if alive { BACKEND_F_ALIVE } else { 0 },
+                    family: AF_INET,
+                    _pad: [0; 2],
+                },
+            )
+            .unwrap();
+    }
+
+    /// Service `id` on VIP:port/proto using ring table `ring`, filled round-robin with `ids`.
+    fn service(&mut self, id: u32, ring: u32, port: u16, proto: u8, ids: &[u32]) {
+        let table: Vec<u32> = (0..RING_SIZE as usize)
+            .map(|i| {
+                if ids.is_empty() {
+                    BACKEND_NONE
+                } else {
+                    ids[i % ids.len()]
+                }
+            })
+            .collect();
+        self.dp.write_ring(ring, &table).unwrap();
+        self.dp
+            .set_service(
+                ServiceKeyV4 {
+                    addr: u32::from_ne_bytes(VIP.octets()),
+                    port: port.to_be(),
+                    proto,
+                    _pad: 0,
+                },
+                Service {
+                    id,
+                    ring,
+                    forward: lb_common::FORWARD_DSR,
+                    _pad: [0; 3],
+                },
+            )
+            .unwrap();
+    }
+
+    fn run(&mut self, frame: &[u8]) -> (u32, Vec<u8>) {
+        let mut out = vec![0u8; frame.len() + 256];
+        let prog = self.dp.program(names::PROG_BALANCER).unwrap();
+        let result = prog
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                ..TestRunOptions::default()
+            })
+            .expect("BPF_PROG_TEST_RUN");
+        out.truncate(result.data_size_out as usize);
+        (result.return_value, out)
+    }
+
+    /// Runs a frame the program must forward; returns the backend id whose MAC it got.
+    fn forwarded_to(&mut self, frame: &[u8]) -> u32 {
+        let (verdict, out) = self.run(frame);
+        assert_eq!(verdict, XDP_TX, "expected XDP_TX");
+        assert_eq!(out.len(), frame.len());
+        assert_eq!(&out[6..12], &LB_MAC, "source MAC becomes the balancer's");
+        assert_eq!(&out[12..], &frame[12..], "nothing but the MACs changes");
+        (0..16)
+            .find(|id| out[0..6] == mac_of(*id))
+            .expect("destination MAC is a backend's")
+    }
+
+    fn reason(&self, reason: Reason) -> u64 {
+        self.dp.reason_counts().unwrap()[reason as usize]
+    }
+}
+
+fn tcp(sport: u16) -> Frame {
+    Frame::tcp(CLIENT, sport, VIP, 80)
+}
+
+#[test]
+fn vip_packet_gets_backend_mac_and_nothing_else_changes() {
+    let mut h = Harness::new();
+    h.backend(0, 1, true);
+    h.service(0, 0, 80, 6, &[0]);
+    let frame = tcp(40000).build();
+    assert_eq!(h.forwarded_to(&frame), 0);
+    assert_eq!(h.reason(Reason::Forwarded), 1);
+    let t = h.dp.service_traffic(0).unwrap();
+    assert_eq!((t.packets, t.bytes), (1, frame.len() as u64));
+    let t = h.dp.backend_traffic(0).unwrap();
+    assert_eq!((t.packets, t.bytes), (1, frame.len() as u64));
+}
+
+#[test]
+fn backend_choice_follows_the_flow_hash_into_the_ring() {
+    let mut h = Harness::new();
+    for id in 0..4 {
+        h.backend(id, 1, true);
+    }
+    h.service(0, 1, 80, 6, &[0, 1, 2, 3]);
+    let mut seen = [0; 4];
+    for sport in 1000..1200u16 {
+        let got = h.forwarded_to(&tcp(sport).build());
+        let hash = flow_hash_v4(
+            u32::from_ne_bytes(CLIENT.octets()),
+            u32::from_ne_bytes(VIP.octets()),
+            sport.to_be(),
+            80u16.to_be(),
+            6,
+        );
+        // The table is filled round-robin, so entry i holds backend i % 4.
+        assert_eq!(got, (hash % RING_SIZE) % 4, "sport {sport}");
+        seen[got as usize] += 1;
+    }
+    assert!(seen.iter().all(|n| *n > 20), "flows spread: {seen:?}");
+}
+
+#[test]
+fn packets_not_for_a_vip_pass_untouched() {
+    let mut h = Harness::new();
+    h.backend(0, 1, true);
+    h.service(0, 0, 80, 6, &[0]);
+    let cases = [
+        (
+            Frame::tcp(CLIENT, 1, Ipv4Addr::new(10, 99, 0, 2), 80).build(),
+            Reason::PassNotVip,
+        ),
+        (Frame::tcp(CLIENT, 1, VIP, 443).build(), Reason::PassNotVip),
+        (Frame::udp(CLIENT, 1, VIP, 80).build(), Reason::PassNotVip),
+        (
+            Frame::tcp(CLIENT, 1, VIP, 80).protocol(1).build(),
+            Reason::PassNotTcpUdp,
+        ),
+        (Frame::arp(), Reason::PassNotIpv4),
+        (Frame::ipv6(), Reason::PassNotIpv4),
+        (
+            {
+                // A VLAN ethertype with no room for the tag (the kernel needs 14 bytes at least).
+                let mut f = tcp(1).build()[..14].to_vec();
+                f[12..14].copy_from_slice(&0x8100u16.to_be_bytes());
+                f
+            },
+            Reason::PassShortL2,
+        ),
+    ];
+    for (frame, reason) in cases {
+        let before = h.reason(reason);
+        let (verdict, out) = h.run(&frame);
+        assert_eq!(verdict, XDP_PASS, "{reason:?}");
+        assert_eq!(out, frame, "{reason:?}: bytes untouched");
+        assert_eq!(h.reason(reason), before + 1, "{reason:?} counted");
+    }
+}
+
+#[test]
+fn fragments_pass_and_are_never_forwarded() {
+    let mut h = Harness::new();
+    h.backend(0, 1, true);
+    h.service(0, 0, 80, 6, &[0]);
+    for frags in [0x2000u16, 0x0010, 0x2010] {
+        let frame = tcp(5).frags(frags).build();
+        let (verdict, out) = h.run(&frame);
+        assert_eq!(verdict, XDP_PASS, "frags {frags:#x}");
+        assert_eq!(out, frame);
+    }
+    assert_eq!(h.reason(Reason::PassFragment), 3);
+    // Don't-fragment is not a fragment.
+    assert_eq!(h.forwarded_to(&tcp(5).frags(0x4000).build()), 0);
+}
+
+#[test]
+fn malformed_headers_are_dropped_and_counted() {
+    let mut h = Harness::new();
+    h.backend(0, 1, true);
+    h.service(0, 0, 80, 6, &[0]);
+    let good = tcp(7).build();
+    let ip_cases: Vec<(&str, Vec<u8>)> = vec![
+        ("IP header cut short", good[..14 + 12].to_vec()),
+        ("version 6 in an IPv4 ethertype", patch(&good, 14, 0x65)),
+        ("IHL below 5", patch(&good, 14, 0x44)),
+        ("IHL beyond the frame", {
+            let f = patch(&good, 14, 0x4f);
+            f[..14 + 40].to_vec()
+        }),
+        ("total length beyond the frame", patch(&good, 16, 0x7f)),
+        ("total length below the header", patch2(&good, 16, 10)),
+    ];
+    for (what, frame) in ip_cases {
+        let (verdict, _) = h.run(&frame);
+        assert_eq!(verdict, XDP_DROP, "{what}");
+    }
+    assert_eq!(h.reason(Reason::DropMalformedIp), 6);
+
+    let l4_cases: Vec<(&str, Vec<u8>)> = vec![
+        ("TCP header cut short", {
+            let mut f = good[..14 + 20 + 10].to_vec();
+            f[16..18].copy_from_slice(&30u16.to_be_bytes());
+            f
+        }),
+        (
+            "TCP header beyond the IP total length",
+            patch2(&good, 16, 20 + 10),
+        ),
+        ("UDP header cut short", {
+            let u = Frame::udp(CLIENT, 9, VIP, 53).build();
+            let mut f = u[..14 + 20 + 4].to_vec();
+            f[16..18].copy_from_slice(&24u16.to_be_bytes());
+            f
+        }),
+    ];
+    for (what, frame) in l4_cases {
+        let (verdict, _) = h.run(&frame);
+        assert_eq!(verdict, XDP_DROP, "{what}");
+    }
+    assert_eq!(h.reason(Reason::DropMalformedL4), 3);
+    assert_eq!(h.reason(Reason::Forwarded), 0);
+}
+
+fn patch(frame: &[u8], at: usize, byte: u8) -> Vec<u8> {
+    let mut f = frame.to_vec();
+    f[at] = byte;
+    f
+}
+
+fn patch2(frame: &[u8], at: usize, value: u16) -> Vec<u8> {
+    let mut f = frame.to_vec();
+    f[at..at + 2].copy_from_slice(&value.to_be_bytes());
+    f
+}
+
+#[test]
+fn vlan_tagged_ip_options_and_padded_frames_are_balanced() {
+    let mut h = Harness::new();
+    h.backend(0, 1, true);
+    h.service(0, 0, 80, 6, &[0]);
+    h.service(1, 1, 53, 17, &[0]);
+    assert_eq!(h.forwarded_to(&tcp(1).vlan(42).build()), 0);
+    assert_eq!(h.forwarded_to(&tcp(2).ip_options(12).build()), 0);
+    assert_eq!(h.forwarded_to(&tcp(3).vlan(7).ip_options(40).build()), 0);
+    assert_eq!(h.forwarded_to(&tcp(4).trailer(20).build()), 0);
+    assert_eq!(h.forwarded_to(&Frame::udp(CLIENT, 5, VIP, 53).build()), 0);
+    assert_eq!(h.dp.service_traffic(1).unwrap().packets, 1);
+}
+
+#[test]
+fn a_service_without_backends_drops() {
+    let mut h = Harness::new();
+    h.service(0, 0, 80, 6, &[]);
+    let (verdict, _) = h.run(&tcp(1).build());
+    assert_eq!(verdict, XDP_DROP);
+    assert_eq!(h.reason(Reason::DropNoBackend), 1);
+}
+
+#[test]
+fn established_flows_keep_their_backend_when_the_table_changes() {
+    let mut h = Harness::new();
+    h.backend(0, 1, true);
+    h.backend(1, 1, true);
+    h.service(0, 0, 80, 6, &[0]);
+    let flows: Vec<Vec<u8>> = (100..150).map(|p| tcp(p).build()).collect();
+    for f in &flows {
+        assert_eq!(h.forwarded_to(f), 0);
+    }
+    // New table (in the spare ring, switched in one update) sends everything to backend 1.
+    h.service(0, 1, 80, 6, &[1]);
+    for f in &flows {
+        assert_eq!(h.forwarded_to(f), 0, "established flow moved");
+    }
+    assert_eq!(
+        h.forwarded_to(&tcp(999).build()),
+        1,
+        "new flow uses the new table"
+    );
+
+    // Backend 0 fails: its flows move to a live backend.
+    h.backend(0, 1, false);
+    for f in &flows {
+        assert_eq!(h.forwarded_to(f), 1, "flow of a dead backend not moved");
+    }
+}
+
+#[test]
+fn a_reused_backend_id_does_not_inherit_old_flows() {
+    let mut h = Harness::new();
+    h.backend(0, 1, true);
+    h.backend(1, 1, true);
+    h.service(0, 0, 80, 6, &[0]);
+    let flow = tcp(4242).build();
+    assert_eq!(h.forwarded_to(&flow), 0);
+    let key = FlowKeyV4 {
+        src: u32::from_ne_bytes(CLIENT.octets()),
+        dst: u32::from_ne_bytes(VIP.octets()),
+        sport: 4242u16.to_be(),
+        dport: 80u16.to_be(),
+        proto: 6,
+        _pad: [0; 3],
+    };
+    assert_eq!(
+        h.dp.flow(&key).map(|s| (s.backend, s.generation)),
+        Some((0, 1))
+    );
+    // Id 0 now names another backend (generation 2); the table points at backend 1.
+    h.backend(0, 2, true);
+    h.service(0, 1, 80, 6, &[1]);
+    assert_eq!(h.forwarded_to(&flow), 1);
+    assert_eq!(h.dp.flow(&key).map(|s| s.backend), Some(1));
+}
+
+#[test]
+fn the_source_mac_is_the_frames_destination() {
+    let mut h = Harness::new();
+    h.backend(3, 1, true);
+    h.service(0, 0, 80, 6, &[3]);
+    let frame = tcp(1).build();
+    assert_eq!(&frame[0..6], &LB_MAC);
+    assert_eq!(&frame[6..12], &CLIENT_MAC);
+    let (_, out) = h.run(&frame);
+    assert_eq!(&out[0..6], &mac_of(3));
+    assert_eq!(&out[6..12], &LB_MAC);
+}
