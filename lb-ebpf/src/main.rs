@@ -46,7 +46,7 @@ fn balance(ctx: &XdpContext) -> Result<(), Reason> {
         _pad: 0,
     };
     // SAFETY: the value is copied out at once; userspace replaces entries whole.
-    let service = *unsafe { maps::SERVICES.get(&key) }.ok_or(Reason::PassNotVip)?;
+    let service = *unsafe { maps::SERVICES.get(key) }.ok_or(Reason::PassNotVip)?;
     let (backend_id, backend) = select::backend_for(&service, &pkt.flow)?;
     forward::dsr::rewrite(ctx, &backend)?;
 

@@ -35,6 +35,6 @@ pub fn backend_for(service: &Service, flow: &FlowKeyV4) -> Result<(u32, Backend)
         generation: backend.generation,
     };
     // A failed insert only costs a Maglev lookup on the next packet, so it is not an error.
-    let _ = CONNTRACK.insert(flow, &state, 0);
+    let _ = CONNTRACK.insert(flow, state, 0);
     Ok((id, backend))
 }

@@ -28,11 +28,10 @@ pub fn render(status: &Status) -> String {
             out.push_str("  (no backends)\n");
             continue;
         }
-        let _ = writeln!(
-            out,
-            "  {:<16} {:>6}  {:<9} {:<8} {:<18} {:>10} {:>12}  {}",
-            "BACKEND", "WEIGHT", "STATE", "HEALTH", "MAC", "PACKETS", "BYTES", "LAST ERROR"
-        );
+        out.push_str(&format!(
+            "  {:<16} {:>6}  {:<9} {:<8} {:<18} {:>10} {:>12}  LAST ERROR\n",
+            "BACKEND", "WEIGHT", "STATE", "HEALTH", "MAC", "PACKETS", "BYTES"
+        ));
         for b in &s.backends {
             let state = match b.state {
                 BackendState::Active => "active",

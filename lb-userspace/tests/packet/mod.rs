@@ -51,7 +51,7 @@ impl Frame {
 
     /// IPv4 options of `len` bytes (a multiple of 4, at most 40): NOPs ended by end-of-list.
     pub fn ip_options(mut self, len: usize) -> Self {
-        assert!(len % 4 == 0 && len <= 40);
+        assert!(len.is_multiple_of(4) && len <= 40);
         self.options = len;
         self
     }
