@@ -6,9 +6,13 @@ use std::{collections::HashMap, net::Ipv4Addr};
 /// `ATF_COM`: the entry is complete (the MAC is known).
 const ATF_COM: u32 = 0x2;
 
-/// Complete entries of `/proc/net/arp` on `iface`.
+/// Complete entries of the ARP table on `iface`, in the calling thread's network namespace
+/// (`/proc/net` follows the process's first thread, `/proc/thread-self/net` this one).
 pub fn arp_table(iface: &str) -> std::io::Result<HashMap<Ipv4Addr, [u8; 6]>> {
-    Ok(parse_arp(&std::fs::read_to_string("/proc/net/arp")?, iface))
+    Ok(parse_arp(
+        &std::fs::read_to_string("/proc/thread-self/net/arp")?,
+        iface,
+    ))
 }
 
 fn parse_arp(text: &str, iface: &str) -> HashMap<Ipv4Addr, [u8; 6]> {

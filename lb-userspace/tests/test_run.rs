@@ -372,3 +372,24 @@ fn the_source_mac_is_the_frames_destination() {
     assert_eq!(&out[0..6], &mac_of(3));
     assert_eq!(&out[6..12], &LB_MAC);
 }
+
+#[test]
+fn the_debug_logging_build_passes_the_verifier_and_forwards() {
+    let mut dp = Dataplane::load(
+        Sizing {
+            max_services: 2,
+            max_backends: 4,
+            conntrack_size: 1024,
+        },
+        true,
+    )
+    .expect("load with --debug-packets");
+    // The program logs into a map that needs its reader set up before the program loads.
+    let _logger = aya_log::EbpfLogger::init(dp.ebpf_mut()).expect("logger");
+    let mut h = Harness { dp };
+    h.dp.program(names::PROG_BALANCER)
+        .expect("verifier accepts the logging build");
+    h.backend(1, 1, true);
+    h.service(0, 0, 80, 6, &[1]);
+    assert_eq!(h.forwarded_to(&tcp(1).build()), 1);
+}

@@ -1,4 +1,8 @@
 //! A small typed builder for the Ethernet/IPv4/TCP/UDP frames the test_run tests feed in.
+#![allow(
+    dead_code,
+    reason = "each test crate that includes this module uses part of it"
+)]
 
 use std::net::Ipv4Addr;
 

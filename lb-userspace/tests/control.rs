@@ -1,0 +1,428 @@
+//! The daemon's control logic against the real, loaded XDP program: requests and health results
+//! go in through `Control`, packets go through the program with `BPF_PROG_TEST_RUN`, and the test
+//! checks where they land. Backend MACs come from the kernel's neighbour table, so each test runs
+//! on a thread moved into a network namespace of its own with permanent neighbour entries.
+
+mod packet;
+
+use std::{
+    net::{IpAddr, Ipv4Addr},
+    process::Command,
+    sync::{Arc, Mutex},
+};
+
+use aya::{TestRun as _, TestRunOptions};
+use lb_common::names;
+use lb_userspace::{
+    api::{Forward, HealthCheck, Request, Response, Scheduler, ServiceAddr, Status},
+    daemon::{Control, ProbeKey, Prober},
+    dataplane::{Dataplane, Sizing},
+    neighbour::parse_mac,
+};
+use packet::Frame;
+
+const XDP_TX: u32 = 3;
+const XDP_DROP: u32 = 1;
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 10);
+const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 1);
+
+fn backend_ip(n: u8) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(10, 99, 0, 10 + n))
+}
+
+fn backend_mac(n: u8) -> [u8; 6] {
+    [0x02, 0xbe, 0, 0, 0, n]
+}
+
+/// Records the probes the control loop starts; the test plays their results.
+#[derive(Clone, Default)]
+struct FakeProber(Arc<Mutex<Vec<ProbeKey>>>);
+
+impl Prober for FakeProber {
+    type Handle = ProbeKey;
+    fn start(&mut self, key: ProbeKey, _: std::net::SocketAddr, _: HealthCheck) -> ProbeKey {
+        self.0.lock().unwrap().push(key);
+        key
+    }
+    fn stop(&mut self, handle: ProbeKey) {
+        self.0.lock().unwrap().retain(|k| *k != handle);
+    }
+}
+
+struct Bed {
+    control: Control<FakeProber>,
+    probes: FakeProber,
+    service: ServiceAddr,
+}
+
+fn sh(cmd: &str) {
+    let status = Command::new("sh").arg("-c").arg(cmd).status().unwrap();
+    assert!(status.success(), "{cmd} failed");
+}
+
+impl Bed {
+    /// Moves this thread into a new network namespace with interface `lbc0` and neighbour
+    /// entries for backends 1..=`with_mac` (backends above that have no known MAC).
+    fn new(with_mac: u8) -> Self {
+        assert!(
+            unsafe { libc::geteuid() } == 0,
+            "these tests need root (run them through the README test command)"
+        );
+        // SAFETY: affects only the calling thread, which the test owns for its whole life.
+        assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNET) }, 0, "unshare");
+        sh(
+            "ip link add lbc0 type veth peer name lbc1 && ip link set lbc0 up && ip link set lbc1 up \
+            && ip addr add 10.99.0.2/24 dev lbc0",
+        );
+        for n in 1..=with_mac {
+            let mac = backend_mac(n)
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<Vec<_>>()
+                .join(":");
+            sh(&format!(
+                "ip neigh replace {} lladdr {mac} dev lbc0 nud permanent",
+                backend_ip(n)
+            ));
+        }
+        let dp = Dataplane::load(
+            Sizing {
+                max_services: 4,
+                max_backends: 16,
+                conntrack_size: 4096,
+            },
+            false,
+        )
+        .expect("load");
+        let probes = FakeProber::default();
+        let mut control = Control::new(dp, "lbc0".into(), probes.clone());
+        let service: ServiceAddr = format!("{VIP}:80/tcp").parse().unwrap();
+        assert_eq!(
+            control.handle(Request::ServiceAdd {
+                service,
+                scheduler: Scheduler::Maglev,
+                forward: Forward::Dsr,
+                health: HealthCheck::default(),
+            }),
+            Response::Ok
+        );
+        Bed {
+            control,
+            probes,
+            service,
+        }
+    }
+
+    fn ok(&mut self, request: Request) {
+        assert_eq!(
+            self.control.handle(request.clone()),
+            Response::Ok,
+            "{request:?}"
+        );
+    }
+
+    fn add(&mut self, n: u8) {
+        let (service, ip) = (self.service, backend_ip(n));
+        self.ok(Request::BackendAdd {
+            service,
+            ip,
+            weight: 1,
+        });
+    }
+
+    /// Plays `count` probe results for backend `n`.
+    fn probe(&mut self, n: u8, ok: bool, count: u32) {
+        let key = *self
+            .probes
+            .0
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|k| k.ip == backend_ip(n))
+            .expect("a probe runs for the backend");
+        for _ in 0..count {
+            let outcome = if ok {
+                Ok(())
+            } else {
+                Err("refused".to_string())
+            };
+            self.control.probe_result(key, outcome);
+        }
+    }
+
+    fn up(&mut self, n: u8) {
+        self.add(n);
+        self.probe(n, true, 2);
+    }
+
+    fn status(&mut self) -> Status {
+        match self.control.handle(Request::Status) {
+            Response::Status(s) => s,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// Sends one packet of flow `sport`; returns the backend number it went to, or None if dropped.
+    fn send(&mut self, sport: u16) -> Option<u8> {
+        let frame = Frame::tcp(CLIENT, sport, VIP, 80).build();
+        let mut out = vec![0u8; frame.len()];
+        let prog = self
+            .control
+            .dataplane()
+            .program(names::PROG_BALANCER)
+            .unwrap();
+        let r = prog
+            .test_run(TestRunOptions {
+                data_in: Some(&frame),
+                data_out: Some(&mut out),
+                ..TestRunOptions::default()
+            })
+            .unwrap();
+        match r.return_value {
+            XDP_TX => Some(
+                (1..=9)
+                    .find(|n| out[0..6] == backend_mac(*n))
+                    .expect("a backend MAC"),
+            ),
+            XDP_DROP => None,
+            v => panic!("verdict {v}"),
+        }
+    }
+
+    fn spread(&mut self, flows: std::ops::Range<u16>) -> [u32; 10] {
+        let mut seen = [0; 10];
+        for sport in flows {
+            if let Some(b) = self.send(sport) {
+                seen[b as usize] += 1;
+            }
+        }
+        seen
+    }
+}
+
+/// Runs a test body on its own thread, so the namespace it enters dies with it.
+fn in_netns(body: impl FnOnce() + Send + 'static) {
+    std::thread::spawn(body).join().expect("test thread");
+}
+
+#[test]
+fn backends_enter_the_table_after_rise_successes_and_only_with_a_known_mac() {
+    in_netns(|| {
+        let mut bed = Bed::new(2);
+        bed.add(1);
+        bed.add(3); // no neighbour entry
+        assert_eq!(bed.send(1), None, "no backend is up yet");
+        bed.probe(1, true, 1);
+        assert_eq!(bed.send(1), None, "one success is below rise = 2");
+        bed.probe(1, true, 1);
+        bed.probe(3, true, 2);
+        let seen = bed.spread(1000..1300);
+        assert_eq!(
+            seen[1], 300,
+            "all flows to the only backend with a MAC: {seen:?}"
+        );
+        let s = bed.status();
+        let b3 = &s.services[0].backends[1];
+        assert_eq!((b3.in_table, b3.mac.clone()), (false, None));
+        let b1 = &s.services[0].backends[0];
+        assert!(b1.in_table);
+        assert_eq!(b1.mac.as_deref().and_then(parse_mac), Some(backend_mac(1)));
+        assert_eq!(b1.packets, 300);
+    });
+}
+
+#[test]
+fn a_failed_backend_leaves_after_fall_failures_and_its_flows_move() {
+    in_netns(|| {
+        let mut bed = Bed::new(2);
+        bed.up(1);
+        bed.up(2);
+        let before = bed.spread(2000..2400);
+        assert!(before[1] > 120 && before[2] > 120, "{before:?}");
+        bed.probe(2, false, 1);
+        assert_eq!(
+            bed.spread(2000..2400),
+            before,
+            "one failure is below fall = 2"
+        );
+        bed.probe(2, false, 1);
+        let after = bed.spread(2000..2400);
+        assert_eq!(
+            after[1], 400,
+            "every flow, old or new, on the survivor: {after:?}"
+        );
+        assert_eq!(
+            bed.status().services[0].backends[1].last_error.as_deref(),
+            Some("refused")
+        );
+        // Recovery after rise successes: new flows reach it again.
+        bed.probe(2, true, 2);
+        let recovered = bed.spread(5000..5400);
+        assert!(recovered[2] > 120, "{recovered:?}");
+    });
+}
+
+#[test]
+fn established_flows_stay_when_backends_are_added() {
+    in_netns(|| {
+        let mut bed = Bed::new(4);
+        bed.up(1);
+        bed.up(2);
+        let flows: Vec<(u16, u8)> = (3000..3300).map(|p| (p, bed.send(p).unwrap())).collect();
+        bed.up(3);
+        bed.up(4);
+        for (sport, backend) in &flows {
+            assert_eq!(bed.send(*sport), Some(*backend), "flow {sport} moved");
+        }
+        let fresh = bed.spread(9000..9800);
+        assert!(
+            fresh[3] > 100 && fresh[4] > 100,
+            "new backends get new flows: {fresh:?}"
+        );
+    });
+}
+
+#[test]
+fn drained_backends_keep_their_flows_and_get_no_new_ones() {
+    in_netns(|| {
+        let mut bed = Bed::new(2);
+        bed.up(1);
+        bed.up(2);
+        let flows: Vec<(u16, u8)> = (4000..4200).map(|p| (p, bed.send(p).unwrap())).collect();
+        let (service, ip) = (bed.service, backend_ip(2));
+        bed.ok(Request::BackendDrain { service, ip });
+        for (sport, backend) in &flows {
+            assert_eq!(bed.send(*sport), Some(*backend), "flow {sport} moved");
+        }
+        assert_eq!(
+            bed.spread(10000..10300)[1],
+            300,
+            "new flows avoid the drained backend"
+        );
+        let s = bed.status();
+        assert_eq!(
+            serde_json::to_value(s.services[0].backends[1].state).unwrap(),
+            "draining"
+        );
+    });
+}
+
+#[test]
+fn a_deleted_backend_loses_its_flows_and_its_address_can_return() {
+    in_netns(|| {
+        let mut bed = Bed::new(2);
+        bed.up(1);
+        bed.up(2);
+        let (service, ip) = (bed.service, backend_ip(2));
+        bed.ok(Request::BackendDel { service, ip });
+        assert_eq!(bed.spread(6000..6300)[1], 300);
+        assert!(
+            bed.probes.0.lock().unwrap().iter().all(|k| k.ip != ip),
+            "probe stopped"
+        );
+        bed.up(2);
+        // Flows 6000.. are now pinned to backend 1; fresh flows reach the returning backend.
+        assert_eq!(bed.spread(6000..6300)[1], 300);
+        assert!(bed.spread(7000..7300)[2] > 100);
+    });
+}
+
+#[test]
+fn refused_requests_change_nothing() {
+    in_netns(|| {
+        let mut bed = Bed::new(1);
+        bed.up(1);
+        let before = bed.status();
+        let service = bed.service;
+        let other: ServiceAddr = "10.200.0.99:80/tcp".parse().unwrap();
+        let refused = [
+            Request::BackendAdd {
+                service,
+                ip: backend_ip(1),
+                weight: 1,
+            },
+            Request::BackendAdd {
+                service: other,
+                ip: backend_ip(2),
+                weight: 1,
+            },
+            Request::BackendAdd {
+                service,
+                ip: "127.0.0.1".parse().unwrap(),
+                weight: 1,
+            },
+            Request::BackendAdd {
+                service,
+                ip: "0.0.0.0".parse().unwrap(),
+                weight: 1,
+            },
+            Request::BackendAdd {
+                service,
+                ip: IpAddr::V4(VIP),
+                weight: 1,
+            },
+            Request::BackendAdd {
+                service,
+                ip: backend_ip(5),
+                weight: 10_001,
+            },
+            Request::BackendDel {
+                service,
+                ip: backend_ip(7),
+            },
+            Request::BackendDrain {
+                service: other,
+                ip: backend_ip(1),
+            },
+            Request::ServiceDel { service: other },
+            Request::ServiceAdd {
+                service,
+                scheduler: Scheduler::Maglev,
+                forward: Forward::Dsr,
+                health: HealthCheck::default(),
+            },
+        ];
+        for request in refused {
+            let Response::Error { message } = bed.control.handle(request.clone()) else {
+                panic!("{request:?} was accepted");
+            };
+            assert!(!message.contains('\n'), "one-line error: {message}");
+        }
+        assert_eq!(bed.status(), before);
+        assert_eq!(bed.spread(1..200)[1], 199);
+    });
+}
+
+#[test]
+fn running_out_of_service_slots_is_refused_cleanly() {
+    in_netns(|| {
+        let mut bed = Bed::new(0);
+        for i in 1..4 {
+            let service = format!("10.200.1.{i}:80/tcp").parse().unwrap();
+            bed.ok(Request::ServiceAdd {
+                service,
+                scheduler: Scheduler::Maglev,
+                forward: Forward::Dsr,
+                health: HealthCheck::default(),
+            });
+        }
+        let service = "10.200.1.9:80/tcp".parse().unwrap();
+        let r = bed.control.handle(Request::ServiceAdd {
+            service,
+            scheduler: Scheduler::Maglev,
+            forward: Forward::Dsr,
+            health: HealthCheck::default(),
+        });
+        assert!(matches!(r, Response::Error { .. }), "{r:?}");
+        // Deleting one frees its slot and its table.
+        let gone = "10.200.1.2:80/tcp".parse().unwrap();
+        bed.ok(Request::ServiceDel { service: gone });
+        bed.ok(Request::ServiceAdd {
+            service,
+            scheduler: Scheduler::Maglev,
+            forward: Forward::Dsr,
+            health: HealthCheck::default(),
+        });
+        assert_eq!(bed.status().services.len(), 4);
+    });
+}
