@@ -1,0 +1,358 @@
+//! Per-packet cost of the XDP balancer, measured with `BPF_PROG_TEST_RUN` (`cargo xtask bench`).
+//!
+//! Method: one test-run call per packet (repeat = 1) with a fresh copy of the frame, so every
+//! call times the path it claims to (with repeat > 1 the kernel reruns the program on the frame
+//! it already rewrote). The figure per call is the kernel-reported run time; each scenario is
+//! the mean over its packets, repeated `RUNS` times, reported as median (min..max). Every call's
+//! verdict is checked. Baselines built in the same build and measured in the same run give the
+//! fixed cost (baseline 1, an XDP_DROP program) that is subtracted to compare work.
+
+#[path = "../tests/packet/mod.rs"]
+mod packet;
+
+use std::{net::Ipv4Addr, time::Duration};
+
+use aya::{Ebpf, TestRun as _, TestRunOptions, maps::HashMap as BpfHashMap, programs::Xdp};
+use lb_common::{
+    AF_INET, BACKEND_F_ALIVE, Backend, FORWARD_DSR, FlowKeyV4, RING_SIZE, Service, ServiceKeyV4,
+    names,
+};
+use lb_userspace::{
+    dataplane::{Dataplane, Sizing},
+    maglev::{MaglevBackend, build_table},
+};
+
+const RUNS: usize = 5;
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+const XDP_TX: u32 = 3;
+const BASELINES: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-baselines"));
+
+/// Katran's figures on this kind of machine (issue 5), raw ns per packet, same method.
+const KATRAN_FIXED: f64 = 34.0;
+
+/// Where the flows of the frames come from: flow `i` has a distinct source address and port.
+fn flow_frame(template: &[u8], i: u32) -> Vec<u8> {
+    let mut f = template.to_vec();
+    let src = Ipv4Addr::from(0x0a00_0000 | ((i >> 14) + 1)); // 10.x.y.z, 16384 ports each
+    f[26..30].copy_from_slice(&src.octets());
+    f[34..36].copy_from_slice(&(1024 + (i & 0x3fff) as u16).to_be_bytes());
+    f
+}
+
+fn vip(service: u32) -> Ipv4Addr {
+    Ipv4Addr::from(0x0ac8_0000 | (service + 1)) // 10.200.x.y
+}
+
+fn template(dst: Ipv4Addr, udp: bool) -> Vec<u8> {
+    let client = Ipv4Addr::new(10, 0, 0, 1);
+    if udp {
+        packet::Frame::udp(client, 1, dst, 80).build()
+    } else {
+        packet::Frame::tcp(client, 1, dst, 80).build()
+    }
+}
+
+/// Runs `prog` once on `frame`; returns the kernel-reported ns and checks the verdict.
+fn run_once(prog: &mut Xdp, frame: &[u8], out: &mut [u8], expect: u32) -> f64 {
+    let r = prog
+        .test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(out),
+            ..TestRunOptions::default()
+        })
+        .expect("BPF_PROG_TEST_RUN");
+    assert_eq!(r.return_value, expect, "unexpected verdict");
+    r.duration.as_nanos() as f64
+}
+
+/// Mean ns per packet over `frames`, `RUNS` times: (median, min, max).
+fn measure(
+    prog: &mut Xdp,
+    frames: &mut dyn FnMut(usize) -> Vec<u8>,
+    n: usize,
+    expect: u32,
+) -> (f64, f64, f64) {
+    let mut out = vec![0u8; 512];
+    let mut means: Vec<f64> = (0..RUNS)
+        .map(|run| {
+            let total: f64 = (0..n)
+                .map(|i| run_once(prog, &frames(run * n + i), &mut out, expect))
+                .sum();
+            total / n as f64
+        })
+        .collect();
+    means.sort_by(f64::total_cmp);
+    (means[RUNS / 2], means[0], means[RUNS - 1])
+}
+
+struct Report {
+    baseline1: f64,
+    baseline3: f64,
+}
+
+impl Report {
+    fn row(&self, name: &str, (median, min, max): (f64, f64, f64), katran: Option<f64>) {
+        let work = median - self.baseline1;
+        let vs_floor = work / (self.baseline3 - self.baseline1);
+        let katran = katran.map_or_else(
+            || "-".to_string(),
+            |k| {
+                format!(
+                    "{:.0} → {:.2}x",
+                    k - KATRAN_FIXED,
+                    work / (k - KATRAN_FIXED)
+                )
+            },
+        );
+        println!(
+            "{name:<44} {median:>7.1} ({min:>6.1}..{max:>6.1}) {work:>7.1} {vs_floor:>8.2}x  {katran}"
+        );
+    }
+}
+
+/// A balancer loaded with `services` services of `backends` backends each, real Maglev tables.
+fn balancer(services: u32, backends: u32, conntrack: u32) -> Dataplane {
+    let mut dp = Dataplane::load(
+        Sizing {
+            // TCP and UDP on each VIP: two service keys per table.
+            max_services: 2 * services,
+            max_backends: services * backends,
+            conntrack_size: conntrack,
+        },
+        false,
+    )
+    .expect("load the balancer");
+    for s in 0..services {
+        let members: Vec<MaglevBackend> = (0..backends)
+            .map(|b| {
+                let ip = Ipv4Addr::from(0x0b00_0000 | (s * backends + b + 1));
+                MaglevBackend::new(ip.into(), 80, 1)
+            })
+            .collect();
+        let table = build_table(&members, RING_SIZE).expect("maglev");
+        for b in 0..backends {
+            let id = s * backends + b;
+            let mut addr = [0u8; 16];
+            addr[..4].copy_from_slice(&members[b as usize].key[..4]);
+            dp.set_backend(
+                id,
+                Backend {
+                    addr,
+                    mac: [2, 0, 0, 0, (id >> 8) as u8, id as u8],
+                    port: 80u16.to_be(),
+                    generation: 1,
+                    flags: BACKEND_F_ALIVE,
+                    family: AF_INET,
+                    _pad: [0; 2],
+                },
+            )
+            .expect("backend");
+        }
+        let ring: Vec<u32> = table.iter().map(|i| s * backends + i).collect();
+        dp.write_ring(s, &ring).expect("ring");
+        for proto in [6u8, 17] {
+            dp.set_service(
+                ServiceKeyV4 {
+                    addr: u32::from_ne_bytes(vip(s).octets()),
+                    port: 80u16.to_be(),
+                    proto,
+                    _pad: 0,
+                },
+                Service {
+                    id: s,
+                    ring: s,
+                    forward: FORWARD_DSR,
+                    _pad: [0; 3],
+                },
+            )
+            .expect("service");
+        }
+    }
+    dp.program(names::PROG_BALANCER).expect("verifier");
+    dp
+}
+
+fn prog(dp: &mut Dataplane) -> &mut Xdp {
+    dp.program(names::PROG_BALANCER).expect("program")
+}
+
+/// Sends flows `0..n` once each so they are in the connection table.
+fn warm(dp: &mut Dataplane, services: u32, n: u32, udp: bool) {
+    let templates: Vec<Vec<u8>> = (0..services).map(|s| template(vip(s), udp)).collect();
+    let mut out = vec![0u8; 512];
+    let p = prog(dp);
+    for i in 0..n {
+        run_once(
+            p,
+            &flow_frame(&templates[(i % services) as usize], i),
+            &mut out,
+            XDP_TX,
+        );
+    }
+}
+
+fn established(
+    dp: &mut Dataplane,
+    services: u32,
+    flows: u32,
+    udp: bool,
+    per_run: usize,
+) -> (f64, f64, f64) {
+    warm(dp, services, flows, udp);
+    let templates: Vec<Vec<u8>> = (0..services).map(|s| template(vip(s), udp)).collect();
+    let mut frames = |k: usize| {
+        let i = (k as u32) % flows;
+        flow_frame(&templates[(i % services) as usize], i)
+    };
+    measure(prog(dp), &mut frames, per_run, XDP_TX)
+}
+
+fn new_flows(dp: &mut Dataplane, services: u32, first: u32, per_run: usize) -> (f64, f64, f64) {
+    let templates: Vec<Vec<u8>> = (0..services).map(|s| template(vip(s), false)).collect();
+    let mut frames = |k: usize| {
+        let i = first + k as u32;
+        flow_frame(&templates[(i % services) as usize], i)
+    };
+    measure(prog(dp), &mut frames, per_run, XDP_TX)
+}
+
+fn main() {
+    assert!(
+        unsafe { libc::geteuid() } == 0,
+        "the benchmark loads BPF programs: run it as root (cargo xtask bench)"
+    );
+    let quick = std::env::args().any(|a| a == "--quick");
+    let per_run = if quick { 5_000 } else { 50_000 };
+    let million = if quick { 100_000 } else { 1_000_000 };
+
+    println!("# lb data-plane benchmark: BPF_PROG_TEST_RUN, one call per packet (repeat = 1),");
+    println!(
+        "# fresh frame each call, kernel-reported ns; mean over {per_run} packets, median of {RUNS} runs (min..max)."
+    );
+    println!(
+        "# work = ns - baseline 1 (fixed test-run cost); vs floor = work / work of baseline 3;"
+    );
+    println!(
+        "# Katran column: Katran's work on the same path (its raw figure - 34 ns) and our work / its work (target <= 0.70x)."
+    );
+    println!();
+
+    let mut base = aya::EbpfLoader::new()
+        .load(BASELINES)
+        .expect("load baselines");
+    let b1 = measure_baseline(&mut base, "baseline_drop", XDP_DROP, per_run);
+    let b2 = measure_baseline(&mut base, "baseline_swap_tx", XDP_TX, per_run);
+    let mut flows: BpfHashMap<_, FlowKeyV4, u32> =
+        BpfHashMap::try_from(base.map_mut("BASELINE_FLOWS").expect("map")).expect("map type");
+    let t = template(vip(0), false);
+    let key_of = |frame: &[u8]| FlowKeyV4 {
+        src: u32::from_ne_bytes(frame[26..30].try_into().unwrap()),
+        dst: u32::from_ne_bytes(frame[30..34].try_into().unwrap()),
+        sport: u16::from_ne_bytes(frame[34..36].try_into().unwrap()),
+        dport: u16::from_ne_bytes(frame[36..38].try_into().unwrap()),
+        proto: 6,
+        _pad: [0; 3],
+    };
+    flows
+        .insert(key_of(&flow_frame(&t, 0)), 1, 0)
+        .expect("baseline flow");
+    let b3 = {
+        let p: &mut Xdp = base
+            .program_mut("baseline_lookup_tx")
+            .unwrap()
+            .try_into()
+            .unwrap();
+        p.load().unwrap();
+        measure(p, &mut |_| flow_frame(&t, 0), per_run, XDP_TX)
+    };
+    let report = Report {
+        baseline1: b1.0,
+        baseline3: b3.0,
+    };
+    println!(
+        "{:<44} {:>7} {:>17} {:>7} {:>9}  Katran work → ratio",
+        "path", "ns", "(min..max)", "work", "vs floor"
+    );
+    report.row("baseline 1: XDP_DROP", b1, Some(34.0));
+    report.row("baseline 2: swap MACs + XDP_TX", b2, Some(37.0));
+    report.row("baseline 3: parse + 1 hash lookup + XDP_TX", b3, Some(46.0));
+    println!();
+
+    // 1 service, 100 backends, connection table of production size (Katran's 4M).
+    let conntrack = if quick { 1 << 20 } else { 4 << 20 };
+    let mut dp = balancer(1, 100, conntrack);
+    let other = template(Ipv4Addr::new(10, 99, 0, 2), false);
+    let pass = measure(prog(&mut dp), &mut |_| other.clone(), per_run, XDP_PASS);
+    report.row("pass path (not a VIP)", pass, Some(59.0));
+    report.row(
+        "established, 1 flow",
+        established(&mut dp, 1, 1, false, per_run),
+        Some(103.0),
+    );
+    report.row(
+        "established, 16,384 flows",
+        established(&mut dp, 1, 16_384, false, per_run),
+        Some(150.0),
+    );
+    report.row(
+        &format!("established, {million} flows"),
+        established(&mut dp, 1, million, false, per_run),
+        Some(249.0),
+    );
+    report.row(
+        "established UDP, 16,384 flows",
+        established(&mut dp, 1, 16_384, true, per_run),
+        None,
+    );
+    drop(dp);
+
+    let mut dp = balancer(1, 100, conntrack);
+    report.row(
+        "new flow every packet, table nearly empty",
+        new_flows(&mut dp, 1, 0, per_run),
+        Some(437.0),
+    );
+    drop(dp);
+    // A table already full: fill it past capacity, then every new flow evicts one.
+    let small = if quick { 1 << 17 } else { 1 << 20 };
+    let mut dp = balancer(1, 100, small);
+    warm(&mut dp, 1, small + small / 4, false);
+    report.row(
+        &format!("new flow every packet, table full ({small})"),
+        new_flows(&mut dp, 1, 2 * small, per_run),
+        Some(653.0),
+    );
+    drop(dp);
+    println!(
+        "(hash ring alone: not measurable by itself; every flow the balancer forwards is inserted)"
+    );
+    println!();
+
+    println!("# shape: established (16,384 flows over all services) and new-flow cost");
+    for services in [1u32, 64, 512] {
+        for backends in [2u32, 100, 1000] {
+            let mut dp = balancer(services, backends, 1 << 20);
+            let est = established(&mut dp, services, 16_384, false, per_run / 5);
+            let new = new_flows(&mut dp, services, 1 << 24, per_run / 5);
+            report.row(
+                &format!("{services} services x {backends} backends: established"),
+                est,
+                None,
+            );
+            report.row(
+                &format!("{services} services x {backends} backends: new flow"),
+                new,
+                None,
+            );
+        }
+    }
+    std::thread::sleep(Duration::from_millis(10));
+}
+
+fn measure_baseline(base: &mut Ebpf, name: &str, expect: u32, n: usize) -> (f64, f64, f64) {
+    let p: &mut Xdp = base.program_mut(name).unwrap().try_into().unwrap();
+    p.load().unwrap();
+    let t = template(vip(0), false);
+    measure(p, &mut |_| t.clone(), n, expect)
+}
