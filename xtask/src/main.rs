@@ -84,7 +84,7 @@ fn main() -> anyhow::Result<()> {
             )?;
             exec(
                 cargo(&root)
-                    .args(["test", "--release", "--workspace"])
+                    .args(["test", "--release", "--workspace", "--exclude", "lb-ebpf"])
                     .args(&args),
             )
         }
