@@ -31,6 +31,14 @@ enum Cmd {
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
     },
+    /// Set up, build, then measure the data plane: ns per packet with BPF_PROG_TEST_RUN against
+    /// baseline programs, and packets per second through a namespace test bed. Prints figures;
+    /// asserts no time.
+    Bench {
+        /// Fewer packets and smaller tables: a quick look, not figures to publish.
+        #[arg(long)]
+        quick: bool,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -49,6 +57,19 @@ fn main() -> anyhow::Result<()> {
                     .arg(root.join("scripts/demo.sh"))
                     .arg(root.join("target/release/lb")),
             )
+        }
+        Cmd::Bench { quick } => {
+            setup(&root)?;
+            build(&root)?;
+            for bench in ["dataplane", "throughput"] {
+                let mut cmd = cargo(&root);
+                cmd.args(["bench", "-p", "lb-userspace", "--bench", bench, "--"]);
+                if quick {
+                    cmd.arg("--quick");
+                }
+                exec(&mut cmd)?;
+            }
+            Ok(())
         }
         Cmd::Test { args } => {
             setup(&root)?;
