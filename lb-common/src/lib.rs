@@ -112,7 +112,9 @@ pub struct FlowKeyV4 {
     pub sport: u16,
     pub dport: u16,
     pub proto: u8,
-    pub _pad: [u8; 3],
+    // Scalars, not a byte array: LLVM zeroes a `[u8; 3]` with a call to memset in BPF.
+    pub _pad0: u8,
+    pub _pad1: u16,
 }
 
 /// Value of the connection table: the backend a flow was given.

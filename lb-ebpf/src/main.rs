@@ -47,12 +47,12 @@ fn balance(ctx: &XdpContext) -> Result<(), Reason> {
     };
     // SAFETY: the value is copied out at once; userspace replaces entries whole.
     let service = *unsafe { maps::SERVICES.get(key) }.ok_or(Reason::PassNotVip)?;
-    let (backend_id, backend) = select::backend_for(&service, &pkt.flow)?;
-    forward::dsr::rewrite(ctx, &backend)?;
+    let backend = select::backend_for(&service, &pkt.flow)?;
+    forward::dsr::rewrite(ctx, &backend.mac)?;
 
     let len = (ctx.data_end() - ctx.data()) as u64;
     stats::count_traffic(&maps::SERVICE_STATS, service.id, len);
-    stats::count_traffic(&maps::BACKEND_STATS, backend_id, len);
+    stats::count_traffic(&maps::BACKEND_STATS, backend.id, len);
     // SAFETY: a read of a plain u32 global.
     if unsafe { core::ptr::read_volatile(&LB_DEBUG) } != 0 {
         debug!(
@@ -61,7 +61,7 @@ fn balance(ctx: &XdpContext) -> Result<(), Reason> {
             service.id,
             u32::from_be(pkt.flow.src),
             u16::from_be(pkt.flow.sport),
-            backend_id
+            backend.id
         );
     }
     Ok(())

@@ -4,7 +4,7 @@
 
 use aya_ebpf::programs::XdpContext;
 use lb_common::{FlowKeyV4, PROTO_TCP, PROTO_UDP, Reason};
-use network_types::{eth::EthHdr, ip::Ipv4Hdr, tcp::TcpHdr, udp::UdpHdr, vlan::VlanHdr};
+use network_types::{eth::EthHdr, tcp::TcpHdr, udp::UdpHdr, vlan::VlanHdr};
 
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_8021Q: u16 = 0x8100;
@@ -28,6 +28,30 @@ pub fn ptr_at_mut<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
     ptr_at::<T>(ctx, offset).map(|p| p.cast_mut())
 }
 
+/// The IPv4 header with multi-byte fields as integers (network order). network-types declares
+/// them as byte arrays (alignment 1), so LLVM reads an address one byte at a time and spills
+/// the bytes to the stack; word loads from the packet are fine for the verifier on x86.
+#[repr(C)]
+struct Ipv4Wire {
+    vihl: u8,
+    tos: u8,
+    tot_len: u16,
+    id: u16,
+    frags: u16,
+    ttl: u8,
+    proto: u8,
+    check: u16,
+    src: u32,
+    dst: u32,
+}
+
+/// The first word of a TCP or UDP header.
+#[repr(C)]
+struct PortsWire {
+    src: u16,
+    dst: u16,
+}
+
 /// What the balancer needs from an IPv4 TCP/UDP packet.
 pub struct PacketV4 {
     pub flow: FlowKeyV4,
@@ -48,12 +72,12 @@ pub fn parse_ipv4(ctx: &XdpContext) -> Result<PacketV4, Reason> {
         return Err(Reason::PassNotIpv4);
     }
 
-    let ip: *const Ipv4Hdr = ptr_at(ctx, l3).ok_or(Reason::DropMalformedIp)?;
+    let ip: *const Ipv4Wire = ptr_at(ctx, l3).ok_or(Reason::DropMalformedIp)?;
     let vihl = unsafe { (*ip).vihl };
     // Masked so the verifier knows the header length is at most 60 bytes.
     let ihl = ((vihl & 0x0f) as usize) * 4;
-    let total_len = u16::from_be_bytes(unsafe { (*ip).tot_len }) as usize;
-    if vihl >> 4 != 4 || ihl < Ipv4Hdr::LEN || total_len < ihl {
+    let total_len = u16::from_be(unsafe { (*ip).tot_len }) as usize;
+    if vihl >> 4 != 4 || ihl < size_of::<Ipv4Wire>() || total_len < ihl {
         return Err(Reason::DropMalformedIp);
     }
     if ctx.data() + l3 + total_len > ctx.data_end() {
@@ -63,44 +87,34 @@ pub fn parse_ipv4(ctx: &XdpContext) -> Result<PacketV4, Reason> {
     if proto != PROTO_TCP && proto != PROTO_UDP {
         return Err(Reason::PassNotTcpUdp);
     }
-    let frags = u16::from_be_bytes(unsafe { (*ip).frags });
-    if frags & (IP_MF | IP_OFFSET) != 0 {
+    if u16::from_be(unsafe { (*ip).frags }) & (IP_MF | IP_OFFSET) != 0 {
         return Err(Reason::PassFragment);
     }
 
+    // The whole fixed L4 header must be in the frame and in the IP datagram.
     let l4 = l3 + ihl;
-    let (sport, dport, l4_len) = if proto == PROTO_TCP {
-        let tcp: *const TcpHdr = ptr_at(ctx, l4).ok_or(Reason::DropMalformedL4)?;
-        let ports = unsafe {
-            (
-                u16::from_ne_bytes((*tcp).source),
-                u16::from_ne_bytes((*tcp).dest),
-            )
-        };
-        (ports.0, ports.1, TcpHdr::LEN)
+    let l4_len = if proto == PROTO_TCP {
+        TcpHdr::LEN
     } else {
-        let udp: *const UdpHdr = ptr_at(ctx, l4).ok_or(Reason::DropMalformedL4)?;
-        let ports = unsafe {
-            (
-                u16::from_ne_bytes((*udp).src),
-                u16::from_ne_bytes((*udp).dst),
-            )
-        };
-        (ports.0, ports.1, UdpHdr::LEN)
+        UdpHdr::LEN
     };
-    // The L4 header must also lie inside the IP datagram, not only inside the frame.
+    if ctx.data() + l4 + l4_len > ctx.data_end() {
+        return Err(Reason::DropMalformedL4);
+    }
     if ihl + l4_len > total_len {
         return Err(Reason::DropMalformedL4);
     }
+    let ports: *const PortsWire = ptr_at(ctx, l4).ok_or(Reason::DropMalformedL4)?;
 
     Ok(PacketV4 {
         flow: FlowKeyV4 {
-            src: u32::from_ne_bytes(unsafe { (*ip).src_addr }),
-            dst: u32::from_ne_bytes(unsafe { (*ip).dst_addr }),
-            sport,
-            dport,
+            src: unsafe { (*ip).src },
+            dst: unsafe { (*ip).dst },
+            sport: unsafe { (*ports).src },
+            dport: unsafe { (*ports).dst },
             proto,
-            _pad: [0; 3],
+            _pad0: 0,
+            _pad1: 0,
         },
     })
 }

@@ -252,7 +252,8 @@ fn main() {
         sport: u16::from_ne_bytes(frame[34..36].try_into().unwrap()),
         dport: u16::from_ne_bytes(frame[36..38].try_into().unwrap()),
         proto: 6,
-        _pad: [0; 3],
+        _pad0: 0,
+        _pad1: 0,
     };
     flows
         .insert(key_of(&flow_frame(&t, 0)), 1, 0)

@@ -347,7 +347,8 @@ fn a_reused_backend_id_does_not_inherit_old_flows() {
         sport: 4242u16.to_be(),
         dport: 80u16.to_be(),
         proto: 6,
-        _pad: [0; 3],
+        _pad0: 0,
+        _pad1: 0,
     };
     assert_eq!(
         h.dp.flow(&key).map(|s| (s.backend, s.generation)),
