@@ -16,6 +16,20 @@ pub mod hash;
 /// about 650 backends (M > 100 N).
 pub const RING_SIZE: u32 = 65537;
 
+/// Ring entries per map value. The ring map is mappable so userspace can write a table with one
+/// memory copy; such maps round each value up to 8 bytes, so entries are grouped 16 to a
+/// 64-byte value instead of wasting half of every slot on a 4-byte value.
+pub const RING_CHUNK: u32 = 16;
+/// Map values per table (the last one is partly unused).
+pub const RING_CHUNKS: u32 = RING_SIZE.div_ceil(RING_CHUNK);
+
+/// One value of the ring map: `RING_CHUNK` consecutive table entries.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RingChunk {
+    pub ids: [u32; RING_CHUNK as usize],
+}
+
 /// A ring entry that names no backend (a service with no usable backend).
 pub const BACKEND_NONE: u32 = u32::MAX;
 
@@ -68,7 +82,7 @@ pub const FORWARD_DSR: u8 = 0;
 pub struct Service {
     /// Index into `SERVICE_STATS`; stable for the life of the service.
     pub id: u32,
-    /// Which table of `RINGS` is live: entries `ring * RING_SIZE .. (ring + 1) * RING_SIZE`.
+    /// Which table of `RINGS` is live: values `ring * RING_CHUNKS .. (ring + 1) * RING_CHUNKS`.
     /// Userspace fills a spare table, then flips this field with one map update.
     pub ring: u32,
     /// One of the `FORWARD_*` constants.
@@ -189,6 +203,7 @@ mod pod {
     unsafe impl aya::Pod for super::FlowKeyV4 {}
     unsafe impl aya::Pod for super::FlowState {}
     unsafe impl aya::Pod for super::Traffic {}
+    unsafe impl aya::Pod for super::RingChunk {}
 }
 
 #[cfg(test)]
@@ -203,6 +218,7 @@ mod tests {
         assert_eq!(size_of::<FlowKeyV4>(), 16);
         assert_eq!(size_of::<FlowState>(), 8);
         assert_eq!(size_of::<Traffic>(), 16);
+        assert_eq!(size_of::<RingChunk>(), 64);
     }
 
     #[test]

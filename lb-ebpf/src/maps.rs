@@ -2,12 +2,13 @@
 //! daemon's configuration before loading (`EbpfLoader::set_max_entries`).
 
 use aya_ebpf::{
+    bindings::BPF_F_MMAPABLE,
     macros::map,
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use lb_common::{
     Backend, DEFAULT_CONNTRACK_SIZE, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_SERVICES, FlowKeyV4,
-    FlowState, RING_SIZE, Reason, Service, ServiceKeyV4, Traffic,
+    FlowState, RING_CHUNKS, Reason, RingChunk, Service, ServiceKeyV4, Traffic,
 };
 
 /// VIP:port/proto → service. One hash lookup per packet decides "is this ours".
@@ -19,10 +20,13 @@ pub static SERVICES: HashMap<ServiceKeyV4, Service> =
 #[map]
 pub static BACKENDS: Array<Backend> = Array::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
 
-/// Maglev tables, `RING_SIZE` backend ids each: one per service plus a spare, so a new table is
-/// written in full before its service switches to it (4 bytes × 65537 × 65 ≈ 17 MB by default).
+/// Maglev tables, `RING_SIZE` backend ids each (in `RING_CHUNKS` values of 16): one per service
+/// plus a spare, so a new table is written in full before its service switches to it
+/// (4 bytes × 65552 × 65 ≈ 17 MB by default). Mappable: userspace writes a table with one
+/// memory copy instead of 65537 map updates.
 #[map]
-pub static RINGS: Array<u32> = Array::with_max_entries(RING_SIZE * (DEFAULT_MAX_SERVICES + 1), 0);
+pub static RINGS: Array<RingChunk> =
+    Array::with_max_entries(RING_CHUNKS * (DEFAULT_MAX_SERVICES + 1), BPF_F_MMAPABLE);
 
 /// 5-tuple → backend for every flow seen. LRU: the kernel evicts the least recently used flow
 /// when full, so a flood of new flows cannot stop new entries (default 1M flows, ~40 MB).

@@ -2,8 +2,8 @@
 //! whatever happens to the others; Maglev for new flows and for flows whose backend is gone.
 
 use lb_common::{
-    BACKEND_F_ALIVE, BACKEND_NONE, FlowKeyV4, FlowState, RING_SIZE, Reason, Service,
-    hash::flow_hash_v4,
+    BACKEND_F_ALIVE, BACKEND_NONE, FlowKeyV4, FlowState, RING_CHUNK, RING_CHUNKS, RING_SIZE,
+    Reason, Service, hash::flow_hash_v4,
 };
 
 use crate::maps::{BACKENDS, CONNTRACK, RINGS};
@@ -30,8 +30,11 @@ pub fn backend_for(service: &Service, flow: &FlowKeyV4) -> Result<Chosen, Reason
     }
 
     let hash = flow_hash_v4(flow.src, flow.dst, flow.sport, flow.dport, flow.proto);
-    let slot = service.ring * RING_SIZE + hash % RING_SIZE;
-    let id = *RINGS.get(slot).ok_or(Reason::DropInternal)?;
+    let entry = hash % RING_SIZE;
+    let chunk = RINGS
+        .get(service.ring * RING_CHUNKS + entry / RING_CHUNK)
+        .ok_or(Reason::DropInternal)?;
+    let id = chunk.ids[(entry % RING_CHUNK) as usize];
     if id == BACKEND_NONE {
         return Err(Reason::DropNoBackend);
     }

@@ -10,7 +10,7 @@
 #[path = "../tests/packet/mod.rs"]
 mod packet;
 
-use std::{net::Ipv4Addr, time::Duration};
+use std::{net::Ipv4Addr, time::Instant};
 
 use aya::{Ebpf, TestRun as _, TestRunOptions, maps::HashMap as BpfHashMap, programs::Xdp};
 use lb_common::{
@@ -18,6 +18,8 @@ use lb_common::{
     names,
 };
 use lb_userspace::{
+    api::{Forward, HealthCheck, Request, Response, Scheduler, ServiceAddr},
+    daemon::{Control, ProbeKey, Prober},
     dataplane::{Dataplane, Sizing},
     maglev::{MaglevBackend, build_table},
 };
@@ -86,28 +88,49 @@ fn measure(
     (means[RUNS / 2], means[0], means[RUNS - 1])
 }
 
+/// Prints each figure as a table row and keeps it for the JSON file.
 struct Report {
     baseline1: f64,
     baseline3: f64,
+    figures: Vec<serde_json::Value>,
 }
 
+const METHOD: &str = "BPF_PROG_TEST_RUN, one call per packet, fresh frame, kernel-reported ns, \
+                      mean per run, median of 5 runs";
+
 impl Report {
-    fn row(&self, name: &str, (median, min, max): (f64, f64, f64), katran: Option<f64>) {
+    fn row(&mut self, name: &str, (median, min, max): (f64, f64, f64), katran: Option<f64>) {
         let work = median - self.baseline1;
-        let vs_floor = work / (self.baseline3 - self.baseline1);
-        let katran = katran.map_or_else(
+        let floor = self.baseline3 - self.baseline1;
+        let katran_work = katran.map(|k| k - KATRAN_FIXED);
+        let katran_col = katran_work.map_or_else(
             || "-".to_string(),
-            |k| {
-                format!(
-                    "{:.0} → {:.2}x",
-                    k - KATRAN_FIXED,
-                    work / (k - KATRAN_FIXED)
-                )
-            },
+            |k| format!("{k:>4.0} -> {:.2}x", work / k),
         );
         println!(
-            "{name:<44} {median:>7.1} ({min:>6.1}..{max:>6.1}) {work:>7.1} {vs_floor:>8.2}x  {katran}"
+            "{name:<46} {median:>7.1} ({min:>6.1}..{max:>6.1}) {work:>7.1} {:>8.2}x  {katran_col}",
+            work / floor
         );
+        self.figures.push(serde_json::json!({
+            "name": name,
+            "value": median,
+            "unit": "ns/packet",
+            "min": min,
+            "max": max,
+            "work_ns": work,
+            "baseline_ratio": work / floor,
+            "baseline": "work of baseline 3 (parse + one hash lookup + XDP_TX), same run",
+            "katran_work_ns": katran_work,
+            "katran_ratio": katran_work.map(|k| work / k),
+            "method": METHOD,
+        }));
+    }
+
+    fn figure(&mut self, name: &str, value: f64, unit: &str, method: &str) {
+        println!("{name:<46} {value:>9.2} {unit}");
+        self.figures.push(serde_json::json!({
+            "name": name, "value": value, "unit": unit, "baseline_ratio": null, "method": method,
+        }));
     }
 }
 
@@ -223,8 +246,8 @@ fn main() {
         "the benchmark loads BPF programs: run it as root (cargo xtask bench)"
     );
     let quick = std::env::args().any(|a| a == "--quick");
-    let per_run = if quick { 5_000 } else { 50_000 };
-    let million = if quick { 100_000 } else { 1_000_000 };
+    let per_run = if quick { 2_000 } else { 50_000 };
+    let million = if quick { 50_000 } else { 1_000_000 };
 
     println!("# lb data-plane benchmark: BPF_PROG_TEST_RUN, one call per packet (repeat = 1),");
     println!(
@@ -267,12 +290,13 @@ fn main() {
         p.load().unwrap();
         measure(p, &mut |_| flow_frame(&t, 0), per_run, XDP_TX)
     };
-    let report = Report {
+    let mut report = Report {
         baseline1: b1.0,
         baseline3: b3.0,
+        figures: Vec::new(),
     };
     println!(
-        "{:<44} {:>7} {:>17} {:>7} {:>9}  Katran work → ratio",
+        "{:<46} {:>7} {:>17} {:>7} {:>9}  Katran work -> ratio",
         "path", "ns", "(min..max)", "work", "vs floor"
     );
     report.row("baseline 1: XDP_DROP", b1, Some(34.0));
@@ -281,7 +305,7 @@ fn main() {
     println!();
 
     // 1 service, 100 backends, connection table of production size (Katran's 4M).
-    let conntrack = if quick { 1 << 20 } else { 4 << 20 };
+    let conntrack = if quick { 1 << 18 } else { 4 << 20 };
     let mut dp = balancer(1, 100, conntrack);
     let other = template(Ipv4Addr::new(10, 99, 0, 2), false);
     let pass = measure(prog(&mut dp), &mut |_| other.clone(), per_run, XDP_PASS);
@@ -316,7 +340,7 @@ fn main() {
     );
     drop(dp);
     // A table already full: fill it past capacity, then every new flow evicts one.
-    let small = if quick { 1 << 17 } else { 1 << 20 };
+    let small = if quick { 1 << 15 } else { 1 << 20 };
     let mut dp = balancer(1, 100, small);
     warm(&mut dp, 1, small + small / 4, false);
     report.row(
@@ -331,8 +355,13 @@ fn main() {
     println!();
 
     println!("# shape: established (16,384 flows over all services) and new-flow cost");
-    for services in [1u32, 64, 512] {
-        for backends in [2u32, 100, 1000] {
+    let (services_set, backends_set): (&[u32], &[u32]) = if quick {
+        (&[1, 64], &[2, 100])
+    } else {
+        (&[1, 64, 512], &[2, 100, 1000])
+    };
+    for &services in services_set {
+        for &backends in backends_set {
             let mut dp = balancer(services, backends, 1 << 20);
             let est = established(&mut dp, services, 16_384, false, per_run / 5);
             let new = new_flows(&mut dp, services, 1 << 24, per_run / 5);
@@ -348,7 +377,188 @@ fn main() {
             );
         }
     }
-    std::thread::sleep(Duration::from_millis(10));
+    println!();
+
+    control_plane_costs(&mut report, quick);
+
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/lb-bench");
+    std::fs::create_dir_all(&dir).expect("create target/lb-bench");
+    let path = dir.join("dataplane.json");
+    std::fs::write(
+        &path,
+        serde_json::to_string_pretty(&report.figures).expect("json"),
+    )
+    .expect("write the JSON figures");
+    println!("\nfigures written to {}", path.display());
+}
+
+/// Maglev build time, failure-to-removal time, and time to configure many services, through
+/// the daemon's own control logic (`Control`) on the loaded program.
+fn control_plane_costs(report: &mut Report, quick: bool) {
+    println!("# control plane");
+    for n in [10u32, 100, 1000] {
+        let backends: Vec<MaglevBackend> = (0..n)
+            .map(|i| {
+                MaglevBackend::new(Ipv4Addr::from(0x0b00_0000 | (i + 1)).into(), 80, 1 + i % 3)
+            })
+            .collect();
+        let reps = if quick { 5 } else { 50 };
+        let mut times: Vec<f64> = (0..reps)
+            .map(|_| {
+                let t = Instant::now();
+                std::hint::black_box(build_table(&backends, RING_SIZE).expect("maglev"));
+                t.elapsed().as_secs_f64() * 1e3
+            })
+            .collect();
+        times.sort_by(f64::total_cmp);
+        report.figure(
+            &format!("Maglev table, 65537 entries, {n} weighted backends"),
+            times[times.len() / 2],
+            "ms",
+            "median build time of build_table (weights 1..3)",
+        );
+    }
+
+    for n in [10u32, 100, 1000] {
+        report.figure(
+            &format!("failed backend out of the kernel table, {n} backends"),
+            failure_to_removal(n),
+            "ms",
+            "median time of the fall-th failed probe's handling: Maglev rebuild, ring write, switch",
+        );
+    }
+
+    let services = if quick { 50 } else { 500 };
+    let dp = Dataplane::load(
+        Sizing {
+            max_services: services,
+            max_backends: services * 10,
+            conntrack_size: 1 << 16,
+        },
+        false,
+    )
+    .expect("load");
+    let mut control = Control::new(dp, "lo".into(), NoProbes::default());
+    let t = Instant::now();
+    for s in 0..services {
+        let service: ServiceAddr = format!("{}:80/tcp", vip(s)).parse().expect("service");
+        let ok = control.handle(Request::ServiceAdd {
+            service,
+            scheduler: Scheduler::Maglev,
+            forward: Forward::Dsr,
+            health: HealthCheck::default(),
+        });
+        assert_eq!(ok, Response::Ok);
+        for b in 0..10 {
+            let ip = Ipv4Addr::from(0x0b00_0000 | (s * 10 + b + 1)).into();
+            let ok = control.handle(Request::BackendAdd {
+                service,
+                ip,
+                weight: 1,
+            });
+            assert_eq!(ok, Response::Ok);
+        }
+    }
+    report.figure(
+        &format!("add {services} services x 10 backends"),
+        t.elapsed().as_secs_f64(),
+        "s",
+        "Control::handle for every service and backend add (maps written, probes not run)",
+    );
+}
+
+/// Health probes are played by hand here; nothing runs in the background. The keys of the
+/// probes started are kept so the benchmark can report their results.
+#[derive(Clone, Default)]
+struct NoProbes(std::sync::Arc<std::sync::Mutex<Vec<ProbeKey>>>);
+
+impl Prober for NoProbes {
+    type Handle = ();
+    fn start(&mut self, key: ProbeKey, _: std::net::SocketAddr, _: HealthCheck) {
+        self.0.lock().expect("lock").push(key);
+    }
+    fn stop(&mut self, (): ()) {}
+}
+
+/// Time from the health check that declares a backend failed (the `fall`-th failure reaching
+/// the control loop) to the kernel using a table without it: the whole synchronous work of
+/// `Control::probe_result` (table rebuild, write, switch, backend entry update).
+fn failure_to_removal(backends: u32) -> f64 {
+    std::thread::spawn(move || {
+        // A namespace of this thread's own, with neighbour entries for every backend (the
+        // daemon only puts backends with a known MAC in the table).
+        // SAFETY: affects only this thread.
+        assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNET) }, 0, "unshare");
+        let mut batch = String::from(
+            "link add lbb0 type veth peer name lbb1\nlink set lbb0 up\nlink set lbb1 up\n",
+        );
+        for i in 0..backends {
+            let ip = Ipv4Addr::from(0x0b00_0000 | (i + 1));
+            let mac = format!("02:00:00:00:{:02x}:{:02x}", (i >> 8) & 0xff, i & 0xff);
+            batch.push_str(&format!(
+                "neigh replace {ip} lladdr {mac} dev lbb0 nud permanent\n"
+            ));
+        }
+        let path = std::env::temp_dir().join(format!("lb-bench-neigh-{}", std::process::id()));
+        std::fs::write(&path, batch).expect("write ip batch");
+        let status = std::process::Command::new("ip")
+            .arg("-batch")
+            .arg(&path)
+            .status()
+            .expect("run ip");
+        let _ = std::fs::remove_file(&path);
+        assert!(status.success(), "ip -batch failed");
+
+        let dp = Dataplane::load(
+            Sizing {
+                max_services: 1,
+                max_backends: backends,
+                conntrack_size: 1 << 16,
+            },
+            false,
+        )
+        .expect("load");
+        let probes = NoProbes::default();
+        let mut control = Control::new(dp, "lbb0".into(), probes.clone());
+        let service: ServiceAddr = format!("{}:80/tcp", vip(0)).parse().expect("service");
+        assert_eq!(
+            control.handle(Request::ServiceAdd {
+                service,
+                scheduler: Scheduler::Maglev,
+                forward: Forward::Dsr,
+                health: HealthCheck::default(),
+            }),
+            Response::Ok
+        );
+        for i in 0..backends {
+            let ip = Ipv4Addr::from(0x0b00_0000 | (i + 1)).into();
+            let ok = control.handle(Request::BackendAdd {
+                service,
+                ip,
+                weight: 1,
+            });
+            assert_eq!(ok, Response::Ok);
+        }
+        let keys = probes.0.lock().expect("lock").clone();
+        for key in &keys {
+            control.probe_result(*key, Ok(()));
+            control.probe_result(*key, Ok(()));
+        }
+        let mut times: Vec<f64> = keys
+            .iter()
+            .take(9)
+            .map(|key| {
+                control.probe_result(*key, Err("refused".into()));
+                let t = Instant::now();
+                control.probe_result(*key, Err("refused".into()));
+                t.elapsed().as_secs_f64() * 1e3
+            })
+            .collect();
+        times.sort_by(f64::total_cmp);
+        times[times.len() / 2]
+    })
+    .join()
+    .expect("failure_to_removal thread")
 }
 
 fn measure_baseline(base: &mut Ebpf, name: &str, expect: u32, n: usize) -> (f64, f64, f64) {

@@ -9,7 +9,8 @@ use aya::{
     programs::{Xdp, xdp::XdpMode},
 };
 use lb_common::{
-    Backend, FlowKeyV4, FlowState, RING_SIZE, Reason, Service, ServiceKeyV4, Traffic, names,
+    Backend, FlowKeyV4, FlowState, RING_CHUNK, RING_CHUNKS, RING_SIZE, Reason, RingChunk, Service,
+    ServiceKeyV4, Traffic, names,
 };
 
 /// The XDP object built by build.rs from lb-ebpf.
@@ -33,8 +34,9 @@ pub enum DataplaneError {
     },
     #[error("program {0} is missing from the object")]
     MissingProgram(&'static str),
-    #[error("batch update of {name}: {source}")]
-    Batch {
+    #[error("{what} of {name}: {source}")]
+    Io {
+        what: &'static str,
         name: &'static str,
         source: std::io::Error,
     },
@@ -82,7 +84,8 @@ pub struct Dataplane {
     ebpf: Ebpf,
     services: HashMap<MapData, ServiceKeyV4, Service>,
     backends: Array<MapData, Backend>,
-    rings: Array<MapData, u32>,
+    rings: Array<MapData, RingChunk>,
+    ring_memory: RingMemory,
     conntrack: HashMap<MapData, FlowKeyV4, FlowState>,
     service_stats: PerCpuArray<MapData, Traffic>,
     backend_stats: PerCpuArray<MapData, Traffic>,
@@ -108,16 +111,27 @@ impl Dataplane {
         let mut ebpf = EbpfLoader::new()
             .map_max_entries(names::SERVICES, sizing.max_services)
             .map_max_entries(names::SERVICE_STATS, sizing.max_services)
-            .map_max_entries(names::RINGS, RING_SIZE * sizing.ring_tables())
+            .map_max_entries(names::RINGS, RING_CHUNKS * sizing.ring_tables())
             .map_max_entries(names::BACKENDS, sizing.max_backends)
             .map_max_entries(names::BACKEND_STATS, sizing.max_backends)
             .map_max_entries(names::CONNTRACK, sizing.conntrack_size)
             .override_global(names::GLOBAL_DEBUG, &debug, true)
             .load(XDP_OBJECT)?;
+        let rings: Array<MapData, RingChunk> = take(&mut ebpf, names::RINGS)?;
+        let ring_memory = RingMemory::map(
+            rings.map().fd().as_fd().as_raw_fd(),
+            (RING_CHUNKS * RING_CHUNK * sizing.ring_tables()) as usize,
+        )
+        .map_err(|source| DataplaneError::Io {
+            what: "mapping",
+            name: names::RINGS,
+            source,
+        })?;
         Ok(Dataplane {
             services: take(&mut ebpf, names::SERVICES)?,
             backends: take(&mut ebpf, names::BACKENDS)?,
-            rings: take(&mut ebpf, names::RINGS)?,
+            rings,
+            ring_memory,
             conntrack: take(&mut ebpf, names::CONNTRACK)?,
             service_stats: take(&mut ebpf, names::SERVICE_STATS)?,
             backend_stats: take(&mut ebpf, names::BACKEND_STATS)?,
@@ -185,7 +199,8 @@ impl Dataplane {
             })
     }
 
-    /// Writes a whole Maglev table into ring table `table` with one batched syscall.
+    /// Writes a whole Maglev table into ring table `table`: a copy into the map's memory. The
+    /// table must not be live (the daemon writes only the spare and then switches to it).
     pub fn write_ring(&mut self, table: u32, entries: &[u32]) -> Result<()> {
         assert_eq!(
             entries.len(),
@@ -193,23 +208,21 @@ impl Dataplane {
             "ring tables are RING_SIZE long"
         );
         assert!(table < self.sizing.ring_tables(), "ring table out of range");
-        let first = table * RING_SIZE;
-        let keys: Vec<u32> = (first..first + RING_SIZE).collect();
-        let fd = self.rings.map().fd().as_fd().as_raw_fd();
-        update_batch(fd, &keys, entries).map_err(|source| DataplaneError::Batch {
-            name: names::RINGS,
-            source,
-        })
+        let first = (table * RING_CHUNKS * RING_CHUNK) as usize;
+        self.ring_memory.as_mut_slice()[first..first + entries.len()].copy_from_slice(entries);
+        Ok(())
     }
 
-    /// Reads one ring entry (tests and diagnostics).
+    /// Reads one entry of ring table `table` through the map (tests and diagnostics).
     pub fn ring_entry(&self, table: u32, index: u32) -> Result<u32> {
-        self.rings
-            .get(&(table * RING_SIZE + index), 0)
+        let chunk = self
+            .rings
+            .get(&(table * RING_CHUNKS + index / RING_CHUNK), 0)
             .map_err(|source| DataplaneError::Map {
                 name: names::RINGS,
                 source,
-            })
+            })?;
+        Ok(chunk.ids[(index % RING_CHUNK) as usize])
     }
 
     pub fn service_traffic(&self, id: u32) -> Result<Traffic> {
@@ -298,56 +311,59 @@ fn reset_traffic(
     id: u32,
     name: &'static str,
 ) -> Result<()> {
-    let cpus = aya::util::nr_cpus().map_err(|(_, e)| DataplaneError::Batch { name, source: e })?;
-    let zeros = aya::maps::PerCpuValues::try_from(vec![Traffic::default(); cpus])
-        .map_err(|e| DataplaneError::Batch { name, source: e })?;
+    let io = |source| DataplaneError::Io {
+        what: "resetting counters",
+        name,
+        source,
+    };
+    let cpus = aya::util::nr_cpus().map_err(|(_, e)| io(e))?;
+    let zeros = aya::maps::PerCpuValues::try_from(vec![Traffic::default(); cpus]).map_err(io)?;
     map.set(id, zeros, 0)
         .map_err(|source| DataplaneError::Map { name, source })
 }
 
-/// `BPF_MAP_UPDATE_BATCH` (aya 0.14 has no wrapper): writes a whole ring table in one syscall
-/// instead of 65537, so a table swap costs about a millisecond.
-fn update_batch(map_fd: i32, keys: &[u32], values: &[u32]) -> std::io::Result<()> {
-    // The kernel's `union bpf_attr` layout for the batch commands.
-    #[repr(C)]
-    #[derive(Default)]
-    struct BatchAttr {
-        in_batch: u64,
-        out_batch: u64,
-        keys: u64,
-        values: u64,
-        count: u32,
-        map_fd: u32,
-        elem_flags: u64,
-        flags: u64,
+/// The ring map's memory, mapped into this process (`BPF_F_MMAPABLE`).
+struct RingMemory {
+    ptr: *mut u32,
+    len: usize,
+}
+
+// SAFETY: the mapping is plain shared memory owned by this value; access goes through &mut self.
+unsafe impl Send for RingMemory {}
+
+impl RingMemory {
+    fn map(fd: i32, entries: usize) -> std::io::Result<Self> {
+        let bytes = entries * size_of::<u32>();
+        // SAFETY: maps `bytes` of the map's memory, which the kernel sized for `entries` u32s
+        // rounded up to a page; the mapping is unmapped in Drop.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                bytes,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd,
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(RingMemory {
+            ptr: ptr.cast(),
+            len: entries,
+        })
     }
-    const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
-    let mut attr = BatchAttr {
-        keys: keys.as_ptr() as u64,
-        values: values.as_ptr() as u64,
-        count: keys.len() as u32,
-        map_fd: map_fd as u32,
-        ..Default::default()
-    };
-    // SAFETY: attr points to a live, correctly laid out bpf_attr; keys and values outlive the
-    // call and hold `count` elements of the map's key and value sizes (u32 each).
-    let ret = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_MAP_UPDATE_BATCH,
-            &mut attr as *mut BatchAttr,
-            size_of::<BatchAttr>() as u32,
-        )
-    };
-    if ret < 0 {
-        return Err(std::io::Error::last_os_error());
+
+    fn as_mut_slice(&mut self) -> &mut [u32] {
+        // SAFETY: ptr/len describe a live, writable mapping of u32s (page aligned).
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
     }
-    if attr.count as usize != keys.len() {
-        return Err(std::io::Error::other(format!(
-            "batch update wrote {} of {} entries",
-            attr.count,
-            keys.len()
-        )));
+}
+
+impl Drop for RingMemory {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the mapping made in `map`.
+        unsafe { libc::munmap(self.ptr.cast(), self.len * size_of::<u32>()) };
     }
-    Ok(())
 }

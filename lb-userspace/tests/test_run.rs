@@ -394,3 +394,28 @@ fn the_debug_logging_build_passes_the_verifier_and_forwards() {
     h.service(0, 0, 80, 6, &[1]);
     assert_eq!(h.forwarded_to(&tcp(1).build()), 1);
 }
+
+#[test]
+fn tables_written_through_memory_read_back_through_the_map() {
+    // The ring map is written with a memory copy; the kernel's view must match it entry for
+    // entry, including the last entry of a table and the first of the next.
+    let mut h = Harness::new();
+    let table: Vec<u32> = (0..RING_SIZE)
+        .map(|i| i.wrapping_mul(2_654_435_761))
+        .collect();
+    h.dp.write_ring(1, &table).unwrap();
+    h.dp.write_ring(2, &vec![7; RING_SIZE as usize]).unwrap();
+    for i in [0, 1, 15, 16, 17, 4095, 65520, RING_SIZE - 2, RING_SIZE - 1] {
+        assert_eq!(
+            h.dp.ring_entry(1, i).unwrap(),
+            table[i as usize],
+            "entry {i}"
+        );
+    }
+    assert_eq!(h.dp.ring_entry(2, 0).unwrap(), 7);
+    assert_eq!(
+        h.dp.ring_entry(0, RING_SIZE - 1).unwrap(),
+        0,
+        "table 0 untouched"
+    );
+}
