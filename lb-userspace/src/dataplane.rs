@@ -1,17 +1,26 @@
 //! The only module that touches aya: loads the XDP object, attaches it, and reads and writes its
 //! maps with the types of `lb-common`.
 
-use std::os::fd::{AsFd as _, AsRawFd as _};
+use std::{
+    os::fd::{AsFd as _, AsRawFd as _},
+    path::PathBuf,
+};
 
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, IterableMap as _, MapData, PerCpuArray},
-    programs::{Xdp, xdp::XdpMode},
+    programs::{
+        Xdp,
+        links::{FdLink, PinnedLink},
+        xdp::{XdpLink, XdpLinkId, XdpMode},
+    },
 };
 use lb_common::{
     Backend, FlowKeyV4, FlowState, RING_CHUNK, RING_CHUNKS, RING_SIZE, Reason, RingChunk, Service,
     ServiceKeyV4, Traffic, names,
 };
+
+use crate::pins::PinDir;
 
 /// The XDP object built by build.rs from lb-ebpf.
 pub static XDP_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-xdp"));
@@ -107,16 +116,33 @@ impl Dataplane {
     /// Loads the object with maps of the given sizes. `debug_packets` compiles the per-packet
     /// log statements in (the verifier drops them otherwise). Nothing is attached yet.
     pub fn load(sizing: Sizing, debug_packets: bool) -> Result<Self> {
+        Self::load_with(sizing, debug_packets, None)
+    }
+
+    /// Like `load`, but every map is pinned in `pins`, reusing the maps already pinned there
+    /// (their layouts must have been checked with `PinDir::check_layouts`).
+    pub fn load_pinned(sizing: Sizing, debug_packets: bool, pins: &PinDir) -> Result<Self> {
+        Self::load_with(sizing, debug_packets, Some(pins))
+    }
+
+    fn load_with(sizing: Sizing, debug_packets: bool, pins: Option<&PinDir>) -> Result<Self> {
         let debug: u32 = debug_packets.into();
-        let mut ebpf = EbpfLoader::new()
+        let mut loader = EbpfLoader::new();
+        loader
             .map_max_entries(names::SERVICES, sizing.max_services)
             .map_max_entries(names::SERVICE_STATS, sizing.max_services)
             .map_max_entries(names::RINGS, RING_CHUNKS * sizing.ring_tables())
             .map_max_entries(names::BACKENDS, sizing.max_backends)
             .map_max_entries(names::BACKEND_STATS, sizing.max_backends)
             .map_max_entries(names::CONNTRACK, sizing.conntrack_size)
-            .override_global(names::GLOBAL_DEBUG, &debug, true)
-            .load(XDP_OBJECT)?;
+            .override_global(names::GLOBAL_DEBUG, &debug, true);
+        let paths: Vec<(&'static str, PathBuf)> = pins
+            .map(|p| PinDir::map_names().map(|n| (n, p.map_path(n))).collect())
+            .unwrap_or_default();
+        for (name, path) in &paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader.load(XDP_OBJECT)?;
         let rings: Array<MapData, RingChunk> = take(&mut ebpf, names::RINGS)?;
         let ring_memory = RingMemory::map(
             rings.map().fd().as_fd().as_raw_fd(),
@@ -168,7 +194,46 @@ impl Dataplane {
     /// Attaches the balancer to `iface`. Returns the mode actually used. The link lives as long
     /// as this `Dataplane`: dropping it detaches the program.
     pub fn attach(&mut self, iface: &str, mode: AttachMode) -> Result<AttachMode> {
-        attach_program(self.program(names::PROG_BALANCER)?, iface, mode)
+        attach_program(self.program(names::PROG_BALANCER)?, iface, mode).map(|(mode, _)| mode)
+    }
+
+    /// Attaches through the link pinned in `pins`: if one is there (a data plane left running),
+    /// this program replaces the one it runs in a single atomic update, so no packet meets an
+    /// interface without a program; otherwise it attaches to `iface` and pins the new link.
+    /// Returns whether an existing link was taken over.
+    pub fn attach_pinned(&mut self, iface: &str, mode: AttachMode, pins: &PinDir) -> Result<bool> {
+        let link_path = pins.link_path();
+        let link_err = |source: std::io::Error| DataplaneError::Io {
+            what: "pinning the XDP link",
+            name: "link",
+            source,
+        };
+        let prog = self.program(names::PROG_BALANCER)?;
+        if link_path.exists() {
+            let pinned = PinnedLink::from_pin(&link_path)
+                .map_err(|e| link_err(std::io::Error::other(e.to_string())))?;
+            let link = XdpLink::try_from(FdLink::from(pinned))
+                .map_err(|e| link_err(std::io::Error::other(e.to_string())))?;
+            prog.attach_to_link(link)
+                .map_err(|source| DataplaneError::Program {
+                    name: "replacing the program on the pinned link",
+                    source,
+                })?;
+            return Ok(true);
+        }
+        let (_, id) = attach_program(prog, iface, mode)?;
+        let link = prog
+            .take_link(id)
+            .map_err(|source| DataplaneError::Program {
+                name: "taking the XDP link",
+                source,
+            })?;
+        let fd_link =
+            FdLink::try_from(link).map_err(|e| link_err(std::io::Error::other(e.to_string())))?;
+        fd_link
+            .pin(&link_path)
+            .map_err(|e| link_err(std::io::Error::other(e.to_string())))?;
+        Ok(false)
     }
 
     pub fn set_service(&mut self, key: ServiceKeyV4, service: Service) -> Result<()> {
@@ -188,6 +253,26 @@ impl Dataplane {
                 source,
             }),
         }
+    }
+
+    pub fn backend(&self, id: u32) -> Result<Backend> {
+        self.backends
+            .get(&id, 0)
+            .map_err(|source| DataplaneError::Map {
+                name: names::BACKENDS,
+                source,
+            })
+    }
+
+    /// Every service key in the kernel's map.
+    pub fn service_keys(&self) -> Result<Vec<ServiceKeyV4>> {
+        self.services
+            .keys()
+            .collect::<std::result::Result<_, _>>()
+            .map_err(|source| DataplaneError::Map {
+                name: names::SERVICES,
+                source,
+            })
     }
 
     pub fn set_backend(&mut self, id: u32, backend: Backend) -> Result<()> {
@@ -265,31 +350,40 @@ impl Dataplane {
 }
 
 /// Attaches an already loaded XDP program in the requested mode.
-pub fn attach_program(prog: &mut Xdp, iface: &str, mode: AttachMode) -> Result<AttachMode> {
+/// Attaches an already loaded XDP program in the requested mode; returns the mode used and the
+/// link's id in the program.
+pub fn attach_program(
+    prog: &mut Xdp,
+    iface: &str,
+    mode: AttachMode,
+) -> Result<(AttachMode, XdpLinkId)> {
     let err = |source| DataplaneError::Program {
         name: "attach",
         source,
     };
     match mode {
-        AttachMode::Native => prog.attach(iface, XdpMode::Driver).map_err(err)?,
-        AttachMode::Generic => prog.attach(iface, XdpMode::Skb).map_err(err)?,
+        AttachMode::Native => Ok((
+            AttachMode::Native,
+            prog.attach(iface, XdpMode::Driver).map_err(err)?,
+        )),
+        AttachMode::Generic => Ok((
+            AttachMode::Generic,
+            prog.attach(iface, XdpMode::Skb).map_err(err)?,
+        )),
         AttachMode::Auto => match prog.attach(iface, XdpMode::Driver) {
-            Ok(link) => link,
+            Ok(link) => Ok((AttachMode::Native, link)),
             Err(e) => {
                 tracing::warn!(
                     "native XDP attach to {iface} failed ({e}); falling back to generic mode, \
                      which is much slower"
                 );
-                prog.attach(iface, XdpMode::Skb).map_err(err)?;
-                return Ok(AttachMode::Generic);
+                Ok((
+                    AttachMode::Generic,
+                    prog.attach(iface, XdpMode::Skb).map_err(err)?,
+                ))
             }
         },
-    };
-    Ok(if mode == AttachMode::Generic {
-        AttachMode::Generic
-    } else {
-        AttachMode::Native
-    })
+    }
 }
 
 fn sum_traffic(

@@ -6,3 +6,4 @@ pub mod daemon;
 pub mod dataplane;
 pub mod maglev;
 pub mod neighbour;
+pub mod pins;

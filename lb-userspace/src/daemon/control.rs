@@ -5,7 +5,10 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::{IpAddr, Ipv4Addr, SocketAddr},
+    path::PathBuf,
 };
+
+use serde::{Deserialize, Serialize};
 
 use lb_common::{
     AF_INET, BACKEND_F_ALIVE, BACKEND_NONE, FORWARD_DSR, RING_SIZE, Reason, ServiceKeyV4,
@@ -22,6 +25,39 @@ use crate::{
     maglev::{self, MaglevBackend},
     neighbour,
 };
+
+/// What the daemon saves after every change and restores on start (`--state-file`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SavedState {
+    pub version: u32,
+    pub iface: String,
+    pub next_generation: u32,
+    pub services: Vec<SavedService>,
+}
+
+impl SavedState {
+    pub const VERSION: u32 = 1;
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SavedService {
+    pub service: ServiceAddr,
+    pub id: u32,
+    pub ring: u32,
+    pub scheduler: Scheduler,
+    pub forward: Forward,
+    pub health: HealthCheck,
+    pub backends: Vec<SavedBackend>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SavedBackend {
+    pub ip: IpAddr,
+    pub id: u32,
+    pub generation: u32,
+    pub weight: u32,
+    pub draining: bool,
+}
 
 /// Largest accepted backend weight.
 pub const MAX_WEIGHT: u32 = 10_000;
@@ -59,8 +95,9 @@ struct ServiceEntry {
     forward: Forward,
     health: HealthCheck,
     backends: BTreeMap<IpAddr, BackendEntry>,
-    /// (backend id, weight) of the table now live, to skip rebuilding an identical one.
-    table_members: Vec<(u32, u32)>,
+    /// (backend id, weight) of the table now live, to skip rebuilding an identical one; `None`
+    /// when unknown (just restored), which makes the next sync write it.
+    table_members: Option<Vec<(u32, u32)>>,
 }
 
 struct BackendEntry {
@@ -113,8 +150,11 @@ pub struct Control<P: Prober> {
     service_ids: IdPool,
     ring_tables: IdPool,
     backend_ids: IdPool,
-    /// Generation of each backend id, bumped at every reuse.
-    generations: Vec<u32>,
+    /// Generation given to the next backend: unique across ids and restarts, so a
+    /// connection-table entry made for an earlier holder of an id never matches a new one.
+    next_generation: u32,
+    /// Where the configuration is saved after every change, for restarts.
+    state_file: Option<PathBuf>,
 }
 
 impl<P: Prober> Control<P> {
@@ -128,7 +168,8 @@ impl<P: Prober> Control<P> {
             service_ids: IdPool::new(sizing.max_services),
             ring_tables: IdPool::new(sizing.ring_tables()),
             backend_ids: IdPool::new(sizing.max_backends),
-            generations: vec![0; sizing.max_backends as usize],
+            next_generation: 1,
+            state_file: None,
             dp,
         }
     }
@@ -156,9 +197,186 @@ impl<P: Prober> Control<P> {
             Request::Status => return self.status().unwrap_or_else(error_response),
         };
         match result {
-            Ok(()) => Response::Ok,
+            Ok(()) => {
+                self.save();
+                Response::Ok
+            }
             Err(e) => error_response(e),
         }
+    }
+
+    /// Saves the configuration after every change (write to a temporary file, then rename, so a
+    /// crash leaves the old file or the new one, never half of one).
+    pub fn set_state_file(&mut self, path: PathBuf) {
+        self.state_file = Some(path);
+        self.save();
+    }
+
+    fn save(&self) {
+        let Some(path) = &self.state_file else { return };
+        let tmp = path.with_extension("tmp");
+        let result = serde_json::to_vec_pretty(&self.snapshot())
+            .map_err(std::io::Error::other)
+            .and_then(|json| std::fs::write(&tmp, json))
+            .and_then(|()| std::fs::rename(&tmp, path));
+        if let Err(e) = result {
+            warn!(path = %path.display(), "saving the daemon state failed: {e}; a restart would lose the last change");
+        }
+    }
+
+    /// The configuration and the ids that tie it to the maps.
+    pub fn snapshot(&self) -> SavedState {
+        SavedState {
+            version: SavedState::VERSION,
+            iface: self.iface.clone(),
+            next_generation: self.next_generation,
+            services: self
+                .services
+                .iter()
+                .map(|(addr, e)| SavedService {
+                    service: *addr,
+                    id: e.id,
+                    ring: e.ring,
+                    scheduler: e.scheduler,
+                    forward: e.forward,
+                    health: e.health,
+                    backends: e
+                        .backends
+                        .iter()
+                        .map(|(ip, b)| SavedBackend {
+                            ip: *ip,
+                            id: b.id,
+                            generation: b.generation,
+                            weight: b.weight,
+                            draining: b.draining,
+                        })
+                        .collect(),
+                })
+                .collect(),
+        }
+    }
+
+    /// Rebuilds the daemon's state from a saved one over maps that may already hold it (a
+    /// restart: `adopt` is true and the kernel's backend entries say which backends were alive,
+    /// so traffic keeps flowing to them while their probes catch up) or that are new (`adopt`
+    /// false: the saved configuration is applied from scratch). Either way the kernel is then
+    /// reconciled with the state: every service entry and table is written again, and service
+    /// or backend entries the state does not know are removed.
+    pub fn restore(&mut self, saved: SavedState, adopt: bool) -> Result<(), ControlError> {
+        if saved.version != SavedState::VERSION {
+            return Err(ControlError::Invalid(format!(
+                "state file version {} is not {} (written by another version)",
+                saved.version,
+                SavedState::VERSION
+            )));
+        }
+        if adopt && saved.iface != self.iface {
+            return Err(ControlError::Invalid(format!(
+                "the pinned data plane runs on {}, not {}; start with --iface {} or --fresh",
+                saved.iface, self.iface, saved.iface
+            )));
+        }
+        self.next_generation = saved.next_generation.max(1);
+        let mut kept_keys = Vec::new();
+        for s in saved.services {
+            let key = service_key(&s.service)?;
+            if !self.service_ids.0.remove(&s.id) || !self.ring_tables.0.remove(&s.ring) {
+                return Err(ControlError::Invalid(format!(
+                    "state file: service {} has an id or table out of range or used twice",
+                    s.service
+                )));
+            }
+            let mut backends = BTreeMap::new();
+            for b in s.backends {
+                if !self.backend_ids.0.remove(&b.id) {
+                    return Err(ControlError::Invalid(format!(
+                        "state file: backend {} has an id out of range or used twice",
+                        b.ip
+                    )));
+                }
+                let kernel = if adopt {
+                    self.dp.backend(b.id).ok()
+                } else {
+                    None
+                }
+                .filter(|k| k.generation == b.generation);
+                let alive = kernel.is_some_and(|k| k.flags & BACKEND_F_ALIVE != 0);
+                let written =
+                    kernel.unwrap_or_else(|| kernel_backend(Ipv4Addr::UNSPECIFIED, 0, None, 0, 0));
+                backends.insert(
+                    b.ip,
+                    BackendEntry {
+                        id: b.id,
+                        generation: b.generation,
+                        weight: b.weight,
+                        draining: b.draining,
+                        health: if alive { Health::Up } else { Health::Unknown },
+                        successes: 0,
+                        failures: 0,
+                        last_error: None,
+                        mac: kernel.map(|k| k.mac).filter(|m| *m != [0; 6]),
+                        written,
+                    },
+                );
+                let probe = self.prober.start(
+                    ProbeKey {
+                        service: s.service,
+                        ip: b.ip,
+                        generation: b.generation,
+                    },
+                    SocketAddr::new(b.ip, s.service.port),
+                    s.health,
+                );
+                self.probes.insert((s.service, b.ip), probe);
+            }
+            self.services.insert(
+                s.service,
+                ServiceEntry {
+                    id: s.id,
+                    ring: s.ring,
+                    scheduler: s.scheduler,
+                    forward: s.forward,
+                    health: s.health,
+                    backends,
+                    // The next sync writes the table again (into the spare, then switches),
+                    // identical to the live one when nothing changed meanwhile.
+                    table_members: None,
+                },
+            );
+            kept_keys.push(key);
+        }
+        // Service entries the state does not know (a change applied to the maps just before a
+        // crash, before it was saved) would point at tables and ids now free: remove them.
+        for key in self.dp.service_keys()? {
+            if !kept_keys.contains(&key) {
+                self.dp.remove_service(&key)?;
+            }
+        }
+        let free: Vec<u32> = self.backend_ids.0.iter().copied().collect();
+        for id in free {
+            if self.dp.backend(id).is_ok_and(|k| k.flags != 0) {
+                self.dp
+                    .set_backend(id, kernel_backend(Ipv4Addr::UNSPECIFIED, 0, None, 0, 0))?;
+            }
+        }
+        let addrs: Vec<ServiceAddr> = self.services.keys().copied().collect();
+        for addr in addrs {
+            if let Some(e) = self.services.get(&addr) {
+                self.dp.set_service(
+                    service_key(&addr)?,
+                    lb_common::Service {
+                        id: e.id,
+                        ring: e.ring,
+                        forward: FORWARD_DSR,
+                        _pad: [0; 3],
+                    },
+                )?;
+            }
+            self.sync_service(addr)?;
+        }
+        info!(services = self.services.len(), adopt, "state restored");
+        self.save();
+        Ok(())
     }
 
     pub fn service_add(
@@ -220,7 +438,7 @@ impl<P: Prober> Control<P> {
                 forward,
                 health,
                 backends: BTreeMap::new(),
-                table_members: Vec::new(),
+                table_members: Some(Vec::new()),
             },
         );
         Ok(())
@@ -289,7 +507,7 @@ impl<P: Prober> Control<P> {
         let id = self.backend_ids.take().ok_or(ControlError::Full(
             "every backend slot is in use (--max-backends)",
         ))?;
-        let generation = self.generations[id as usize].wrapping_add(1);
+        let generation = self.next_generation;
         let written = kernel_backend(v4, addr.port, None, generation, 0);
         let stored = self
             .dp
@@ -299,7 +517,7 @@ impl<P: Prober> Control<P> {
             self.backend_ids.give_back(id);
             return Err(e.into());
         }
-        self.generations[id as usize] = generation;
+        self.next_generation = generation.wrapping_add(1).max(1);
         let probe = self.prober.start(
             ProbeKey {
                 service: addr,
@@ -471,7 +689,7 @@ impl<P: Prober> Control<P> {
             .map(|(ip, b)| (*ip, b.id, b.weight))
             .collect();
         let ids: Vec<(u32, u32)> = members.iter().map(|(_, id, w)| (*id, *w)).collect();
-        if ids != entry.table_members {
+        if entry.table_members.as_ref() != Some(&ids) {
             let maglev_backends: Vec<MaglevBackend> = members
                 .iter()
                 .map(|(ip, _, w)| MaglevBackend::new(*ip, addr.port, *w))
@@ -503,8 +721,8 @@ impl<P: Prober> Control<P> {
             }
             self.ring_tables.give_back(entry.ring);
             entry.ring = spare;
-            entry.table_members = ids;
-            info!(service = %addr, backends = entry.table_members.len(), "Maglev table switched");
+            info!(service = %addr, backends = ids.len(), "Maglev table switched");
+            entry.table_members = Some(ids);
         }
 
         write_backends(&mut self.dp, entry, addr.port, false)?;
@@ -513,8 +731,7 @@ impl<P: Prober> Control<P> {
 
     /// Marks a backend id dead in the kernel (so flows pinned to it move) and frees it.
     fn release_backend(&mut self, id: u32) {
-        let generation = self.generations[id as usize];
-        let dead = kernel_backend(Ipv4Addr::UNSPECIFIED, 0, None, generation, 0);
+        let dead = kernel_backend(Ipv4Addr::UNSPECIFIED, 0, None, 0, 0);
         if let Err(e) = self.dp.set_backend(id, dead) {
             warn!(id, "clearing a released backend: {e}");
         }

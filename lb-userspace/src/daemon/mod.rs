@@ -15,7 +15,7 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-pub use control::{Control, ControlError, Prober};
+pub use control::{Control, ControlError, Prober, SavedState};
 pub use health::{ProbeKey, ProbeOutcome};
 use tokio::sync::oneshot;
 use tracing::{info, warn};
@@ -23,6 +23,7 @@ use tracing::{info, warn};
 use crate::{
     api::{Request, Response},
     dataplane::{AttachMode, Dataplane, Sizing},
+    pins::PinDir,
 };
 
 /// How often the control loop rereads the neighbour table for backend MACs.
@@ -57,6 +58,23 @@ pub struct DaemonArgs {
     /// Log every forwarding decision from the XDP program (slow; for debugging only).
     #[arg(long)]
     pub debug_packets: bool,
+    /// Directory on a bpf filesystem for the pinned maps and XDP link, so the data plane keeps
+    /// forwarding while no daemon runs and a restarted or upgraded daemon adopts it. Inside
+    /// `ip netns exec` use a bpffs mounted outside /sys (for example /run/lb/bpffs).
+    #[arg(long, default_value = "/sys/fs/bpf/lb")]
+    pub pin_dir: PathBuf,
+    /// Where the configuration is saved after every change and read back on start
+    /// [default: state.json beside the API socket].
+    #[arg(long)]
+    pub state_file: Option<PathBuf>,
+    /// On SIGTERM/SIGINT leave the data plane running (program attached, maps pinned) for a
+    /// restart or an upgrade; without it the daemon detaches and removes its pins.
+    #[arg(long)]
+    pub keep_on_exit: bool,
+    /// Start over: remove a data plane left pinned in --pin-dir (dropping its connection
+    /// table) and ignore the saved state.
+    #[arg(long)]
+    pub fresh: bool,
 }
 
 pub fn run(args: DaemonArgs, api: PathBuf) -> anyhow::Result<()> {
@@ -68,23 +86,73 @@ pub fn run(args: DaemonArgs, api: PathBuf) -> anyhow::Result<()> {
 
     let listener = runtime.block_on(server::bind(&api))?;
 
-    let sizing = Sizing {
+    let requested = Sizing {
         max_services: args.max_services,
         max_backends: args.max_backends,
         conntrack_size: args.conntrack_size,
     };
-    let mut dp = Dataplane::load(sizing, args.debug_packets)
+    if args.fresh {
+        PinDir::open(&args.pin_dir)?.remove_all()?;
+    }
+    let pins = PinDir::open(&args.pin_dir)?;
+    let adopting = pins.has_state();
+    // Decide before touching the data plane: a refused start leaves it exactly as it was.
+    let state_file = args
+        .state_file
+        .clone()
+        .unwrap_or_else(|| api.with_file_name("state.json"));
+    let saved = if args.fresh {
+        None
+    } else {
+        read_state(&state_file)?
+    };
+    if adopting && saved.is_none() && !args.fresh {
+        bail!(
+            "a data plane is pinned in {} but there is no saved state at {}: pass --state-file, \
+             or --fresh to start over (drops established connections)",
+            args.pin_dir.display(),
+            state_file.display()
+        );
+    }
+
+    let sizing = match pins.check_layouts()? {
+        Some(pinned) => {
+            if (
+                pinned.max_services,
+                pinned.max_backends,
+                pinned.conntrack_size,
+            ) != (
+                requested.max_services,
+                requested.max_backends,
+                requested.conntrack_size,
+            ) {
+                warn!(
+                    ?pinned,
+                    "keeping the sizes of the pinned maps (restart with --fresh to resize)"
+                );
+            }
+            pinned
+        }
+        None => requested,
+    };
+    let mut dp = Dataplane::load_pinned(sizing, args.debug_packets, &pins)
         .context("loading the XDP program (are you root? is the kernel built with BPF?)")?;
     // The logger must live as long as the program: it owns the map the program logs into.
     let logger = aya_log::EbpfLogger::init(dp.ebpf_mut());
-    let mode = dp.attach(&args.iface, args.xdp_mode).with_context(|| {
-        format!(
-            "attaching XDP to {} in {:?} mode (does the interface exist? if its driver has no \
-             native XDP, use --xdp-mode generic or auto)",
-            args.iface, args.xdp_mode
-        )
-    })?;
-    info!(iface = %args.iface, ?mode, api = %api.display(), "XDP balancer attached");
+    let replaced = dp
+        .attach_pinned(&args.iface, args.xdp_mode, &pins)
+        .with_context(|| {
+            format!(
+                "attaching XDP to {} in {:?} mode (does the interface exist? if its driver has no \
+                 native XDP, use --xdp-mode generic or auto)",
+                args.iface, args.xdp_mode
+            )
+        })?;
+    if replaced {
+        info!(pin_dir = %args.pin_dir.display(), "adopted the running data plane: program replaced in place, connection table kept");
+    } else {
+        info!(iface = %args.iface, mode = ?args.xdp_mode, "XDP balancer attached");
+    }
 
     let (events, inbox) = mpsc::channel();
     let _log_task = match logger {
@@ -99,16 +167,42 @@ pub fn run(args: DaemonArgs, api: PathBuf) -> anyhow::Result<()> {
 
     let prober = health::TokioProber::new(runtime.handle().clone(), events);
     let mut control = Control::new(dp, args.iface.clone(), prober);
+    if let Some(saved) = saved {
+        control
+            .restore(saved, adopting)
+            .with_context(|| format!("restoring the state saved in {}", state_file.display()))?;
+    }
+    control.set_state_file(state_file);
+    info!(api = %api.display(), "ready");
     control_loop(&mut control, &inbox);
 
-    // Dropping the control state drops the Dataplane, which closes the XDP link: detached.
-    drop(control);
+    if args.keep_on_exit {
+        drop(control);
+        info!(pin_dir = %args.pin_dir.display(), "daemon stopped; the data plane keeps running (pinned maps and link); start `lb daemon` again to adopt it");
+    } else {
+        // Unpin first, so dropping the program's last link reference detaches it.
+        pins.remove_all()?;
+        drop(control);
+        info!(iface = %args.iface, "XDP program detached and pins removed; daemon stopped");
+    }
     runtime.shutdown_timeout(Duration::from_secs(1));
     if let Err(e) = std::fs::remove_file(&api) {
         warn!("removing {}: {e}", api.display());
     }
-    info!(iface = %args.iface, "XDP program detached; daemon stopped");
     Ok(())
+}
+
+fn read_state(path: &std::path::Path) -> anyhow::Result<Option<control::SavedState>> {
+    match std::fs::read(path) {
+        Ok(bytes) => Ok(Some(serde_json::from_slice(&bytes).with_context(|| {
+            format!(
+                "{} is not a saved state (remove it or pass --fresh)",
+                path.display()
+            )
+        })?)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
 }
 
 fn control_loop<P: Prober>(control: &mut Control<P>, inbox: &mpsc::Receiver<Event>) {

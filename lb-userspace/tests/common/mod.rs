@@ -24,7 +24,6 @@ pub mod netns;
 pub mod udp;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fs::File;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -123,9 +122,17 @@ pub struct TestbedBuilder {
     balancer: bool,
     xdp_mode: Option<String>,
     daemon_args: Vec<String>,
+    pinned: bool,
 }
 
 impl TestbedBuilder {
+    /// Pins the data plane on a bpf filesystem of the test's own, mounted in the root mount
+    /// namespace (so it outlives each `ip netns exec lb daemon`, as restarts need).
+    pub fn pinned(mut self) -> Self {
+        self.pinned = true;
+        self
+    }
+
     /// Number of backend hosts (b1..bN), each with a running HTTP server. They are not
     /// registered with the balancer; tests do that through the CLI.
     pub fn backends(mut self, n: usize) -> Self {
@@ -169,12 +176,18 @@ impl TestbedBuilder {
             backends: Vec::new(),
             daemon: None,
             wire: None,
+            xdp_mode: self.xdp_mode,
+            daemon_args: self.daemon_args,
+            bpffs: None,
         };
         // Built in place: if any step panics, Drop removes what exists so far.
+        if self.pinned {
+            tb.mount_bpffs();
+        }
         tb.build_topology(self.backends);
         if self.balancer {
             tb.start_wire();
-            tb.start_daemon(self.xdp_mode.as_deref(), &self.daemon_args);
+            tb.start_daemon(&[]);
         }
         tb
     }
@@ -195,6 +208,10 @@ pub struct Testbed {
     pub backends: Vec<Backend>,
     daemon: Option<Child>,
     wire: Option<Child>,
+    xdp_mode: Option<String>,
+    daemon_args: Vec<String>,
+    /// The test's own bpffs mount, if pinned.
+    bpffs: Option<PathBuf>,
 }
 
 impl Testbed {
@@ -204,7 +221,37 @@ impl Testbed {
             balancer: true,
             xdp_mode: None,
             daemon_args: Vec::new(),
+            pinned: false,
         }
+    }
+
+    fn mount_bpffs(&mut self) {
+        let dir = self.dir.join("bpffs");
+        std::fs::create_dir_all(&dir).expect("creating the bpffs mount point");
+        netns::must(Command::new("mount").args(["-t", "bpf", "bpf"]).arg(&dir));
+        self.daemon_args.push("--pin-dir".into());
+        self.daemon_args
+            .push(dir.join("lb").to_string_lossy().into_owned());
+        self.bpffs = Some(dir);
+    }
+
+    /// The pin directory of a pinned testbed.
+    pub fn pin_dir(&self) -> Option<PathBuf> {
+        self.bpffs.as_ref().map(|d| d.join("lb"))
+    }
+
+    /// SIGKILL: the daemon gets no chance to clean up (a crash).
+    pub fn kill_daemon(&mut self) {
+        let mut child = self.daemon.take().expect("the daemon is not running");
+        child.kill().expect("SIGKILL the daemon");
+        child.wait().expect("reaping the daemon");
+    }
+
+    /// Starts the daemon again with the testbed's arguments plus `extra`; waits until ready.
+    pub fn start_daemon_again(&mut self, extra: &[&str]) {
+        assert!(self.daemon.is_none(), "the daemon is still running");
+        let extra: Vec<String> = extra.iter().map(|s| (*s).to_owned()).collect();
+        self.start_daemon(&extra);
     }
 
     // ---- topology -------------------------------------------------------------------------
@@ -296,7 +343,12 @@ impl Testbed {
     /// Starts `lb ARGS` inside namespace `ns` with its output in `log`. The child gets SIGTERM
     /// if this test thread dies without running Drop.
     fn spawn_lb(ns: &str, args: &[&str], log: &Path) -> Child {
-        let out = File::create(log).unwrap_or_else(|e| panic!("{}: {e}", log.display()));
+        // Appended: a daemon started again adds to the log of the first.
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .unwrap_or_else(|e| panic!("{}: {e}", log.display()));
         let err = out.try_clone().expect("cloning a file handle");
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", ns, LB_BIN])
@@ -347,13 +399,14 @@ impl Testbed {
         );
     }
 
-    fn start_daemon(&mut self, xdp_mode: Option<&str>, extra: &[String]) {
+    fn start_daemon(&mut self, extra: &[String]) {
         let lb = self.lb.clone();
         let api = self.api.to_string_lossy().into_owned();
         let mut args = vec!["--api", &api, "daemon", "--iface", "eth0"];
-        if let Some(mode) = xdp_mode {
+        if let Some(mode) = &self.xdp_mode {
             args.extend(["--xdp-mode", mode]);
         }
+        args.extend(self.daemon_args.iter().map(String::as_str));
         args.extend(extra.iter().map(String::as_str));
         let log = self.daemon_log.clone();
         self.daemon = Some(Self::spawn_lb(&lb, &args, &log));
@@ -645,6 +698,10 @@ impl Drop for Testbed {
         }
         for ns in self.namespaces.iter().rev() {
             netns::netns_del(ns);
+        }
+        if let Some(dir) = self.bpffs.take() {
+            // Lazy: a pinned map still mapped by nothing else is freed with the mount.
+            let _ = Command::new("umount").arg("-l").arg(&dir).status();
         }
         if !failing {
             let _ = std::fs::remove_dir_all(&self.dir);
