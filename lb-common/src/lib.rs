@@ -56,6 +56,9 @@ pub mod names {
     pub const SERVICE_STATS: &str = "SERVICE_STATS";
     pub const BACKEND_STATS: &str = "BACKEND_STATS";
     pub const REASON_STATS: &str = "REASON_STATS";
+    pub const FLOW_COUNTS: &str = "FLOW_COUNTS";
+    pub const RR_CURSORS: &str = "RR_CURSORS";
+    pub const LC_LISTS: &str = "LC_LISTS";
     /// Read-only global: non-zero turns on per-packet aya-log diagnostics.
     pub const GLOBAL_DEBUG: &str = "LB_DEBUG";
 }
@@ -76,18 +79,48 @@ pub struct ServiceKeyV4 {
 /// Forwarding modes (`Service::forward`).
 pub const FORWARD_DSR: u8 = 0;
 
+/// Schedulers (`Service::scheduler`): how a new flow picks its backend.
+/// Weighted Maglev over the 5-tuple hash.
+pub const SCHED_MAGLEV: u8 = 0;
+/// Weighted Maglev over the client address only: a client always reaches the same backend.
+pub const SCHED_SOURCE_HASH: u8 = 1;
+/// The ring holds a weighted round-robin sequence; each CPU walks it with its own cursor.
+pub const SCHED_ROUND_ROBIN: u8 = 2;
+/// The backend with the fewest active flows per unit of weight (`LC_LISTS`, `FLOW_COUNTS`).
+pub const SCHED_LEAST_CONN: u8 = 3;
+
 /// Value of the service map.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Service {
-    /// Index into `SERVICE_STATS`; stable for the life of the service.
+    /// Index into `SERVICE_STATS` and `RR_CURSORS`; stable for the life of the service.
     pub id: u32,
-    /// Which table of `RINGS` is live: values `ring * RING_CHUNKS .. (ring + 1) * RING_CHUNKS`.
-    /// Userspace fills a spare table, then flips this field with one map update.
+    /// Which table of `RINGS` (and list of `LC_LISTS`) is live: ring values
+    /// `ring * RING_CHUNKS .. (ring + 1) * RING_CHUNKS`. Userspace fills a spare table, then
+    /// flips this field with one map update.
     pub ring: u32,
     /// One of the `FORWARD_*` constants.
     pub forward: u8,
-    pub _pad: [u8; 3],
+    /// One of the `SCHED_*` constants.
+    pub scheduler: u8,
+    pub _pad: [u8; 2],
+}
+
+/// Most backends a least-connections service can have in its table: the program compares
+/// their flow counts on every new flow, in a loop the verifier unrolls. At 32 the build with
+/// --debug-packets already exceeds the verifier's budget of 1M instructions (moving the loop
+/// to `bpf_loop` would lift the limit).
+pub const LC_MAX_BACKENDS: u32 = 16;
+
+/// The backends a least-connections service chooses among, by ring slot (switched with the
+/// ring, so a new flow never sees half of an old list and half of a new one).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LcList {
+    pub len: u32,
+    pub _pad: u32,
+    pub ids: [u32; LC_MAX_BACKENDS as usize],
+    pub weights: [u32; LC_MAX_BACKENDS as usize],
 }
 
 /// The backend may keep established flows (it exists, is healthy and its MAC is known).
@@ -131,6 +164,9 @@ pub struct FlowKeyV4 {
     pub _pad1: u16,
 }
 
+/// The flow has seen a TCP FIN or RST: it no longer counts as active.
+pub const FLOW_F_CLOSED: u32 = 1;
+
 /// Value of the connection table: the backend a flow was given.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -138,6 +174,10 @@ pub struct FlowState {
     pub backend: u32,
     /// `Backend::generation` when the flow was placed.
     pub generation: u32,
+    /// Last packet, in whole seconds of `CLOCK_MONOTONIC` (written at most once a second).
+    pub last_seen: u32,
+    /// `FLOW_F_*` bits.
+    pub flags: u32,
 }
 
 /// Per-CPU packet and byte counter.
@@ -204,6 +244,7 @@ mod pod {
     unsafe impl aya::Pod for super::FlowState {}
     unsafe impl aya::Pod for super::Traffic {}
     unsafe impl aya::Pod for super::RingChunk {}
+    unsafe impl aya::Pod for super::LcList {}
 }
 
 #[cfg(test)]
@@ -216,7 +257,8 @@ mod tests {
         assert_eq!(size_of::<Service>(), 12);
         assert_eq!(size_of::<Backend>(), 32);
         assert_eq!(size_of::<FlowKeyV4>(), 16);
-        assert_eq!(size_of::<FlowState>(), 8);
+        assert_eq!(size_of::<FlowState>(), 16);
+        assert_eq!(size_of::<LcList>(), 8 + 8 * LC_MAX_BACKENDS as usize);
         assert_eq!(size_of::<Traffic>(), 16);
         assert_eq!(size_of::<RingChunk>(), 64);
     }

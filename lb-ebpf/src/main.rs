@@ -1,6 +1,12 @@
 //! XDP entry points. Read top-down: parse → select → forward; every exit is counted by reason.
 #![no_std]
 #![no_main]
+// The atomic add on shared flow counters (see select.rs).
+#![feature(core_intrinsics)]
+#![allow(
+    internal_features,
+    reason = "core::intrinsics::atomic_xadd for BPF's atomic add"
+)]
 
 mod forward;
 mod maps;
@@ -47,7 +53,7 @@ fn balance(ctx: &XdpContext) -> Result<(), Reason> {
     };
     // SAFETY: the value is copied out at once; userspace replaces entries whole.
     let service = *unsafe { maps::SERVICES.get(key) }.ok_or(Reason::PassNotVip)?;
-    let backend = select::backend_for(&service, &pkt.flow)?;
+    let backend = select::backend_for(&service, &pkt)?;
     forward::dsr::rewrite(ctx, &backend.mac)?;
 
     let len = (ctx.data_end() - ctx.data()) as u64;

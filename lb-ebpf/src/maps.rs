@@ -8,7 +8,7 @@ use aya_ebpf::{
 };
 use lb_common::{
     Backend, DEFAULT_CONNTRACK_SIZE, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_SERVICES, FlowKeyV4,
-    FlowState, RING_CHUNKS, Reason, RingChunk, Service, ServiceKeyV4, Traffic,
+    FlowState, LcList, RING_CHUNKS, Reason, RingChunk, Service, ServiceKeyV4, Traffic,
 };
 
 /// VIP:port/proto → service. One hash lookup per packet decides "is this ours".
@@ -36,6 +36,20 @@ pub static RINGS: Array<RingChunk> =
 #[map]
 pub static CONNTRACK: LruHashMap<FlowKeyV4, FlowState> =
     LruHashMap::with_max_entries(DEFAULT_CONNTRACK_SIZE, 0);
+
+/// Active flows per backend id: +1 when a flow is placed, -1 at its first FIN or RST. Flows
+/// that just go idle or are evicted are not seen here; the daemon recounts from the
+/// connection table every few seconds and writes the exact figures back.
+#[map]
+pub static FLOW_COUNTS: Array<i64> = Array::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
+
+/// Round-robin position of each service, per CPU (no shared cache line on the new-flow path).
+#[map]
+pub static RR_CURSORS: PerCpuArray<u32> = PerCpuArray::with_max_entries(DEFAULT_MAX_SERVICES, 0);
+
+/// Least-connections candidates by ring slot (one per service plus the spare).
+#[map]
+pub static LC_LISTS: Array<LcList> = Array::with_max_entries(DEFAULT_MAX_SERVICES + 1, 0);
 
 /// Per-CPU counters (written on every packet, so never shared between CPUs).
 #[map]

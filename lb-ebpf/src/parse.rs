@@ -45,16 +45,34 @@ struct Ipv4Wire {
     dst: u32,
 }
 
-/// The first word of a TCP or UDP header.
+/// The first word of a UDP header.
 #[repr(C)]
 struct PortsWire {
     src: u16,
     dst: u16,
 }
 
+/// The start of a TCP header, up to the flags.
+#[repr(C)]
+struct TcpWire {
+    src: u16,
+    dst: u16,
+    seq: u32,
+    ack: u32,
+    data_offset: u8,
+    flags: u8,
+}
+
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
+
 /// What the balancer needs from an IPv4 TCP/UDP packet.
 pub struct PacketV4 {
     pub flow: FlowKeyV4,
+    /// TCP flags; 0 for UDP.
+    pub tcp_flags: u8,
 }
 
 #[inline(always)]
@@ -104,17 +122,24 @@ pub fn parse_ipv4(ctx: &XdpContext) -> Result<PacketV4, Reason> {
     if ihl + l4_len > total_len {
         return Err(Reason::DropMalformedL4);
     }
-    let ports: *const PortsWire = ptr_at(ctx, l4).ok_or(Reason::DropMalformedL4)?;
+    let (sport, dport, tcp_flags) = if proto == PROTO_TCP {
+        let tcp: *const TcpWire = ptr_at(ctx, l4).ok_or(Reason::DropMalformedL4)?;
+        unsafe { ((*tcp).src, (*tcp).dst, (*tcp).flags) }
+    } else {
+        let udp: *const PortsWire = ptr_at(ctx, l4).ok_or(Reason::DropMalformedL4)?;
+        unsafe { ((*udp).src, (*udp).dst, 0) }
+    };
 
     Ok(PacketV4 {
         flow: FlowKeyV4 {
             src: unsafe { (*ip).src },
             dst: unsafe { (*ip).dst },
-            sport: unsafe { (*ports).src },
-            dport: unsafe { (*ports).dst },
+            sport,
+            dport,
             proto,
             _pad0: 0,
             _pad1: 0,
         },
+        tcp_flags,
     })
 }

@@ -1,12 +1,20 @@
 //! Backend selection: the connection table first, so an established flow keeps its backend
-//! whatever happens to the others; Maglev for new flows and for flows whose backend is gone.
+//! whatever happens to the others; the service's scheduler for new flows and for flows whose
+//! backend is gone.
 
+use core::intrinsics::{AtomicOrdering, atomic_xadd};
+
+use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use lb_common::{
-    BACKEND_F_ALIVE, BACKEND_NONE, FlowKeyV4, FlowState, RING_CHUNK, RING_CHUNKS, RING_SIZE,
-    Reason, Service, hash::flow_hash_v4,
+    BACKEND_F_ALIVE, BACKEND_NONE, FLOW_F_CLOSED, FlowState, LC_MAX_BACKENDS, RING_CHUNK,
+    RING_CHUNKS, RING_SIZE, Reason, SCHED_LEAST_CONN, SCHED_ROUND_ROBIN, SCHED_SOURCE_HASH,
+    Service, hash::FLOW_SEED, hash::flow_hash_v4, hash::murmur3_words,
 };
 
-use crate::maps::{BACKENDS, CONNTRACK, RINGS};
+use crate::{
+    maps::{BACKENDS, CONNTRACK, FLOW_COUNTS, LC_LISTS, RINGS, RR_CURSORS},
+    parse::{PacketV4, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+};
 
 /// The chosen backend: its id (for counters) and its MAC (all DSR needs). Only these are
 /// copied out of the map, not the whole entry.
@@ -16,25 +24,39 @@ pub struct Chosen {
 }
 
 #[inline(always)]
-pub fn backend_for(service: &Service, flow: &FlowKeyV4) -> Result<Chosen, Reason> {
-    // SAFETY: FlowState is copied out at once.
-    if let Some(state) = unsafe { CONNTRACK.get(flow) }.copied()
-        && let Some(backend) = BACKENDS.get(state.backend)
-        && backend.flags & BACKEND_F_ALIVE != 0
-        && backend.generation == state.generation
-    {
-        return Ok(Chosen {
-            id: state.backend,
-            mac: backend.mac,
-        });
+pub fn backend_for(service: &Service, pkt: &PacketV4) -> Result<Chosen, Reason> {
+    // SAFETY (clock): a helper without arguments.
+    let now = (unsafe { bpf_ktime_get_coarse_ns() } / 1_000_000_000) as u32;
+    if let Some(state) = CONNTRACK.get_ptr_mut(&pkt.flow) {
+        // SAFETY: a pointer into the map's value, valid for this run of the program.
+        let state = unsafe { &mut *state };
+        if let Some(backend) = BACKENDS.get(state.backend)
+            && backend.flags & BACKEND_F_ALIVE != 0
+            && backend.generation == state.generation
+        {
+            track(state, pkt.tcp_flags, now);
+            return Ok(Chosen {
+                id: state.backend,
+                mac: backend.mac,
+            });
+        }
     }
 
-    let hash = flow_hash_v4(flow.src, flow.dst, flow.sport, flow.dport, flow.proto);
-    let entry = hash % RING_SIZE;
-    let chunk = RINGS
-        .get(service.ring * RING_CHUNKS + entry / RING_CHUNK)
-        .ok_or(Reason::DropInternal)?;
-    let id = chunk.ids[(entry % RING_CHUNK) as usize];
+    let id = match service.scheduler {
+        SCHED_LEAST_CONN => least_loaded(service)?,
+        SCHED_ROUND_ROBIN => ring_entry(service, next_turn(service.id))?,
+        SCHED_SOURCE_HASH => ring_entry(service, murmur3_words(FLOW_SEED, &[pkt.flow.src]))?,
+        _ => ring_entry(
+            service,
+            flow_hash_v4(
+                pkt.flow.src,
+                pkt.flow.dst,
+                pkt.flow.sport,
+                pkt.flow.dport,
+                pkt.flow.proto,
+            ),
+        )?,
+    };
     if id == BACKEND_NONE {
         return Err(Reason::DropNoBackend);
     }
@@ -43,14 +65,95 @@ pub fn backend_for(service: &Service, flow: &FlowKeyV4) -> Result<Chosen, Reason
         // The table is being replaced because this backend just went away.
         return Err(Reason::DropNoBackend);
     }
+    let closed = pkt.tcp_flags & (TCP_FIN | TCP_RST) != 0;
     let state = FlowState {
         backend: id,
         generation: backend.generation,
+        last_seen: now,
+        flags: if closed { FLOW_F_CLOSED } else { 0 },
     };
-    // A failed insert only costs a Maglev lookup on the next packet, so it is not an error.
-    let _ = CONNTRACK.insert(flow, state, 0);
+    // A failed insert only costs a new choice on the next packet, so it is not an error.
+    if CONNTRACK.insert(&pkt.flow, state, 0).is_ok() && !closed {
+        add_flows(id, 1);
+    }
     Ok(Chosen {
         id,
         mac: backend.mac,
     })
+}
+
+/// Keeps an established flow's entry current: its last-seen second (written at most once a
+/// second), and its active count when TCP closes it or a SYN opens the same 5-tuple again.
+#[inline(always)]
+fn track(state: &mut FlowState, tcp_flags: u8, now: u32) {
+    if state.last_seen != now {
+        state.last_seen = now;
+    }
+    let closed = state.flags & FLOW_F_CLOSED != 0;
+    if !closed && tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+        state.flags |= FLOW_F_CLOSED;
+        add_flows(state.backend, -1);
+    } else if closed && tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
+        state.flags &= !FLOW_F_CLOSED;
+        add_flows(state.backend, 1);
+    }
+}
+
+#[inline(always)]
+fn add_flows(id: u32, delta: i64) {
+    if let Some(count) = FLOW_COUNTS.get_ptr_mut(id) {
+        // SAFETY: an aligned i64 in the map's value, shared by CPUs: updated atomically (the
+        // BPF target has no `AtomicI64::fetch_add`, but LLVM lowers this to BPF's atomic add).
+        unsafe { atomic_xadd::<i64, i64, { AtomicOrdering::Relaxed }>(count, delta) };
+    }
+}
+
+/// The backend id at `hash` in the service's live table.
+#[inline(always)]
+fn ring_entry(service: &Service, hash: u32) -> Result<u32, Reason> {
+    let entry = hash % RING_SIZE;
+    let chunk = RINGS
+        .get(service.ring * RING_CHUNKS + entry / RING_CHUNK)
+        .ok_or(Reason::DropInternal)?;
+    Ok(chunk.ids[(entry % RING_CHUNK) as usize])
+}
+
+/// This CPU's next position in the service's round-robin sequence.
+#[inline(always)]
+fn next_turn(service_id: u32) -> u32 {
+    match RR_CURSORS.get_ptr_mut(service_id) {
+        Some(cursor) => {
+            // SAFETY: per-CPU slot; only this CPU writes it.
+            let turn = unsafe { *cursor };
+            unsafe { *cursor = if turn + 1 >= RING_SIZE { 0 } else { turn + 1 } };
+            turn
+        }
+        None => 0,
+    }
+}
+
+/// The candidate with the fewest active flows per unit of weight (first one on ties).
+#[inline(always)]
+fn least_loaded(service: &Service) -> Result<u32, Reason> {
+    let list = LC_LISTS.get(service.ring).ok_or(Reason::DropInternal)?;
+    let mut best = BACKEND_NONE;
+    let (mut best_flows, mut best_weight) = (0i64, 1i64);
+    for i in 0..LC_MAX_BACKENDS as usize {
+        if i as u32 >= list.len {
+            break;
+        }
+        let id = list.ids[i];
+        let weight = list.weights[i] as i64;
+        let flows = match FLOW_COUNTS.get(id) {
+            Some(n) => (*n).max(0),
+            None => continue,
+        };
+        // flows / weight < best_flows / best_weight, without division.
+        if best == BACKEND_NONE || flows * best_weight < best_flows * weight {
+            best = id;
+            best_flows = flows;
+            best_weight = weight;
+        }
+    }
+    Ok(best)
 }

@@ -186,7 +186,8 @@ fn balancer(services: u32, backends: u32, conntrack: u32) -> Dataplane {
                     id: s,
                     ring: s,
                     forward: FORWARD_DSR,
-                    _pad: [0; 3],
+                    scheduler: lb_common::SCHED_MAGLEV,
+                    _pad: [0; 2],
                 },
             )
             .expect("service");

@@ -136,12 +136,32 @@ mod millis {
 pub enum Scheduler {
     /// Weighted consistent hashing of the 5-tuple (Maglev).
     Maglev,
+    /// Weighted consistent hashing of the client address: a client always reaches the same
+    /// backend (session affinity).
+    SourceHash,
+    /// New flows go to backends in weighted turn.
+    RoundRobin,
+    /// A new flow goes to the backend with the fewest active flows per unit of weight.
+    LeastConn,
 }
 
 impl Scheduler {
     pub fn name(self) -> &'static str {
         match self {
             Scheduler::Maglev => "maglev",
+            Scheduler::SourceHash => "source-hash",
+            Scheduler::RoundRobin => "round-robin",
+            Scheduler::LeastConn => "least-conn",
+        }
+    }
+
+    /// The `SCHED_*` value the XDP program reads.
+    pub fn kernel(self) -> u8 {
+        match self {
+            Scheduler::Maglev => lb_common::SCHED_MAGLEV,
+            Scheduler::SourceHash => lb_common::SCHED_SOURCE_HASH,
+            Scheduler::RoundRobin => lb_common::SCHED_ROUND_ROBIN,
+            Scheduler::LeastConn => lb_common::SCHED_LEAST_CONN,
         }
     }
 }
@@ -244,6 +264,9 @@ pub struct BackendStatus {
     pub last_error: Option<String>,
     pub mac: Option<String>,
     pub in_table: bool,
+    /// Flows placed on the backend and not yet closed or idle (the kernel's count, recounted
+    /// from the connection table every few seconds).
+    pub active_flows: i64,
     pub packets: u64,
     pub bytes: u64,
 }

@@ -16,8 +16,8 @@ use aya::{
     },
 };
 use lb_common::{
-    Backend, FlowKeyV4, FlowState, RING_CHUNK, RING_CHUNKS, RING_SIZE, Reason, RingChunk, Service,
-    ServiceKeyV4, Traffic, names,
+    Backend, FlowKeyV4, FlowState, LcList, RING_CHUNK, RING_CHUNKS, RING_SIZE, Reason, RingChunk,
+    Service, ServiceKeyV4, Traffic, names,
 };
 
 use crate::pins::PinDir;
@@ -99,6 +99,8 @@ pub struct Dataplane {
     service_stats: PerCpuArray<MapData, Traffic>,
     backend_stats: PerCpuArray<MapData, Traffic>,
     reason_stats: PerCpuArray<MapData, u64>,
+    flow_counts: Array<MapData, i64>,
+    lc_lists: Array<MapData, LcList>,
     sizing: Sizing,
 }
 
@@ -135,6 +137,9 @@ impl Dataplane {
             .map_max_entries(names::BACKENDS, sizing.max_backends)
             .map_max_entries(names::BACKEND_STATS, sizing.max_backends)
             .map_max_entries(names::CONNTRACK, sizing.conntrack_size)
+            .map_max_entries(names::FLOW_COUNTS, sizing.max_backends)
+            .map_max_entries(names::RR_CURSORS, sizing.max_services)
+            .map_max_entries(names::LC_LISTS, sizing.ring_tables())
             .override_global(names::GLOBAL_DEBUG, &debug, true);
         let paths: Vec<(&'static str, PathBuf)> = pins
             .map(|p| PinDir::map_names().map(|n| (n, p.map_path(n))).collect())
@@ -162,6 +167,8 @@ impl Dataplane {
             service_stats: take(&mut ebpf, names::SERVICE_STATS)?,
             backend_stats: take(&mut ebpf, names::BACKEND_STATS)?,
             reason_stats: take(&mut ebpf, names::REASON_STATS)?,
+            flow_counts: take(&mut ebpf, names::FLOW_COUNTS)?,
+            lc_lists: take(&mut ebpf, names::LC_LISTS)?,
             ebpf,
             sizing,
         })
@@ -296,6 +303,35 @@ impl Dataplane {
         let first = (table * RING_CHUNKS * RING_CHUNK) as usize;
         self.ring_memory.as_mut_slice()[first..first + entries.len()].copy_from_slice(entries);
         Ok(())
+    }
+
+    /// Writes the least-connections candidates of ring slot `table` (before the switch to it).
+    pub fn write_lc_list(&mut self, table: u32, list: &LcList) -> Result<()> {
+        self.lc_lists
+            .set(table, list, 0)
+            .map_err(|source| DataplaneError::Map {
+                name: names::LC_LISTS,
+                source,
+            })
+    }
+
+    /// Active flows the kernel counts for backend `id`.
+    pub fn flow_count(&self, id: u32) -> Result<i64> {
+        self.flow_counts
+            .get(&id, 0)
+            .map_err(|source| DataplaneError::Map {
+                name: names::FLOW_COUNTS,
+                source,
+            })
+    }
+
+    pub fn set_flow_count(&mut self, id: u32, count: i64) -> Result<()> {
+        self.flow_counts
+            .set(id, count, 0)
+            .map_err(|source| DataplaneError::Map {
+                name: names::FLOW_COUNTS,
+                source,
+            })
     }
 
     /// Reads one entry of ring table `table` through the map (tests and diagnostics).

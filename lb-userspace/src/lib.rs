@@ -7,3 +7,4 @@ pub mod dataplane;
 pub mod maglev;
 pub mod neighbour;
 pub mod pins;
+pub mod schedule;

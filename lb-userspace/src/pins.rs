@@ -12,7 +12,8 @@ use std::path::{Path, PathBuf};
 
 use aya::maps::MapInfo;
 use lb_common::{
-    Backend, FlowKeyV4, FlowState, RING_CHUNKS, RingChunk, Service, ServiceKeyV4, Traffic, names,
+    Backend, FlowKeyV4, FlowState, LcList, RING_CHUNKS, RingChunk, Service, ServiceKeyV4, Traffic,
+    names,
 };
 use tracing::warn;
 
@@ -69,7 +70,7 @@ struct Layout {
     role: Role,
 }
 
-const LAYOUTS: [Layout; 7] = [
+const LAYOUTS: [Layout; 10] = [
     layout::<ServiceKeyV4, Service>(names::SERVICES, 0, Role::State),
     layout::<u32, Backend>(names::BACKENDS, 0, Role::State),
     layout::<u32, RingChunk>(names::RINGS, BPF_F_MMAPABLE, Role::State),
@@ -77,6 +78,9 @@ const LAYOUTS: [Layout; 7] = [
     layout::<u32, Traffic>(names::SERVICE_STATS, 0, Role::Counters),
     layout::<u32, Traffic>(names::BACKEND_STATS, 0, Role::Counters),
     layout::<u32, u64>(names::REASON_STATS, 0, Role::Counters),
+    layout::<u32, i64>(names::FLOW_COUNTS, 0, Role::State),
+    layout::<u32, u32>(names::RR_CURSORS, 0, Role::Counters),
+    layout::<u32, LcList>(names::LC_LISTS, 0, Role::State),
 ];
 
 const fn layout<K, V>(name: &'static str, flags: u32, role: Role) -> Layout {

@@ -68,6 +68,10 @@ impl Harness {
 
     /// Service `id` on VIP:port/proto using ring table `ring`, filled round-robin with `ids`.
     fn service(&mut self, id: u32, ring: u32, port: u16, proto: u8, ids: &[u32]) {
+        self.service_sched(id, ring, port, proto, ids, lb_common::SCHED_MAGLEV);
+    }
+
+    fn service_sched(&mut self, id: u32, ring: u32, port: u16, proto: u8, ids: &[u32], sched: u8) {
         let table: Vec<u32> = (0..RING_SIZE as usize)
             .map(|i| {
                 if ids.is_empty() {
@@ -90,7 +94,8 @@ impl Harness {
                     id,
                     ring,
                     forward: lb_common::FORWARD_DSR,
-                    _pad: [0; 3],
+                    scheduler: sched,
+                    _pad: [0; 2],
                 },
             )
             .unwrap();
@@ -417,5 +422,113 @@ fn tables_written_through_memory_read_back_through_the_map() {
         h.dp.ring_entry(0, RING_SIZE - 1).unwrap(),
         0,
         "table 0 untouched"
+    );
+}
+
+/// Keeps this test thread on one CPU: round-robin cursors are per CPU.
+fn pin_to_cpu0() {
+    // SAFETY: a zeroed cpu_set_t with one bit set, for the calling thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(0, &mut set);
+        assert_eq!(
+            libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set),
+            0
+        );
+    }
+}
+
+#[test]
+fn source_hash_sends_every_connection_of_a_client_to_one_backend() {
+    let mut h = Harness::new();
+    for id in 0..4 {
+        h.backend(id, 1, true);
+    }
+    h.service_sched(0, 0, 80, 6, &[0, 1, 2, 3], lb_common::SCHED_SOURCE_HASH);
+    let mut seen = std::collections::BTreeSet::new();
+    for client in 1..=40u8 {
+        let src = Ipv4Addr::new(10, 99, 1, client);
+        let first = h.forwarded_to(&Frame::tcp(src, 1000, VIP, 80).build());
+        for sport in 1001..1010 {
+            assert_eq!(
+                h.forwarded_to(&Frame::tcp(src, sport, VIP, 80).build()),
+                first,
+                "client {src} moved"
+            );
+        }
+        seen.insert(first);
+    }
+    assert_eq!(seen.len(), 4, "clients spread over every backend");
+}
+
+#[test]
+fn round_robin_gives_new_flows_to_backends_in_turn() {
+    pin_to_cpu0();
+    let mut h = Harness::new();
+    for id in 0..3 {
+        h.backend(id, 1, true);
+    }
+    h.service_sched(0, 0, 80, 6, &[0, 1, 2], lb_common::SCHED_ROUND_ROBIN);
+    let got: Vec<u32> = (0..9)
+        .map(|p| h.forwarded_to(&tcp(2000 + p).build()))
+        .collect();
+    assert_eq!(got, vec![0, 1, 2, 0, 1, 2, 0, 1, 2]);
+    // An established flow does not take a turn.
+    assert_eq!(h.forwarded_to(&tcp(2000).build()), 0);
+    assert_eq!(h.forwarded_to(&tcp(3000).build()), 0);
+}
+
+#[test]
+fn least_conn_picks_the_backend_with_fewest_open_flows() {
+    let mut h = Harness::new();
+    for id in 0..3 {
+        h.backend(id, 1, true);
+    }
+    h.service_sched(0, 0, 80, 6, &[0, 1, 2], lb_common::SCHED_LEAST_CONN);
+    let mut list = lb_common::LcList {
+        len: 3,
+        _pad: 0,
+        ids: [BACKEND_NONE; lb_common::LC_MAX_BACKENDS as usize],
+        weights: [0; lb_common::LC_MAX_BACKENDS as usize],
+    };
+    list.ids[..3].copy_from_slice(&[0, 1, 2]);
+    list.weights[..3].copy_from_slice(&[1, 1, 2]);
+    h.dp.write_lc_list(0, &list).unwrap();
+    // Weights 1:1:2 and nothing open: 8 new flows land 2:2:4.
+    let mut placed = Vec::new();
+    for p in 0..8u16 {
+        placed.push((4000 + p, h.forwarded_to(&tcp(4000 + p).build())));
+    }
+    let counts: Vec<i64> = (0..3).map(|id| h.dp.flow_count(id).unwrap()).collect();
+    assert_eq!(counts, vec![2, 2, 4], "{placed:?}");
+    // Backend 0's flows end (FIN, then RST: counted once): new flows go there first.
+    for (sport, backend) in &placed {
+        if *backend == 0 {
+            h.forwarded_to(&tcp(*sport).tcp_flags(0x11).build());
+            h.forwarded_to(&tcp(*sport).tcp_flags(0x04).build());
+        }
+    }
+    assert_eq!(h.dp.flow_count(0).unwrap(), 0);
+    assert_eq!(h.forwarded_to(&tcp(5000).build()), 0);
+    assert_eq!(h.forwarded_to(&tcp(5001).build()), 0);
+    assert_eq!(h.dp.flow_count(0).unwrap(), 2);
+}
+
+#[test]
+fn a_closed_flow_reopened_by_a_syn_counts_again() {
+    let mut h = Harness::new();
+    h.backend(0, 1, true);
+    h.service(0, 0, 80, 6, &[0]);
+    h.forwarded_to(&tcp(6000).build());
+    h.forwarded_to(&tcp(6000).tcp_flags(0x10).build());
+    assert_eq!(h.dp.flow_count(0).unwrap(), 1);
+    h.forwarded_to(&tcp(6000).tcp_flags(0x11).build());
+    h.forwarded_to(&tcp(6000).tcp_flags(0x10).build());
+    assert_eq!(h.dp.flow_count(0).unwrap(), 0, "FIN closes it once");
+    h.forwarded_to(&tcp(6000).build());
+    assert_eq!(
+        h.dp.flow_count(0).unwrap(),
+        1,
+        "a new SYN on the same 5-tuple reopens it"
     );
 }

@@ -22,8 +22,8 @@ use crate::{
         ServiceAddr, ServiceStatus, Status,
     },
     dataplane::{Dataplane, DataplaneError},
-    maglev::{self, MaglevBackend},
     neighbour,
+    schedule::{self, Member},
 };
 
 /// What the daemon saves after every change and restores on start (`--state-file`).
@@ -364,12 +364,7 @@ impl<P: Prober> Control<P> {
             if let Some(e) = self.services.get(&addr) {
                 self.dp.set_service(
                     service_key(&addr)?,
-                    lb_common::Service {
-                        id: e.id,
-                        ring: e.ring,
-                        forward: FORWARD_DSR,
-                        _pad: [0; 3],
-                    },
+                    kernel_service(e.id, e.ring, e.scheduler),
                 )?;
             }
             self.sync_service(addr)?;
@@ -413,15 +408,8 @@ impl<P: Prober> Control<P> {
             .write_ring(ring, &vec![BACKEND_NONE; RING_SIZE as usize])
             .and_then(|()| self.dp.reset_service_traffic(id))
             .and_then(|()| {
-                self.dp.set_service(
-                    key,
-                    lb_common::Service {
-                        id,
-                        ring,
-                        forward: FORWARD_DSR,
-                        _pad: [0; 3],
-                    },
-                )
+                self.dp
+                    .set_service(key, kernel_service(id, ring, scheduler))
             });
         if let Err(e) = written {
             self.service_ids.give_back(id);
@@ -503,6 +491,14 @@ impl<P: Prober> Control<P> {
         if entry.backends.contains_key(&ip) {
             return Err(ControlError::DuplicateBackend { service: addr, ip });
         }
+        if entry.scheduler == Scheduler::LeastConn
+            && entry.backends.len() >= lb_common::LC_MAX_BACKENDS as usize
+        {
+            return Err(ControlError::Invalid(format!(
+                "a least-conn service has at most {} backends",
+                lb_common::LC_MAX_BACKENDS
+            )));
+        }
         let health = entry.health;
         let id = self.backend_ids.take().ok_or(ControlError::Full(
             "every backend slot is in use (--max-backends)",
@@ -512,6 +508,7 @@ impl<P: Prober> Control<P> {
         let stored = self
             .dp
             .reset_backend_traffic(id)
+            .and_then(|()| self.dp.set_flow_count(id, 0))
             .and_then(|()| self.dp.set_backend(id, written));
         if let Err(e) = stored {
             self.backend_ids.give_back(id);
@@ -682,46 +679,48 @@ impl<P: Prober> Control<P> {
         };
         write_backends(&mut self.dp, entry, addr.port, true)?;
 
-        let members: Vec<(IpAddr, u32, u32)> = entry
+        let members: Vec<Member> = entry
             .backends
             .iter()
             .filter(|(_, b)| b.in_table())
-            .map(|(ip, b)| (*ip, b.id, b.weight))
+            .map(|(ip, b)| Member {
+                ip: *ip,
+                id: b.id,
+                weight: b.weight,
+            })
             .collect();
-        let ids: Vec<(u32, u32)> = members.iter().map(|(_, id, w)| (*id, *w)).collect();
+        let ids: Vec<(u32, u32)> = members.iter().map(|m| (m.id, m.weight)).collect();
         if entry.table_members.as_ref() != Some(&ids) {
-            let maglev_backends: Vec<MaglevBackend> = members
-                .iter()
-                .map(|(ip, _, w)| MaglevBackend::new(*ip, addr.port, *w))
-                .collect();
-            let table = maglev::build_table(&maglev_backends, RING_SIZE)
-                .map_err(|e| ControlError::Invalid(format!("building the Maglev table: {e}")))?;
-            let table: Vec<u32> = table
-                .into_iter()
-                .map(|i| members.get(i as usize).map_or(BACKEND_NONE, |m| m.1))
-                .collect();
+            let table = schedule::ring(entry.scheduler, &members, addr.port)
+                .map_err(ControlError::Invalid)?;
+            let lc_list = match entry.scheduler {
+                Scheduler::LeastConn => {
+                    Some(schedule::lc_list(&members).map_err(ControlError::Invalid)?)
+                }
+                _ => None,
+            };
             let spare = self
                 .ring_tables
                 .take()
                 .ok_or(ControlError::Full("no spare ring table"))?;
-            let switched = self.dp.write_ring(spare, &table).and_then(|()| {
-                self.dp.set_service(
-                    key,
-                    lb_common::Service {
-                        id: entry.id,
-                        ring: spare,
-                        forward: FORWARD_DSR,
-                        _pad: [0; 3],
-                    },
-                )
-            });
+            let switched = self
+                .dp
+                .write_ring(spare, &table)
+                .and_then(|()| match &lc_list {
+                    Some(list) => self.dp.write_lc_list(spare, list),
+                    None => Ok(()),
+                })
+                .and_then(|()| {
+                    self.dp
+                        .set_service(key, kernel_service(entry.id, spare, entry.scheduler))
+                });
             if let Err(e) = switched {
                 self.ring_tables.give_back(spare);
                 return Err(e.into());
             }
             self.ring_tables.give_back(entry.ring);
             entry.ring = spare;
-            info!(service = %addr, backends = ids.len(), "Maglev table switched");
+            info!(service = %addr, backends = ids.len(), scheduler = entry.scheduler.name(), "table switched");
             entry.table_members = Some(ids);
         }
 
@@ -760,6 +759,7 @@ impl<P: Prober> Control<P> {
                     last_error: b.last_error.clone(),
                     mac: b.mac.as_ref().map(neighbour::format_mac),
                     in_table: b.in_table(),
+                    active_flows: self.dp.flow_count(b.id)?,
                     packets: t.packets,
                     bytes: t.bytes,
                 });
@@ -802,6 +802,16 @@ fn write_backends(
         }
     }
     Ok(())
+}
+
+fn kernel_service(id: u32, ring: u32, scheduler: Scheduler) -> lb_common::Service {
+    lb_common::Service {
+        id,
+        ring,
+        forward: FORWARD_DSR,
+        scheduler: scheduler.kernel(),
+        _pad: [0; 2],
+    }
 }
 
 fn kernel_backend(

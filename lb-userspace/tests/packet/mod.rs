@@ -19,6 +19,7 @@ pub struct Frame {
     options: usize,
     frags: u16,
     trailer: usize,
+    tcp_flags: u8,
 }
 
 impl Frame {
@@ -33,6 +34,7 @@ impl Frame {
             options: 0,
             frags: 0,
             trailer: 0,
+            tcp_flags: 0x02,
         }
     }
 
@@ -63,6 +65,12 @@ impl Frame {
     /// The IPv4 flags + fragment offset field (host order).
     pub fn frags(mut self, frags: u16) -> Self {
         self.frags = frags;
+        self
+    }
+
+    /// TCP flags (SYN by default).
+    pub fn tcp_flags(mut self, flags: u8) -> Self {
+        self.tcp_flags = flags;
         self
     }
 
@@ -113,7 +121,7 @@ impl Frame {
             f.extend_from_slice(&1u32.to_be_bytes()); // seq
             f.extend_from_slice(&0u32.to_be_bytes()); // ack
             f.push(0x50); // data offset 5
-            f.push(0x02); // SYN
+            f.push(self.tcp_flags);
             f.extend_from_slice(&64240u16.to_be_bytes());
             f.extend_from_slice(&[0, 0, 0, 0]);
         }
