@@ -1,4 +1,568 @@
-//! Throughput through a namespace test bed (placeholder until written).
-fn main() {
-    println!("throughput benchmark: not written yet");
+//! Throughput through a namespace test bed (`cargo xtask bench`, or as root
+//! `cargo bench -p lb-userspace --bench throughput -- [--quick]`).
+//!
+//! ```text
+//!                          ┌─ lb   10.99.0.2  the balancer (lb daemon, XDP, L2 DSR) ─┐
+//!   client ── bridge (sw) ─┼─ nat  10.99.0.3  nftables DNAT + conntrack             ─┼─ bridge ── b1, b2, b3
+//!                          └─ fwd  10.99.0.4  minimal XDP forwarder (MAC rewrite)   ─┘            (XDP sink)
+//! ```
+//! The generator transmits UDP datagrams to the VIP from the client's eth0 with the kernel's
+//! live-frames test mode, in 65,536 distinct flows; an XDP program on every backend counts and
+//! drops them. The same traffic goes four ways: straight to backend b1 (no middlebox), through
+//! the balancer, through nftables DNAT (what users would pick instead, as kube-proxy does), and
+//! through a minimal XDP forwarder (the floor for any XDP_TX forwarder on this test bed).
+//!
+//! Figures, printed and written to target/lb-bench/throughput.json, never asserted:
+//! 1. offered vs delivered rate at several offered rates, and the highest loss-free rate;
+//! 2. CPU time per delivered packet at one fixed rate that every path carries without loss,
+//!    minus the same for the direct path: each middlebox's own cost, as a ratio to the
+//!    balancer's.
+//!
+//! Setup problems fail loudly (not root, a missing tool, nothing delivered); the namespaces go
+//! on drop, also on a panic or Ctrl-C (a killed run's are swept by the next one).
+
+// The end-to-end tests' test bed. Its unit tests (netns.rs) are compiled here too, without the
+// harness that would run them, so their imports look unused.
+#[path = "../tests/common/mod.rs"]
+#[allow(
+    unused_imports,
+    reason = "the module's #[test] fns are not built into a bench"
+)]
+mod common;
+#[path = "throughput/cpu.rs"]
+mod cpu;
+#[path = "throughput/frame.rs"]
+mod frame;
+#[path = "throughput/hosts.rs"]
+mod hosts;
+#[path = "throughput/progs.rs"]
+mod progs;
+#[path = "throughput/threads.rs"]
+mod threads;
+
+use std::net::Ipv4Addr;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use aya::programs::xdp::XdpLinkId;
+use common::{Testbed, VIP, netns};
+use hosts::Host;
+use progs::{Flows, Pace, Progs};
+
+/// The service's port. The test bed's backends serve HTTP on TCP 80, which is what the
+/// daemon's health checks of a UDP service connect to.
+const PORT: u16 = 80;
+const NAT_IP: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 3);
+const FWD_IP: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 4);
+const KFWD_IP: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 5);
+/// 4 source addresses × 16,384 ports. Source addresses on the test bed's subnet, outside the
+/// hosts' (10.99.0.1-5, .11-13).
+const FLOWS: Flows = Flows {
+    flows: 65_536,
+    ports_per_addr: 16_384,
+    base_addr: Ipv4Addr::new(10, 99, 0, 100),
+    base_port: 1024,
+};
+/// The template's own source: in no flow, so every frame's rewrite changes both address and
+/// port (and both checksums).
+const TEMPLATE_SRC: (Ipv4Addr, u16) = (Ipv4Addr::new(10, 99, 0, 99), 9);
+/// "Loss-free": at most this share of the offered frames missing at the backends.
+const LOSS_FREE: f64 = 1e-4;
+/// Time after the generator stops before the counters are read (nothing is left in flight:
+/// see `Progs::generate`; this is margin).
+const DRAIN: Duration = Duration::from_millis(50);
+
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    STOP.store(true, Ordering::SeqCst);
 }
+
+/// Ctrl-C and SIGTERM set a flag; the generator stops and the benchmark panics at the next
+/// check, so the test bed's namespaces are removed on the way out.
+fn install_signal_handlers() {
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+        unsafe { libc::signal(sig, on_signal as *const () as libc::sighandler_t) };
+    }
+}
+
+fn check_stop() {
+    if STOP.load(Ordering::SeqCst) {
+        panic!("interrupted; removing the test bed");
+    }
+}
+
+struct Settings {
+    /// Length of each offered-rate trial.
+    trial: Duration,
+    /// Paced trials, as fractions of the rate the generator reached unpaced on that path.
+    ladder: &'static [f64],
+    cpu_rounds: usize,
+    cpu_trial: Duration,
+}
+
+impl Settings {
+    fn new(quick: bool) -> Settings {
+        if quick {
+            Settings {
+                trial: Duration::from_millis(400),
+                ladder: &[0.5, 0.9],
+                cpu_rounds: 1,
+                cpu_trial: Duration::from_millis(800),
+            }
+        } else {
+            Settings {
+                trial: Duration::from_millis(1500),
+                ladder: &[0.25, 0.5, 0.75, 0.9, 1.0],
+                cpu_rounds: 5,
+                cpu_trial: Duration::from_secs(2),
+            }
+        }
+    }
+}
+
+/// One way through the test bed: the frame the generator sends for it.
+struct Path {
+    name: &'static str,
+    key: &'static str,
+    frame: Vec<u8>,
+}
+
+/// What one run of the generator sent and what reached the backends.
+#[derive(Clone, Copy, Debug)]
+struct Trial {
+    requested: Option<f64>,
+    offered: u64,
+    delivered: u64,
+    wall: Duration,
+    /// Generator thread + ksoftirqd on its CPU: everything the path cost (see
+    /// `Progs::generate`).
+    cpu: Duration,
+    /// Busy time of the whole machine over the same interval, and that interval.
+    machine: Duration,
+    interval: Duration,
+}
+
+/// A trial and, when frames were lost, the interface counters that grew meanwhile.
+struct Measured {
+    t: Trial,
+    lost_at: Option<String>,
+}
+
+impl Trial {
+    fn offered_pps(&self) -> f64 {
+        self.offered as f64 / self.wall.as_secs_f64().max(1e-9)
+    }
+
+    fn delivered_pps(&self) -> f64 {
+        self.delivered as f64 / self.wall.as_secs_f64().max(1e-9)
+    }
+
+    fn loss(&self) -> f64 {
+        if self.offered == 0 {
+            return 0.0;
+        }
+        1.0 - self.delivered as f64 / self.offered as f64
+    }
+
+    fn loss_free(&self) -> bool {
+        self.offered > 0 && self.loss() <= LOSS_FREE
+    }
+
+    /// Whether the generator sent at the rate asked for (otherwise the path, which runs on
+    /// the generator's CPU, was already full).
+    fn kept_up(&self) -> bool {
+        self.requested
+            .is_none_or(|r| self.offered_pps() >= 0.97 * r)
+    }
+
+    fn ns_per_packet(&self) -> f64 {
+        self.cpu.as_nanos() as f64 / self.delivered.max(1) as f64
+    }
+
+    /// CPUs' worth of other work on the machine meanwhile.
+    fn others_load(&self) -> f64 {
+        (self.machine.as_secs_f64() - self.cpu.as_secs_f64()).max(0.0)
+            / self.interval.as_secs_f64().max(1e-9)
+    }
+}
+
+/// The test bed with the benchmark's hosts and programs. Fields drop in order: the programs
+/// (their XDP links) first, the test bed (its namespaces and daemon) last.
+struct Bed {
+    progs: Progs,
+    fwd: Host,
+    kfwd: Host,
+    nat: Host,
+    tb: Testbed,
+    /// The CPU the generator (and so every path) runs on, and that CPU's ksoftirqd.
+    cpu: usize,
+    ksoftirqd: Option<i32>,
+    wire_link: Option<XdpLinkId>,
+    client_mac: [u8; 6],
+    b1_mac: [u8; 6],
+    /// Said once that the generator could not get its nice value.
+    told_nice: bool,
+}
+
+impl Bed {
+    fn start() -> Bed {
+        let tb = Testbed::builder().backends(3).start();
+        let service = format!("{VIP}:{PORT}/udp");
+        tb.lb_ok(&[
+            "service",
+            "add",
+            &service,
+            "--hc-interval",
+            "500ms",
+            "--hc-timeout",
+            "500ms",
+        ]);
+        let names: Vec<&str> = tb.backends.iter().map(|b| b.name.as_str()).collect();
+        for b in &names {
+            tb.lb_ok(&["backend", "add", &service, &tb.ip_of(b)]);
+        }
+        tb.wait_in_table_of(&service, &names, true, Duration::from_secs(15));
+
+        let backends: Vec<(Ipv4Addr, String)> = tb
+            .backends
+            .iter()
+            .map(|b| (b.ip, mac_string(&mac_of(&b.ns, "eth0"))))
+            .collect();
+        let nat = Host::nat(&tb, NAT_IP, VIP, PORT, &backends);
+        let kfwd = Host::router(&tb, KFWD_IP, VIP, backends[0].0, &backends[0].1);
+        let fwd = Host::add(&tb, "fwd", FWD_IP);
+
+        let mut progs = Progs::load(FLOWS, PORT);
+        for b in &tb.backends {
+            progs.attach(progs::SINK, &b.ns, "eth0");
+        }
+        // Frames sent into a veth with XDP_TX are only received when the peer runs an XDP
+        // program (ENVIRONMENT.md): the client's (generator) and the forwarder's bridge ports.
+        // The test bed already has one on the balancer's.
+        let wire_link = Some(progs.attach(progs::WIRE, &tb.sw, "pclient"));
+        progs.attach(progs::WIRE, &tb.sw, &fwd.port);
+        let b1_mac = mac_of(&tb.backends[0].ns, "eth0");
+        let fwd_mac = mac_of(&fwd.ns, "eth0");
+        progs.set_fwd_macs(b1_mac, fwd_mac);
+        progs.attach(progs::FWD, &fwd.ns, "eth0");
+
+        // With repeat > 1, BPF_PROG_TEST_RUN adds the program to the kernel's XDP dispatcher
+        // for the call and removes it after, each time waiting for an RCU grace period: a
+        // generator making many short calls then spends most of its time idle (seen here: 340
+        // kpps at 35% of a CPU). Attached to an interface, the program stays in the dispatcher
+        // and the calls skip that. This veth pair carries no traffic.
+        netns::ip(&[
+            "-n", &tb.client, "link", "add", "gkeep0", "type", "veth", "peer", "name", "gkeep1",
+        ]);
+        progs.attach(progs::GENERATOR, &tb.client, "gkeep0");
+
+        // Static bridge entries: no frame is ever flooded to every port (a sink would count a
+        // flooded copy as delivered).
+        let mut ports = vec![
+            (tb.client.clone(), "pclient".to_owned()),
+            (tb.lb.clone(), "plb".to_owned()),
+            (nat.ns.clone(), nat.port.clone()),
+            (kfwd.ns.clone(), kfwd.port.clone()),
+            (fwd.ns.clone(), fwd.port.clone()),
+        ];
+        ports.extend(
+            tb.backends
+                .iter()
+                .map(|b| (b.ns.clone(), format!("p{}", b.name))),
+        );
+        for (ns, port) in &ports {
+            let mac = mac_string(&mac_of(ns, "eth0"));
+            netns::must(Command::new("bridge").args([
+                "-n", &tb.sw, "fdb", "replace", &mac, "dev", port, "master", "static",
+            ]));
+        }
+
+        // SAFETY: sysconf has no preconditions.
+        let ncpu = usize::try_from(unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) })
+            .unwrap_or(1)
+            .max(1);
+        // The last CPU: CPU 0 usually takes more of the machine's own interrupts.
+        let cpu = ncpu - 1;
+        let client_mac = mac_of(&tb.client, "eth0");
+        Bed {
+            progs,
+            fwd,
+            kfwd,
+            nat,
+            tb,
+            cpu,
+            ksoftirqd: threads::ksoftirqd(cpu),
+            wire_link,
+            client_mac,
+            b1_mac,
+            told_nice: false,
+        }
+    }
+
+    fn namespaces(&self) -> Vec<String> {
+        let mut v = self.tb.namespaces();
+        v.extend([&self.nat, &self.kfwd, &self.fwd].map(|h| h.ns.clone()));
+        v
+    }
+
+    fn frame_to(&self, mac: [u8; 6]) -> Vec<u8> {
+        frame::udp(self.client_mac, mac, TEMPLATE_SRC, (VIP, PORT))
+    }
+
+    /// The ways through the test bed, in the order they are measured and printed.
+    fn paths(&self) -> Vec<Path> {
+        let to = |ns: &str| self.frame_to(mac_of(ns, "eth0"));
+        vec![
+            Path {
+                name: "direct to backend b1 (no middlebox)",
+                key: "direct",
+                frame: self.frame_to(self.b1_mac),
+            },
+            Path {
+                name: "kernel IP forwarding (no NAT, no conntrack)",
+                key: "kernel_forwarding",
+                frame: to(&self.kfwd.ns),
+            },
+            Path {
+                name: "minimal XDP forwarder (MAC rewrite, XDP_TX)",
+                key: "xdp_forwarder",
+                frame: to(&self.fwd.ns),
+            },
+            Path {
+                name: "lb: the balancer (XDP, L2 DSR)",
+                key: "lb",
+                frame: to(&self.tb.lb),
+            },
+            Path {
+                name: "nftables DNAT + conntrack",
+                key: "nft_dnat",
+                frame: to(&self.nat.ns),
+            },
+        ]
+    }
+
+    /// Checks what the generator makes of a template: the next flow's source, the rest
+    /// unchanged, both checksums valid. Panics otherwise.
+    fn check_generator(&mut self, template: &[u8]) {
+        self.progs.set_template(template);
+        for _ in 0..3 {
+            let (seq, _) = self.progs.generated();
+            let out = self.progs.generate_one(template);
+            let (addr, port) = FLOWS.source(seq);
+            let mut want = template.to_vec();
+            want[26..30].copy_from_slice(&addr.octets());
+            want[34..36].copy_from_slice(&port.to_be_bytes());
+            assert_eq!(
+                out.len(),
+                want.len(),
+                "generator changed the frame's length"
+            );
+            let same = |r: std::ops::Range<usize>| out[r.clone()] == want[r];
+            assert!(
+                same(0..24) && same(26..40) && same(42..want.len()),
+                "the generator rewrote more than the source address and port:\n{out:02x?}\n{want:02x?}"
+            );
+            assert!(
+                frame::checksums_ok(&out),
+                "the generator's frame has a bad IPv4 or UDP checksum: {out:02x?}"
+            );
+        }
+    }
+
+    fn trial(&mut self, path: &Path, pace: Pace) -> Measured {
+        self.progs.set_template(&path.frame);
+        let ksoft = || {
+            self.ksoftirqd
+                .and_then(threads::cpu_time)
+                .unwrap_or_default()
+        };
+        let namespaces = self.namespaces();
+        let d0 = drop_counters(&namespaces);
+        let (g0, e0) = self.progs.generated();
+        let s0 = self.progs.sunk();
+        let k0 = ksoft();
+        let c0 = cpu::Stat::read();
+        let t0 = Instant::now();
+        let run = self
+            .progs
+            .generate(&self.tb.client, self.cpu, &path.frame, pace, &STOP);
+        std::thread::sleep(DRAIN);
+        let (g1, e1) = self.progs.generated();
+        let s1 = self.progs.sunk();
+        let k1 = ksoft();
+        let c1 = cpu::Stat::read();
+        let interval = t0.elapsed();
+        check_stop();
+        let lost_at = (s1 - s0 < g1 - g0).then(|| {
+            let d1 = drop_counters(&namespaces);
+            let grew: Vec<String> = d1
+                .iter()
+                .filter_map(|(k, v)| {
+                    let before = d0.get(k).copied().unwrap_or(0);
+                    (*v > before).then(|| format!("{k} +{}", v - before))
+                })
+                .collect();
+            if grew.is_empty() {
+                "no interface counted them".to_owned()
+            } else {
+                grew.join(", ")
+            }
+        });
+        if !run.niced && !self.told_nice {
+            self.told_nice = true;
+            eprintln!(
+                "throughput benchmark: could not raise the generator's priority; other \
+                 processes on the machine will slow it"
+            );
+        }
+        assert_eq!(
+            e1,
+            e0,
+            "the generator refused {} frames (not the template it expects)",
+            e1 - e0
+        );
+        let t = Trial {
+            requested: pace.rate,
+            offered: g1 - g0,
+            delivered: s1 - s0,
+            wall: run.wall,
+            cpu: run.cpu + k1.saturating_sub(k0),
+            machine: c1.busy_since(&c0),
+            interval,
+        };
+        assert!(
+            t.delivered <= t.offered,
+            "{}: {} datagrams reached the backends but {} were sent: something else sends \
+             UDP to port {PORT}, or frames were duplicated",
+            path.key,
+            t.delivered,
+            t.offered
+        );
+        Measured { t, lost_at }
+    }
+
+    /// Sends every flow at least once so the balancer's and conntrack's tables hold them all
+    /// (and fails loudly when nothing gets through).
+    fn warm_up(&mut self, path: &Path) {
+        let Measured { t, .. } = self.trial(
+            path,
+            Pace {
+                rate: None,
+                duration: Duration::from_secs(3),
+                max_frames: Some(u64::from(FLOWS.flows) * 3 / 2),
+            },
+        );
+        assert!(
+            t.delivered > 0,
+            "{}: none of {} datagrams reached the backends",
+            path.name,
+            t.offered
+        );
+    }
+}
+
+/// Drop and error counters of every interface in `namespaces`, keyed "ns-role/dev counter".
+fn drop_counters(namespaces: &[String]) -> std::collections::BTreeMap<String, u64> {
+    let mut out = std::collections::BTreeMap::new();
+    for ns in namespaces {
+        let Ok(o) = netns::try_run(
+            Command::new("ip").args(["-n", ns, "-s", "-j", "link", "show"]),
+            Duration::from_secs(5),
+        ) else {
+            continue;
+        };
+        let Ok(v) = serde_json::from_slice::<serde_json::Value>(&o.stdout) else {
+            continue;
+        };
+        let role = ns.rsplit('-').next().unwrap_or(ns);
+        for link in v.as_array().into_iter().flatten() {
+            let dev = link["ifname"].as_str().unwrap_or("?");
+            for dir in ["rx", "tx"] {
+                for what in ["dropped", "errors", "missed_errors"] {
+                    if let Some(n) = link["stats64"][dir][what].as_u64() {
+                        out.insert(format!("{role}/{dev} {dir}_{what}"), n);
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+fn mac_of(ns: &str, dev: &str) -> [u8; 6] {
+    let out = netns::ip(&["-n", ns, "-j", "link", "show", "dev", dev]);
+    let v: serde_json::Value = serde_json::from_str(&out)
+        .unwrap_or_else(|e| panic!("`ip -j link show` in {ns}: {e}: {out}"));
+    let text = v[0]["address"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no address for {dev} in {ns}: {out}"));
+    let mut mac = [0u8; 6];
+    let parts: Vec<&str> = text.split(':').collect();
+    assert_eq!(parts.len(), 6, "not a MAC address: {text}");
+    for (m, p) in mac.iter_mut().zip(parts) {
+        *m = u8::from_str_radix(p, 16).unwrap_or_else(|e| panic!("MAC {text}: {e}"));
+    }
+    mac
+}
+
+fn mac_string(mac: &[u8; 6]) -> String {
+    let parts: Vec<String> = mac.iter().map(|b| format!("{b:02x}")).collect();
+    parts.join(":")
+}
+
+fn preflight() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!(
+            "throughput benchmark: needs root (network namespaces, XDP, BPF_PROG_TEST_RUN); \
+             run it as root, e.g. through `cargo xtask bench`"
+        );
+        std::process::exit(1);
+    }
+    for (tool, arg) in [("nft", "--version"), ("bridge", "-V")] {
+        let ok = Command::new(tool)
+            .arg(arg)
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if !ok {
+            eprintln!("throughput benchmark: `{tool}` is missing; scripts/setup.sh installs it");
+            std::process::exit(1);
+        }
+    }
+}
+
+fn kpps(pps: f64) -> String {
+    format!("{:.0}", pps / 1e3)
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Prints figures as they come and keeps them for the JSON file.
+#[derive(Default)]
+struct Report {
+    figures: Vec<serde_json::Value>,
+    /// CPUs' worth of other work on the machine, per trial.
+    others: Vec<f64>,
+}
+
+impl Report {
+    fn figure(&mut self, name: &str, value: f64, unit: &str, ratio: Option<f64>, method: &str) {
+        self.figures.push(serde_json::json!({
+            "name": name, "value": value, "unit": unit, "baseline_ratio": ratio,
+            "baseline": ratio.map(|_| "lb (the balancer), same run"), "method": method,
+        }));
+    }
+}
+
+const METHOD_RATE: &str = "UDP 60-byte frames in 65,536 flows from the client namespace \
+    (BPF_PROG_TEST_RUN live frames, XDP_TX), counted by XDP sinks on the backends; highest \
+    rate with loss <= 0.01% over trials of 1.5 s; everything runs on the generator's CPU";
+const METHOD_CPU: &str = "CPU time of the generator's thread plus ksoftirqd on its CPU \
+    (scheduler clocks; the whole path runs there in softirq), per delivered packet, at one \
+    fixed rate for all paths, median of 5 interleaved rounds of 2 s";

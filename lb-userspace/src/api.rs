@@ -95,7 +95,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 }
 
 /// How a service's backends are checked.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HealthCheck {
     #[serde(with = "millis")]
     pub interval: Duration,
@@ -105,6 +105,9 @@ pub struct HealthCheck {
     pub rise: u32,
     /// Consecutive failures that take it down.
     pub fall: u32,
+    /// What a probe does (absent in JSON: `tcp`).
+    #[serde(default)]
+    pub kind: CheckKind,
 }
 
 impl Default for HealthCheck {
@@ -114,8 +117,255 @@ impl Default for HealthCheck {
             timeout: Duration::from_secs(1),
             rise: 2,
             fall: 2,
+            kind: CheckKind::Tcp,
         }
     }
+}
+
+/// Longest HTTP path or Host header, UDP payload or expected text a check may carry.
+pub const MAX_CHECK_TEXT: usize = 1024;
+
+/// What one health probe of a backend does. Every probe goes to the backend's own address and
+/// the service port.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum CheckKind {
+    /// A TCP connection is established.
+    #[default]
+    Tcp,
+    /// `GET path` over a new TCP connection answers with a status line in `status`.
+    Http {
+        path: String,
+        status: StatusRange,
+        /// The Host header; `None` sends the backend's address.
+        host: Option<String>,
+    },
+    /// A datagram with `send` gets a reply (containing `expect`, if set). Both may hold the
+    /// escapes `\n`, `\r`, `\t`, `\0`, `\\` and `\xHH`, so binary protocols can be checked.
+    Udp {
+        send: String,
+        expect: Option<String>,
+    },
+    /// No probes: a backend counts as up as soon as it is added.
+    None,
+}
+
+impl CheckKind {
+    pub fn name(&self) -> &'static str {
+        match self {
+            CheckKind::Tcp => "tcp",
+            CheckKind::Http { .. } => "http",
+            CheckKind::Udp { .. } => "udp",
+            CheckKind::None => "none",
+        }
+    }
+
+    /// Checks what the CLI checks too, for requests that come from elsewhere.
+    pub fn validate(&self) -> Result<(), String> {
+        match self {
+            CheckKind::Tcp | CheckKind::None => Ok(()),
+            CheckKind::Http { path, status, host } => {
+                parse_http_path(path)?;
+                status.validate()?;
+                if let Some(host) = host {
+                    parse_http_host(host)?;
+                }
+                Ok(())
+            }
+            CheckKind::Udp { send, expect } => {
+                parse_udp_payload(send)?;
+                if let Some(expect) = expect
+                    && parse_udp_payload(expect)?.is_empty()
+                {
+                    return Err("the expected UDP reply text must not be empty".into());
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+impl fmt::Display for CheckKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CheckKind::Tcp => f.write_str("tcp connect"),
+            CheckKind::Http { path, status, host } => {
+                write!(f, "http GET {path} expect {status}")?;
+                match host {
+                    Some(host) => write!(f, " host {host}"),
+                    None => Ok(()),
+                }
+            }
+            CheckKind::Udp { send, expect } => {
+                write!(f, "udp send {send:?}")?;
+                match expect {
+                    Some(expect) => write!(f, " expect {expect:?}"),
+                    None => f.write_str(" expect any reply"),
+                }
+            }
+            CheckKind::None => f.write_str("none"),
+        }
+    }
+}
+
+/// An inclusive range of HTTP status codes: `200-399`, or one code such as `204`. Written as
+/// that text in JSON.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct StatusRange {
+    pub low: u16,
+    pub high: u16,
+}
+
+impl Default for StatusRange {
+    fn default() -> Self {
+        StatusRange {
+            low: 200,
+            high: 399,
+        }
+    }
+}
+
+impl StatusRange {
+    pub fn contains(self, code: u16) -> bool {
+        (self.low..=self.high).contains(&code)
+    }
+
+    fn validate(self) -> Result<(), String> {
+        for code in [self.low, self.high] {
+            if !(100..=599).contains(&code) {
+                return Err(format!(
+                    "HTTP status {code} is outside 100-599 (expected a range such as 200-399)"
+                ));
+            }
+        }
+        if self.low > self.high {
+            return Err(format!(
+                "HTTP status range {}-{} is empty (write the low code first)",
+                self.low, self.high
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Display for StatusRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.low == self.high {
+            write!(f, "{}", self.low)
+        } else {
+            write!(f, "{}-{}", self.low, self.high)
+        }
+    }
+}
+
+impl FromStr for StatusRange {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let code = |t: &str| {
+            t.trim().parse::<u16>().map_err(|_| {
+                format!("'{s}' is not an HTTP status or range (examples: 200, 200-399)")
+            })
+        };
+        let range = match s.split_once('-') {
+            Some((low, high)) => StatusRange {
+                low: code(low)?,
+                high: code(high)?,
+            },
+            None => {
+                let c = code(s)?;
+                StatusRange { low: c, high: c }
+            }
+        };
+        range.validate()?;
+        Ok(range)
+    }
+}
+
+impl TryFrom<String> for StatusRange {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        s.parse()
+    }
+}
+
+impl From<StatusRange> for String {
+    fn from(r: StatusRange) -> String {
+        r.to_string()
+    }
+}
+
+/// An HTTP check's path: starts with `/`, no spaces or control characters (it goes into the
+/// request line as is).
+pub fn parse_http_path(s: &str) -> Result<String, String> {
+    if !s.starts_with('/') {
+        return Err(format!("HTTP check path '{s}' must start with '/'"));
+    }
+    check_header_text("HTTP check path", s)?;
+    Ok(s.to_owned())
+}
+
+/// An HTTP check's Host header: one non-empty token without spaces or control characters.
+pub fn parse_http_host(s: &str) -> Result<String, String> {
+    if s.is_empty() {
+        return Err("the HTTP check Host header must not be empty".into());
+    }
+    check_header_text("HTTP check Host header", s)?;
+    Ok(s.to_owned())
+}
+
+fn check_header_text(what: &str, s: &str) -> Result<(), String> {
+    if s.len() > MAX_CHECK_TEXT {
+        return Err(format!("{what} is longer than {MAX_CHECK_TEXT} bytes"));
+    }
+    if s.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(format!(
+            "{what} {s:?} contains a space or a control character"
+        ));
+    }
+    Ok(())
+}
+
+/// Decodes a UDP check payload or expected reply: text with the escapes `\n`, `\r`, `\t`,
+/// `\0`, `\\` and `\xHH`.
+pub fn parse_udp_payload(s: &str) -> Result<Vec<u8>, String> {
+    let mut out = Vec::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c != '\\' {
+            let mut utf8 = [0u8; 4];
+            out.extend_from_slice(c.encode_utf8(&mut utf8).as_bytes());
+            continue;
+        }
+        let byte = match chars.next() {
+            Some('n') => b'\n',
+            Some('r') => b'\r',
+            Some('t') => b'\t',
+            Some('0') => 0,
+            Some('\\') => b'\\',
+            Some('x') => {
+                let hex: String = chars.by_ref().take(2).collect();
+                match u8::from_str_radix(&hex, 16) {
+                    Ok(b) if hex.len() == 2 && hex.chars().all(|c| c.is_ascii_hexdigit()) => b,
+                    _ => return Err(format!("UDP check text {s:?}: \\x needs two hex digits")),
+                }
+            }
+            Some(other) => {
+                return Err(format!(
+                    "UDP check text {s:?}: unknown escape \\{other} (use \\n \\r \\t \\0 \\\\ \\xHH)"
+                ));
+            }
+            None => return Err(format!("UDP check text {s:?} ends with a lone backslash")),
+        };
+        out.push(byte);
+    }
+    if out.len() > MAX_CHECK_TEXT {
+        return Err(format!(
+            "UDP check text is longer than {MAX_CHECK_TEXT} bytes"
+        ));
+    }
+    Ok(out)
 }
 
 mod millis {
@@ -206,6 +456,12 @@ pub enum Request {
         service: ServiceAddr,
         ip: IpAddr,
     },
+    /// Changes a backend's weight live; 0 takes it out of the table like a drain.
+    BackendSet {
+        service: ServiceAddr,
+        ip: IpAddr,
+        weight: u32,
+    },
     Status,
 }
 
@@ -248,7 +504,7 @@ pub enum Health {
 pub enum BackendState {
     /// In the Maglev table: gets new flows.
     Active,
-    /// Drained: keeps its established flows, gets no new ones.
+    /// Drained or weight 0: keeps its established flows, gets no new ones.
     Draining,
     /// Not usable yet or any more (health down or unknown, or MAC not resolved).
     Down,
@@ -321,5 +577,150 @@ mod tests {
         let json = serde_json::to_string(&r).unwrap();
         assert!(json.contains(r#""op":"backend-add""#), "{json}");
         assert_eq!(serde_json::from_str::<Request>(&json).unwrap(), r);
+    }
+
+    #[test]
+    fn status_ranges_parse_as_ranges_or_single_codes() {
+        assert_eq!(
+            "200-399".parse(),
+            Ok(StatusRange {
+                low: 200,
+                high: 399
+            })
+        );
+        assert_eq!(
+            "204".parse(),
+            Ok(StatusRange {
+                low: 204,
+                high: 204
+            })
+        );
+        assert_eq!(
+            " 200 - 299 ".parse(),
+            Ok(StatusRange {
+                low: 200,
+                high: 299
+            })
+        );
+        let r: StatusRange = "200-299".parse().unwrap();
+        assert!(r.contains(200) && r.contains(299) && !r.contains(300) && !r.contains(199));
+        assert_eq!(r.to_string(), "200-299");
+        assert_eq!("204".parse::<StatusRange>().unwrap().to_string(), "204");
+        for bad in [
+            "",
+            "ok",
+            "399-200",
+            "99",
+            "600",
+            "200-",
+            "-399",
+            "200-399-500",
+            "2OO",
+        ] {
+            assert!(bad.parse::<StatusRange>().is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn http_paths_and_hosts_are_checked() {
+        assert_eq!(
+            parse_http_path("/healthz?full=1"),
+            Ok("/healthz?full=1".into())
+        );
+        assert!(parse_http_path("/").is_ok());
+        for bad in ["healthz", "", "/a b", "/a\r\nX: y", "http://x/"] {
+            assert!(parse_http_path(bad).is_err(), "{bad:?} accepted");
+        }
+        assert!(parse_http_host("example.com:8080").is_ok());
+        for bad in ["", "a b", "a\r\n"] {
+            assert!(parse_http_host(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn udp_payloads_decode_escapes() {
+        assert_eq!(parse_udp_payload(""), Ok(vec![]));
+        assert_eq!(parse_udp_payload("ping"), Ok(b"ping".to_vec()));
+        assert_eq!(
+            parse_udp_payload(r"a\n\x00\xff\\\t"),
+            Ok(b"a\n\x00\xff\\\t".to_vec())
+        );
+        for bad in [r"\", r"\q", r"\x1", r"\xzz", r"\x+1"] {
+            assert!(parse_udp_payload(bad).is_err(), "{bad:?} accepted");
+        }
+        assert!(parse_udp_payload(&"a".repeat(MAX_CHECK_TEXT + 1)).is_err());
+    }
+
+    #[test]
+    fn check_kinds_validate_their_parameters() {
+        let http = |path: &str, low, high, host: Option<&str>| CheckKind::Http {
+            path: path.into(),
+            status: StatusRange { low, high },
+            host: host.map(Into::into),
+        };
+        assert_eq!(http("/", 200, 399, None).validate(), Ok(()));
+        assert_eq!(http("/", 200, 399, Some("svc.example")).validate(), Ok(()));
+        assert!(http("x", 200, 399, None).validate().is_err());
+        assert!(http("/", 399, 200, None).validate().is_err());
+        assert!(http("/", 200, 700, None).validate().is_err());
+        assert!(http("/", 200, 399, Some("")).validate().is_err());
+        let udp = |send: &str, expect: Option<&str>| CheckKind::Udp {
+            send: send.into(),
+            expect: expect.map(Into::into),
+        };
+        assert_eq!(udp("", None).validate(), Ok(()));
+        assert_eq!(udp("ping", Some("pong")).validate(), Ok(()));
+        assert!(udp(r"\q", None).validate().is_err());
+        assert!(udp("ping", Some("")).validate().is_err());
+        assert_eq!(CheckKind::None.validate(), Ok(()));
+    }
+
+    #[test]
+    fn health_checks_serialize_with_their_kind() {
+        let check = HealthCheck {
+            kind: CheckKind::Http {
+                path: "/health".into(),
+                status: StatusRange {
+                    low: 200,
+                    high: 299,
+                },
+                host: None,
+            },
+            ..HealthCheck::default()
+        };
+        let json = serde_json::to_value(&check).unwrap();
+        assert_eq!(json["kind"]["type"], "http");
+        assert_eq!(json["kind"]["path"], "/health");
+        assert_eq!(json["kind"]["status"], "200-299");
+        assert_eq!(serde_json::from_value::<HealthCheck>(json).unwrap(), check);
+        // Requests written before check kinds existed still mean tcp.
+        let old = r#"{"interval":1000,"timeout":1000,"rise":2,"fall":2}"#;
+        assert_eq!(
+            serde_json::from_str::<HealthCheck>(old).unwrap(),
+            HealthCheck::default()
+        );
+        let bad = r#"{"interval":1000,"timeout":1000,"rise":2,"fall":2,
+            "kind":{"type":"http","path":"/","status":"500-200","host":null}}"#;
+        assert!(serde_json::from_str::<HealthCheck>(bad).is_err());
+        assert_eq!(
+            serde_json::to_value(CheckKind::None).unwrap(),
+            serde_json::json!({"type": "none"})
+        );
+    }
+
+    #[test]
+    fn check_kinds_describe_themselves_for_status() {
+        let http = CheckKind::Http {
+            path: "/h".into(),
+            status: StatusRange::default(),
+            host: Some("x".into()),
+        };
+        assert_eq!(http.to_string(), "http GET /h expect 200-399 host x");
+        let udp = CheckKind::Udp {
+            send: "ping".into(),
+            expect: None,
+        };
+        assert_eq!(udp.to_string(), r#"udp send "ping" expect any reply"#);
+        assert_eq!(CheckKind::Tcp.to_string(), "tcp connect");
     }
 }

@@ -14,7 +14,10 @@ use std::{
 use aya::{TestRun as _, TestRunOptions};
 use lb_common::names;
 use lb_userspace::{
-    api::{Forward, HealthCheck, Request, Response, Scheduler, ServiceAddr, Status},
+    api::{
+        CheckKind, Forward, HealthCheck, Request, Response, Scheduler, ServiceAddr, Status,
+        StatusRange,
+    },
     daemon::{Control, ProbeKey, Prober},
     dataplane::{Dataplane, Sizing},
     neighbour::parse_mac,
@@ -64,6 +67,11 @@ impl Bed {
     /// Moves this thread into a new network namespace with interface `lbc0` and neighbour
     /// entries for backends 1..=`with_mac` (backends above that have no known MAC).
     fn new(with_mac: u8) -> Self {
+        Self::with_check(with_mac, HealthCheck::default())
+    }
+
+    /// [`Bed::new`] with the service's health check set to `health`.
+    fn with_check(with_mac: u8, health: HealthCheck) -> Self {
         assert!(
             unsafe { libc::geteuid() } == 0,
             "these tests need root (run them through the README test command)"
@@ -75,15 +83,7 @@ impl Bed {
             && ip addr add 10.99.0.2/24 dev lbc0",
         );
         for n in 1..=with_mac {
-            let mac = backend_mac(n)
-                .iter()
-                .map(|b| format!("{b:02x}"))
-                .collect::<Vec<_>>()
-                .join(":");
-            sh(&format!(
-                "ip neigh replace {} lladdr {mac} dev lbc0 nud permanent",
-                backend_ip(n)
-            ));
+            add_neighbour(n);
         }
         let dp = Dataplane::load(
             Sizing {
@@ -102,7 +102,7 @@ impl Bed {
                 service,
                 scheduler: Scheduler::Maglev,
                 forward: Forward::Dsr,
-                health: HealthCheck::default(),
+                health,
             }),
             Response::Ok
         );
@@ -198,6 +198,19 @@ impl Bed {
         }
         seen
     }
+}
+
+/// A permanent neighbour entry for backend `n` on `lbc0`.
+fn add_neighbour(n: u8) {
+    let mac = backend_mac(n)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":");
+    sh(&format!(
+        "ip neigh replace {} lladdr {mac} dev lbc0 nud permanent",
+        backend_ip(n)
+    ));
 }
 
 /// Runs a test body on its own thread, so the namespace it enters dies with it.
@@ -381,6 +394,35 @@ fn refused_requests_change_nothing() {
                 forward: Forward::Dsr,
                 health: HealthCheck::default(),
             },
+            Request::BackendSet {
+                service,
+                ip: backend_ip(7),
+                weight: 2,
+            },
+            Request::BackendSet {
+                service: other,
+                ip: backend_ip(1),
+                weight: 2,
+            },
+            Request::BackendSet {
+                service,
+                ip: backend_ip(1),
+                weight: 10_001,
+            },
+            // A check the CLI would refuse, sent straight to the daemon.
+            Request::ServiceAdd {
+                service: other,
+                scheduler: Scheduler::Maglev,
+                forward: Forward::Dsr,
+                health: HealthCheck {
+                    kind: CheckKind::Http {
+                        path: "health".into(),
+                        status: StatusRange::default(),
+                        host: None,
+                    },
+                    ..HealthCheck::default()
+                },
+            },
         ];
         for request in refused {
             let Response::Error { message } = bed.control.handle(request.clone()) else {
@@ -424,5 +466,96 @@ fn running_out_of_service_slots_is_refused_cleanly() {
             health: HealthCheck::default(),
         });
         assert_eq!(bed.status().services.len(), 4);
+    });
+}
+
+#[test]
+fn backend_set_weight_changes_the_spread_live_and_zero_drains() {
+    in_netns(|| {
+        let mut bed = Bed::new(2);
+        bed.up(1);
+        bed.up(2);
+        let (service, ip) = (bed.service, backend_ip(2));
+        let even = bed.spread(20000..22000);
+        assert!((900..=1100).contains(&even[2]), "equal weights: {even:?}");
+        let flows: Vec<(u16, u8)> = (20000..20400).map(|p| (p, bed.send(p).unwrap())).collect();
+
+        bed.ok(Request::BackendSet {
+            service,
+            ip,
+            weight: 3,
+        });
+        let weighted = bed.spread(30000..32000);
+        assert!(
+            (1400..=1600).contains(&weighted[2]),
+            "weights 1:3 give backend 2 about 3/4 of new flows: {weighted:?}"
+        );
+        for (sport, backend) in &flows {
+            assert_eq!(bed.send(*sport), Some(*backend), "flow {sport} moved");
+        }
+        let st = bed.status();
+        let b2 = &st.services[0].backends[1];
+        assert_eq!((b2.weight, b2.in_table), (3, true));
+        assert_eq!(serde_json::to_value(b2.state).unwrap(), "active");
+
+        // Weight 0: no new flows, established ones stay, and it reads as draining.
+        bed.ok(Request::BackendSet {
+            service,
+            ip,
+            weight: 0,
+        });
+        assert_eq!(bed.spread(40000..40500)[1], 500, "new flows avoid weight 0");
+        for (sport, backend) in &flows {
+            assert_eq!(bed.send(*sport), Some(*backend), "flow {sport} moved");
+        }
+        let st = bed.status();
+        let b2 = &st.services[0].backends[1];
+        assert_eq!((b2.weight, b2.in_table), (0, false));
+        assert_eq!(serde_json::to_value(b2.state).unwrap(), "draining");
+
+        // And back: new flows reach it again.
+        bed.ok(Request::BackendSet {
+            service,
+            ip,
+            weight: 1,
+        });
+        assert!(bed.spread(50000..50600)[2] > 200);
+    });
+}
+
+#[test]
+fn backends_of_a_none_checked_service_are_up_without_probes() {
+    in_netns(|| {
+        let mut bed = Bed::with_check(
+            1,
+            HealthCheck {
+                kind: CheckKind::None,
+                ..HealthCheck::default()
+            },
+        );
+        bed.add(1);
+        bed.add(2); // its MAC is not known yet
+        assert_eq!(
+            bed.spread(1..300)[1],
+            299,
+            "backend 1 takes traffic with no probe result"
+        );
+        let st = bed.status();
+        let (b1, b2) = (&st.services[0].backends[0], &st.services[0].backends[1]);
+        assert_eq!(serde_json::to_value(b1.health).unwrap(), "up");
+        assert!(b1.in_table);
+        assert_eq!(serde_json::to_value(b2.health).unwrap(), "up");
+        assert!(!b2.in_table, "no MAC, not in the table: {b2:?}");
+        assert_eq!(
+            serde_json::to_value(&st.services[0].health_check.kind).unwrap(),
+            serde_json::json!({"type": "none"})
+        );
+        // Once the neighbour is resolved, the next refresh brings it in.
+        add_neighbour(2);
+        bed.control.refresh_macs();
+        assert!(bed.spread(1000..1600)[2] > 200);
+        // A stray probe result cannot take a none-checked backend down.
+        bed.probe(1, false, 5);
+        assert!(bed.status().services[0].backends[0].in_table);
     });
 }

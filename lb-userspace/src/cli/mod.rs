@@ -6,10 +6,13 @@ mod wire;
 
 use std::{net::IpAddr, path::PathBuf, time::Duration};
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::{
-    api::{self, DEFAULT_API_SOCKET, Forward, HealthCheck, Request, Scheduler, ServiceAddr},
+    api::{
+        self, CheckKind, DEFAULT_API_SOCKET, Forward, HealthCheck, Request, Scheduler, ServiceAddr,
+        StatusRange,
+    },
     daemon::DaemonArgs,
 };
 
@@ -76,6 +79,8 @@ pub enum ServiceCommand {
         /// Consecutive failed checks that take a backend out of service.
         #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=100))]
         hc_fall: u32,
+        #[command(flatten)]
+        hc: CheckArgs,
     },
     /// Delete a service and all its backends.
     Del {
@@ -110,6 +115,84 @@ pub enum BackendCommand {
         /// The backend's address.
         ip: IpAddr,
     },
+    /// Change a backend's weight live: new flows follow the new weights at once, established
+    /// flows stay. Weight 0 behaves as a drain.
+    Set {
+        /// VIP:PORT/PROTO of the service.
+        service: ServiceAddr,
+        /// The backend's address.
+        ip: IpAddr,
+        /// Relative share of new flows (0 = no new flows).
+        #[arg(long, required = true, value_parser = clap::value_parser!(u32).range(0..=10_000))]
+        weight: u32,
+    },
+}
+
+/// Health-check kinds `--hc` chooses from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum CheckKindArg {
+    /// TCP connect to the backend's address and the service port.
+    Tcp,
+    /// HTTP GET over a new TCP connection; expects a status in --hc-http-status.
+    Http,
+    /// Send a datagram (--hc-udp-send) and expect a reply (containing --hc-udp-expect).
+    Udp,
+    /// No checks: backends count as up as soon as they are added.
+    None,
+}
+
+/// What each health probe does (`lb service add --hc ...`).
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// Kind of health check sent to each backend's address and the service port.
+    #[arg(long = "hc", value_enum, default_value = "tcp")]
+    pub kind: CheckKindArg,
+    /// HTTP checks: the path to GET (default /).
+    #[arg(long, value_parser = api::parse_http_path)]
+    pub hc_http_path: Option<String>,
+    /// HTTP checks: status codes that count as healthy, a range or one code (default 200-399).
+    #[arg(long)]
+    pub hc_http_status: Option<StatusRange>,
+    /// HTTP checks: the Host header (default: the backend's address).
+    #[arg(long, value_parser = api::parse_http_host)]
+    pub hc_http_host: Option<String>,
+    /// UDP checks: the payload to send (default empty); escapes \n \r \t \0 \\ \xHH.
+    #[arg(long)]
+    pub hc_udp_send: Option<String>,
+    /// UDP checks: text the reply must contain (default: any reply counts); same escapes.
+    #[arg(long)]
+    pub hc_udp_expect: Option<String>,
+}
+
+impl CheckArgs {
+    /// The check these flags describe; flags of another kind are an error, not ignored.
+    pub fn to_kind(&self) -> Result<CheckKind, String> {
+        let http_flags = self.hc_http_path.is_some()
+            || self.hc_http_status.is_some()
+            || self.hc_http_host.is_some();
+        let udp_flags = self.hc_udp_send.is_some() || self.hc_udp_expect.is_some();
+        let kind = match self.kind {
+            CheckKindArg::Http => CheckKind::Http {
+                path: self.hc_http_path.clone().unwrap_or_else(|| "/".into()),
+                status: self.hc_http_status.unwrap_or_default(),
+                host: self.hc_http_host.clone(),
+            },
+            CheckKindArg::Udp => CheckKind::Udp {
+                send: self.hc_udp_send.clone().unwrap_or_default(),
+                expect: self.hc_udp_expect.clone(),
+            },
+            CheckKindArg::Tcp => CheckKind::Tcp,
+            CheckKindArg::None => CheckKind::None,
+        };
+        if http_flags && self.kind != CheckKindArg::Http {
+            return Err("--hc-http-* options need --hc http".into());
+        }
+        if udp_flags && self.kind != CheckKindArg::Udp {
+            return Err("--hc-udp-* options need --hc udp".into());
+        }
+        kind.validate()?;
+        Ok(kind)
+    }
 }
 
 /// Runs a parsed command line.
@@ -134,6 +217,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             hc_timeout,
             hc_rise,
             hc_fall,
+            hc,
         }) => Request::ServiceAdd {
             service,
             scheduler,
@@ -143,6 +227,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 timeout: hc_timeout,
                 rise: hc_rise,
                 fall: hc_fall,
+                kind: hc.to_kind().map_err(anyhow::Error::msg)?,
             },
         },
         Command::Service(ServiceCommand::Del { service }) => Request::ServiceDel { service },
@@ -161,6 +246,15 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Backend(BackendCommand::Drain { service, ip }) => {
             Request::BackendDrain { service, ip }
         }
+        Command::Backend(BackendCommand::Set {
+            service,
+            ip,
+            weight,
+        }) => Request::BackendSet {
+            service,
+            ip,
+            weight,
+        },
     };
     client::call_ok(&cli.api, &request)
 }
@@ -184,6 +278,7 @@ mod tests {
             hc_timeout,
             hc_rise,
             hc_fall,
+            hc,
         }) = cli.command
         else {
             panic!("parsed as {:?}", cli.command);
@@ -193,7 +288,136 @@ mod tests {
         assert_eq!(hc_interval, Duration::from_secs(1));
         assert_eq!(hc_timeout, Duration::from_secs(1));
         assert_eq!((hc_rise, hc_fall), (2, 2));
+        assert_eq!(hc.to_kind(), Ok(CheckKind::Tcp));
         assert_eq!(cli.api, PathBuf::from(DEFAULT_API_SOCKET));
+    }
+
+    /// The check kind of `lb service add 10.0.0.10:80/tcp ARGS`.
+    fn check_of(args: &[&str]) -> Result<CheckKind, String> {
+        let mut all = vec!["service", "add", "10.0.0.10:80/tcp"];
+        all.extend_from_slice(args);
+        match parse(&all).map_err(|e| e.to_string())?.command {
+            Command::Service(ServiceCommand::Add { hc, .. }) => hc.to_kind(),
+            other => panic!("parsed as {other:?}"),
+        }
+    }
+
+    #[test]
+    fn check_flags_build_each_kind_with_its_defaults() {
+        assert_eq!(
+            check_of(&["--hc", "http"]),
+            Ok(CheckKind::Http {
+                path: "/".into(),
+                status: StatusRange {
+                    low: 200,
+                    high: 399
+                },
+                host: None
+            })
+        );
+        assert_eq!(
+            check_of(&[
+                "--hc",
+                "http",
+                "--hc-http-path",
+                "/healthz",
+                "--hc-http-status",
+                "204",
+                "--hc-http-host",
+                "svc.example"
+            ]),
+            Ok(CheckKind::Http {
+                path: "/healthz".into(),
+                status: StatusRange {
+                    low: 204,
+                    high: 204
+                },
+                host: Some("svc.example".into())
+            })
+        );
+        assert_eq!(
+            check_of(&["--hc", "udp"]),
+            Ok(CheckKind::Udp {
+                send: String::new(),
+                expect: None
+            })
+        );
+        assert_eq!(
+            check_of(&[
+                "--hc",
+                "udp",
+                "--hc-udp-send",
+                "ping",
+                "--hc-udp-expect",
+                "pong"
+            ]),
+            Ok(CheckKind::Udp {
+                send: "ping".into(),
+                expect: Some("pong".into())
+            })
+        );
+        assert_eq!(check_of(&["--hc", "none"]), Ok(CheckKind::None));
+        assert_eq!(check_of(&["--hc", "tcp"]), Ok(CheckKind::Tcp));
+    }
+
+    #[test]
+    fn bad_check_flags_are_one_line_errors() {
+        for args in [
+            &["--hc", "icmp"][..],
+            &["--hc", "http", "--hc-http-path", "healthz"],
+            &["--hc", "http", "--hc-http-status", "399-200"],
+            &["--hc", "http", "--hc-http-status", "600"],
+            &["--hc", "http", "--hc-http-status", "2xx"],
+            &["--hc", "http", "--hc-http-host", "a b"],
+            &["--hc-http-path", "/healthz"],
+            &["--hc", "udp", "--hc-http-status", "200"],
+            &["--hc", "http", "--hc-udp-send", "x"],
+            &["--hc", "none", "--hc-udp-expect", "x"],
+            &["--hc", "udp", "--hc-udp-send", r"\q"],
+            &["--hc", "udp", "--hc-udp-expect", ""],
+        ] {
+            let err = check_of(args).expect_err(&format!("{args:?} accepted"));
+            assert!(!err.trim().is_empty(), "{args:?}");
+        }
+    }
+
+    #[test]
+    fn backend_set_needs_a_weight_in_range() {
+        let cli = parse(&[
+            "backend",
+            "set",
+            "10.0.0.10:80/tcp",
+            "10.0.0.2",
+            "--weight",
+            "0",
+        ])
+        .unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Backend(BackendCommand::Set { weight: 0, .. })
+        ));
+        for args in [
+            &["backend", "set", "10.0.0.10:80/tcp", "10.0.0.2"][..],
+            &[
+                "backend",
+                "set",
+                "10.0.0.10:80/tcp",
+                "10.0.0.2",
+                "--weight",
+                "10001",
+            ],
+            &[
+                "backend",
+                "set",
+                "10.0.0.10:80/tcp",
+                "10.0.0.2",
+                "--weight",
+                "-1",
+            ],
+            &["backend", "set", "10.0.0.10:80/tcp", "--weight", "2"],
+        ] {
+            assert!(parse(args).is_err(), "{args:?} accepted");
+        }
     }
 
     #[test]

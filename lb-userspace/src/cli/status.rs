@@ -13,12 +13,13 @@ pub fn render(status: &Status) -> String {
         let hc = &s.health_check;
         let _ = writeln!(
             out,
-            "{}  forward={} scheduler={} packets={} bytes={}  check: tcp every {:?}, timeout {:?}, rise {}, fall {}",
+            "{}  forward={} scheduler={} packets={} bytes={}  check: {} every {:?}, timeout {:?}, rise {}, fall {}",
             s.service,
             s.forward.name(),
             s.scheduler.name(),
             s.packets,
             s.bytes,
+            hc.kind,
             hc.interval,
             hc.timeout,
             hc.rise,

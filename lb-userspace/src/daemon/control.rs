@@ -18,8 +18,8 @@ use tracing::{info, warn};
 use super::health::{ProbeKey, ProbeOutcome};
 use crate::{
     api::{
-        BackendState, BackendStatus, Forward, Health, HealthCheck, Request, Response, Scheduler,
-        ServiceAddr, ServiceStatus, Status,
+        BackendState, BackendStatus, CheckKind, Forward, Health, HealthCheck, Request, Response,
+        Scheduler, ServiceAddr, ServiceStatus, Status,
     },
     dataplane::{Dataplane, DataplaneError},
     neighbour,
@@ -194,6 +194,11 @@ impl<P: Prober> Control<P> {
             } => self.backend_add(service, ip, weight),
             Request::BackendDel { service, ip } => self.backend_del(service, ip),
             Request::BackendDrain { service, ip } => self.backend_drain(service, ip),
+            Request::BackendSet {
+                service,
+                ip,
+                weight,
+            } => self.backend_set(service, ip, weight),
             Request::Status => return self.status().unwrap_or_else(error_response),
         };
         match result {
@@ -239,7 +244,7 @@ impl<P: Prober> Control<P> {
                     ring: e.ring,
                     scheduler: e.scheduler,
                     forward: e.forward,
-                    health: e.health,
+                    health: e.health.clone(),
                     backends: e
                         .backends
                         .iter()
@@ -310,7 +315,11 @@ impl<P: Prober> Control<P> {
                         generation: b.generation,
                         weight: b.weight,
                         draining: b.draining,
-                        health: if alive { Health::Up } else { Health::Unknown },
+                        health: if alive || s.health.kind == CheckKind::None {
+                            Health::Up
+                        } else {
+                            Health::Unknown
+                        },
                         successes: 0,
                         failures: 0,
                         last_error: None,
@@ -325,7 +334,7 @@ impl<P: Prober> Control<P> {
                         generation: b.generation,
                     },
                     SocketAddr::new(b.ip, s.service.port),
-                    s.health,
+                    s.health.clone(),
                 );
                 self.probes.insert((s.service, b.ip), probe);
             }
@@ -395,6 +404,7 @@ impl<P: Prober> Control<P> {
                 "health-check timeout must not exceed the interval".into(),
             ));
         }
+        health.kind.validate().map_err(ControlError::Invalid)?;
         let id = self.service_ids.take().ok_or(ControlError::Full(
             "every service slot is in use (--max-services)",
         ))?;
@@ -499,7 +509,14 @@ impl<P: Prober> Control<P> {
                 lb_common::LC_MAX_BACKENDS
             )));
         }
-        let health = entry.health;
+        let health = entry.health.clone();
+        // A `none` check never reports, so the backend is up from the start (it still needs its
+        // MAC; the prober makes the kernel resolve it).
+        let initial_health = if health.kind == CheckKind::None {
+            Health::Up
+        } else {
+            Health::Unknown
+        };
         let id = self.backend_ids.take().ok_or(ControlError::Full(
             "every backend slot is in use (--max-backends)",
         ))?;
@@ -535,7 +552,7 @@ impl<P: Prober> Control<P> {
                 generation,
                 weight,
                 draining: false,
-                health: Health::Unknown,
+                health: initial_health,
                 successes: 0,
                 failures: 0,
                 last_error: None,
@@ -586,12 +603,55 @@ impl<P: Prober> Control<P> {
         Ok(())
     }
 
+    /// Changes a backend's weight. The Maglev table is rebuilt at once; established flows keep
+    /// their backend (connection table). Weight 0 takes the backend out of the table like a drain.
+    pub fn backend_set(
+        &mut self,
+        addr: ServiceAddr,
+        ip: IpAddr,
+        weight: u32,
+    ) -> Result<(), ControlError> {
+        if weight > MAX_WEIGHT {
+            return Err(ControlError::Invalid(format!(
+                "weight {weight} is above the maximum {MAX_WEIGHT}"
+            )));
+        }
+        let entry = self
+            .services
+            .get_mut(&addr)
+            .ok_or(ControlError::UnknownService(addr))?;
+        let backend = entry
+            .backends
+            .get_mut(&ip)
+            .ok_or(ControlError::UnknownBackend { service: addr, ip })?;
+        let before = backend.weight;
+        if before != weight {
+            backend.weight = weight;
+            if let Err(e) = self.sync_service(addr) {
+                // Nothing was switched: keep what the kernel still has.
+                if let Some(b) = self
+                    .services
+                    .get_mut(&addr)
+                    .and_then(|s| s.backends.get_mut(&ip))
+                {
+                    b.weight = before;
+                }
+                return Err(e);
+            }
+            info!(service = %addr, backend = %ip, from = before, to = weight, "backend weight changed");
+        }
+        Ok(())
+    }
+
     /// A health probe finished. Applies rise/fall and, on a change of state, the maps.
     pub fn probe_result(&mut self, key: ProbeKey, outcome: ProbeOutcome) {
         let Some(entry) = self.services.get_mut(&key.service) else {
             return;
         };
-        let check = entry.health;
+        let (rise, fall) = (entry.health.rise, entry.health.fall);
+        if entry.health.kind == CheckKind::None {
+            return; // never expected: health is not checked
+        }
         let Some(backend) = entry.backends.get_mut(&key.ip) else {
             return;
         };
@@ -604,7 +664,7 @@ impl<P: Prober> Control<P> {
                 backend.successes += 1;
                 backend.failures = 0;
                 backend.last_error = None;
-                if backend.health != Health::Up && backend.successes >= check.rise {
+                if backend.health != Health::Up && backend.successes >= rise {
                     backend.health = Health::Up;
                 }
             }
@@ -612,7 +672,7 @@ impl<P: Prober> Control<P> {
                 backend.failures += 1;
                 backend.successes = 0;
                 backend.last_error = Some(error);
-                if backend.health != Health::Down && backend.failures >= check.fall {
+                if backend.health != Health::Down && backend.failures >= fall {
                     backend.health = Health::Down;
                 }
             }
@@ -748,7 +808,8 @@ impl<P: Prober> Control<P> {
                 backends.push(BackendStatus {
                     ip: *ip,
                     weight: b.weight,
-                    state: if b.draining {
+                    // Weight 0 behaves as a drain, so it reads as one.
+                    state: if b.draining || b.weight == 0 {
                         BackendState::Draining
                     } else if b.in_table() {
                         BackendState::Active
@@ -768,7 +829,7 @@ impl<P: Prober> Control<P> {
                 service: addr.to_string(),
                 forward: e.forward,
                 scheduler: e.scheduler,
-                health_check: e.health,
+                health_check: e.health.clone(),
                 packets: traffic.packets,
                 bytes: traffic.bytes,
                 backends,

@@ -2,6 +2,7 @@
 //! sockets created inside the right namespace (see `netns::run_in`). Every body the server sends
 //! is the backend's name, so a client knows which backend answered.
 
+use std::collections::BTreeMap;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -26,9 +27,12 @@ pub struct Server {
     name: String,
     ns: String,
     port: u16,
-    /// Requests answered since creation (health checks connect but send no request, so they
-    /// do not count).
+    /// Requests answered since creation (TCP health checks connect but send no request, and
+    /// requests to a path given a status with `set_status` are HTTP health checks: neither
+    /// counts).
     requests: Arc<AtomicU64>,
+    /// Status codes by path (lower case) that differ from 200; see `set_status`.
+    statuses: Arc<Mutex<BTreeMap<String, u16>>>,
     /// Set on drop: every connection thread ends.
     shutdown: Arc<AtomicBool>,
     acceptor: Option<(Arc<AtomicBool>, JoinHandle<io::Result<()>>)>,
@@ -42,6 +46,7 @@ impl Server {
             ns: ns.to_owned(),
             port,
             requests: Arc::new(AtomicU64::new(0)),
+            statuses: Arc::new(Mutex::new(BTreeMap::new())),
             shutdown: Arc::new(AtomicBool::new(false)),
             acceptor: None,
             conns: Arc::new(Mutex::new(Vec::new())),
@@ -58,6 +63,15 @@ impl Server {
 
     pub fn is_running(&self) -> bool {
         self.acceptor.is_some()
+    }
+
+    /// Answers GETs of `path` with status `code` from now on (for example 503 on a health-check
+    /// path), also while running. Such requests are not counted in `requests`.
+    pub fn set_status(&self, path: &str, code: u16) {
+        self.statuses
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(path.to_ascii_lowercase(), code);
     }
 
     /// Binds the listener (inside the namespace) and starts accepting. Returns once the port
@@ -79,6 +93,7 @@ impl Server {
         let ctx = ConnCtx {
             name: self.name.clone(),
             requests: self.requests.clone(),
+            statuses: self.statuses.clone(),
             shutdown: self.shutdown.clone(),
         };
         let conns = self.conns.clone();
@@ -119,6 +134,7 @@ impl Drop for Server {
 struct ConnCtx {
     name: String,
     requests: Arc<AtomicU64>,
+    statuses: Arc<Mutex<BTreeMap<String, u16>>>,
     shutdown: Arc<AtomicBool>,
 }
 
@@ -171,15 +187,26 @@ fn serve_conn(mut stream: TcpStream, ctx: &ConnCtx) -> io::Result<()> {
                 return Ok(());
             }
             let close = head.contains("\r\nconnection: close");
+            let path = head.split(' ').nth(1).unwrap_or("/");
+            let set = ctx
+                .statuses
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(path)
+                .copied();
             let resp = format!(
-                "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\
+                "HTTP/1.1 {} {}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\
                  Connection: {}\r\n\r\n{}",
+                set.unwrap_or(200),
+                if set.is_none() { "OK" } else { "Set By Test" },
                 ctx.name.len(),
                 if close { "close" } else { "keep-alive" },
                 ctx.name
             );
             // Counted before the answer leaves, so a client that has its answer sees the count.
-            ctx.requests.fetch_add(1, Ordering::SeqCst);
+            if set.is_none() {
+                ctx.requests.fetch_add(1, Ordering::SeqCst);
+            }
             stream.write_all(resp.as_bytes())?;
             if close {
                 let _ = stream.shutdown(Shutdown::Write);
