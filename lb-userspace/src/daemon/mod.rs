@@ -6,6 +6,7 @@
 
 mod control;
 mod health;
+pub mod metrics;
 mod server;
 
 use std::{
@@ -57,6 +58,10 @@ pub struct DaemonArgs {
     /// Log every forwarding decision from the XDP program (slow; for debugging only).
     #[arg(long)]
     pub debug_packets: bool,
+    /// Serve Prometheus metrics at http://ADDR/metrics (for example 127.0.0.1:9100); off
+    /// unless set.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 pub fn run(args: DaemonArgs, api: PathBuf) -> anyhow::Result<()> {
@@ -67,6 +72,10 @@ pub fn run(args: DaemonArgs, api: PathBuf) -> anyhow::Result<()> {
         .context("starting the tokio runtime")?;
 
     let listener = runtime.block_on(server::bind(&api))?;
+    let metrics_listener = match args.metrics {
+        Some(addr) => Some(runtime.block_on(metrics::bind(addr))?),
+        None => None,
+    };
 
     let sizing = Sizing {
         max_services: args.max_services,
@@ -95,6 +104,12 @@ pub fn run(args: DaemonArgs, api: PathBuf) -> anyhow::Result<()> {
         }
     };
     runtime.spawn(server::serve(listener, events.clone()));
+    if let Some(metrics_listener) = metrics_listener {
+        if let Ok(addr) = metrics_listener.local_addr() {
+            info!(%addr, "serving Prometheus metrics at /metrics");
+        }
+        runtime.spawn(metrics::serve(metrics_listener, events.clone()));
+    }
     runtime.spawn(wait_for_signal(events.clone()));
 
     let prober = health::TokioProber::new(runtime.handle().clone(), events);
