@@ -73,7 +73,14 @@ pub fn run(args: DaemonArgs, api: PathBuf) -> anyhow::Result<()> {
 
     let listener = runtime.block_on(server::bind(&api))?;
     let metrics_listener = match args.metrics {
-        Some(addr) => Some(runtime.block_on(metrics::bind(addr))?),
+        Some(addr) => match runtime.block_on(metrics::bind(addr)) {
+            Ok(listener) => Some(listener),
+            Err(e) => {
+                // Nothing serves the socket just bound: leave no stale file behind.
+                let _ = std::fs::remove_file(&api);
+                return Err(e);
+            }
+        },
         None => None,
     };
 
