@@ -579,3 +579,82 @@ fn version_and_completions_work() {
         .expect("running lb completions");
     common::assert_cli_error("lb completions nosuchshell", &out);
 }
+
+/// The packaged unit is valid for systemd, and the daemon flags its defaults file passes parse.
+#[test]
+fn packaged_unit_and_defaults_are_valid() {
+    use clap::Parser as _;
+
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("the workspace root");
+    let unit = std::fs::read_to_string(root.join("packaging/lb.service")).expect("lb.service");
+    let defaults = std::fs::read_to_string(root.join("packaging/lb.default")).expect("lb.default");
+    assert!(
+        unit.contains("\nExecStart=/usr/local/bin/lb daemon --iface ${LB_IFACE} $LB_DAEMON_ARGS\n"),
+        "{unit}"
+    );
+    assert!(
+        unit.contains("\nEnvironmentFile=/etc/default/lb\n"),
+        "{unit}"
+    );
+
+    // What systemd would run with the defaults file as shipped.
+    let var = |name: &str| {
+        defaults
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}=")))
+            .unwrap_or_else(|| panic!("{name} not set in lb.default"))
+            .trim_matches('"')
+            .to_owned()
+    };
+    let iface = var("LB_IFACE");
+    let extra = var("LB_DAEMON_ARGS");
+    let argv: Vec<&str> = ["lb", "daemon", "--iface", &iface]
+        .into_iter()
+        .chain(extra.split_whitespace())
+        .collect();
+    let cli = lb_userspace::cli::Cli::try_parse_from(&argv)
+        .unwrap_or_else(|e| panic!("{argv:?} does not parse: {e}"));
+    let lb_userspace::cli::Command::Daemon(args) = cli.command else {
+        panic!("{argv:?} is not `lb daemon`");
+    };
+    assert_eq!(args.iface, iface);
+    assert_eq!(
+        args.metrics,
+        Some("127.0.0.1:9100".parse().expect("address"))
+    );
+
+    // systemd's own check, on a copy whose binary and defaults file exist here.
+    let dir = std::env::temp_dir().join(format!("lb-unit-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let copy = dir.join("lb.service");
+    std::fs::write(
+        &copy,
+        unit.replace("/usr/local/bin/lb", LB_BIN).replace(
+            "EnvironmentFile=/etc/default/lb",
+            &format!(
+                "EnvironmentFile={}",
+                root.join("packaging/lb.default").display()
+            ),
+        ),
+    )
+    .expect("writing the unit copy");
+    let verified = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&copy)
+        .output();
+    let _ = std::fs::remove_dir_all(&dir);
+    match verified {
+        Ok(o) => assert!(
+            o.status.success() && o.stderr.is_empty(),
+            "systemd-analyze verify lb.service: {}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        ),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            eprintln!("SKIPPED: systemd-analyze is not installed; lb.service is not verified")
+        }
+        Err(e) => panic!("running systemd-analyze: {e}"),
+    }
+}
