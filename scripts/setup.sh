@@ -6,7 +6,8 @@ set -euo pipefail
 log() { printf 'setup: %s\n' "$*" >&2; }
 
 # --- Debian packages the tests and demo use -------------------------------------------------
-PKGS=(iproute2 ethtool bpftool nftables curl wrk iperf3 tcpdump procps psmisc python3)
+# zsh and fish: tests/observe.rs checks that `lb completions zsh|fish` parses in them.
+PKGS=(iproute2 ethtool bpftool nftables curl wrk iperf3 tcpdump procps psmisc python3 zsh fish)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

@@ -1,12 +1,13 @@
 //! The command line: `lb daemon` and the control commands that talk to it.
 
 mod client;
+mod stats;
 mod status;
 mod wire;
 
 use std::{net::IpAddr, path::PathBuf, time::Duration};
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, CommandFactory as _, Parser, Subcommand, ValueEnum};
 
 use crate::{
     api::{
@@ -45,6 +46,16 @@ pub enum Command {
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
+    },
+    /// Packets and bytes per second per service and backend, from two snapshots an interval
+    /// apart.
+    Stats(stats::StatsArgs),
+    /// Print a completion script for SHELL on stdout (for example
+    /// `lb completions bash > /usr/share/bash-completion/completions/lb`).
+    Completions {
+        /// The shell to complete for.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
     },
     /// Test aid: attach an XDP_PASS program to interfaces until SIGINT/SIGTERM. A frame sent
     /// into a veth with XDP_TX is only received when the peer runs an XDP program.
@@ -207,6 +218,11 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             } else {
                 print!("{}", status::render(&status));
             }
+            return Ok(());
+        }
+        Command::Stats(args) => return stats::run(&cli.api, &args),
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "lb", &mut std::io::stdout());
             return Ok(());
         }
         Command::Service(ServiceCommand::Add {
@@ -441,6 +457,54 @@ mod tests {
     }
 
     #[test]
+    fn stats_and_metrics_flags_parse() {
+        let cli = parse(&["stats", "--watch", "--json", "--interval", "500ms"]).unwrap();
+        let Command::Stats(args) = cli.command else {
+            panic!("parsed as {:?}", cli.command);
+        };
+        assert!(args.watch && args.json);
+        assert_eq!(args.interval, Duration::from_millis(500));
+        let Command::Stats(args) = parse(&["stats"]).unwrap().command else {
+            panic!("stats did not parse");
+        };
+        assert!(!args.watch && !args.json);
+        assert_eq!(args.interval, Duration::from_secs(1));
+
+        let cli = parse(&["daemon", "--iface", "eth0", "--metrics", "127.0.0.1:9100"]).unwrap();
+        let Command::Daemon(args) = cli.command else {
+            panic!("parsed as {:?}", cli.command);
+        };
+        assert_eq!(args.metrics, Some("127.0.0.1:9100".parse().unwrap()));
+        let Command::Daemon(args) = parse(&["daemon", "--iface", "eth0"]).unwrap().command else {
+            panic!("daemon did not parse");
+        };
+        assert_eq!(args.metrics, None, "metrics must be off unless asked for");
+    }
+
+    #[test]
+    fn completions_name_every_command() {
+        for shell in [
+            clap_complete::Shell::Bash,
+            clap_complete::Shell::Zsh,
+            clap_complete::Shell::Fish,
+        ] {
+            let mut out = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "lb", &mut out);
+            let text = String::from_utf8(out).unwrap();
+            for word in [
+                "daemon",
+                "service",
+                "backend",
+                "status",
+                "stats",
+                "completions",
+            ] {
+                assert!(text.contains(word), "{shell}: no {word}");
+            }
+        }
+    }
+
+    #[test]
     fn bad_input_is_rejected_before_reaching_the_daemon() {
         for args in [
             &["service", "add", "10.0.0.10/tcp"][..],
@@ -479,6 +543,9 @@ mod tests {
             ],
             &["backend", "drain", "10.0.0.10:80/tcp"],
             &["daemon"],
+            &["daemon", "--iface", "eth0", "--metrics", "localhost"],
+            &["stats", "--interval", "0s"],
+            &["completions", "tcsh"],
         ] {
             assert!(parse(args).is_err(), "{args:?} accepted");
         }

@@ -6,6 +6,7 @@
 
 mod control;
 mod health;
+pub mod metrics;
 mod server;
 
 use std::{
@@ -75,6 +76,10 @@ pub struct DaemonArgs {
     /// table) and ignore the saved state.
     #[arg(long)]
     pub fresh: bool,
+    /// Serve Prometheus metrics at http://ADDR/metrics (for example 127.0.0.1:9100); off
+    /// unless set.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 pub fn run(args: DaemonArgs, api: PathBuf) -> anyhow::Result<()> {
@@ -85,6 +90,17 @@ pub fn run(args: DaemonArgs, api: PathBuf) -> anyhow::Result<()> {
         .context("starting the tokio runtime")?;
 
     let listener = runtime.block_on(server::bind(&api))?;
+    let metrics_listener = match args.metrics {
+        Some(addr) => match runtime.block_on(metrics::bind(addr)) {
+            Ok(listener) => Some(listener),
+            Err(e) => {
+                // Nothing serves the socket just bound: leave no stale file behind.
+                let _ = std::fs::remove_file(&api);
+                return Err(e);
+            }
+        },
+        None => None,
+    };
 
     let requested = Sizing {
         max_services: args.max_services,
@@ -163,6 +179,12 @@ pub fn run(args: DaemonArgs, api: PathBuf) -> anyhow::Result<()> {
         }
     };
     runtime.spawn(server::serve(listener, events.clone()));
+    if let Some(metrics_listener) = metrics_listener {
+        if let Ok(addr) = metrics_listener.local_addr() {
+            info!(%addr, "serving Prometheus metrics at /metrics");
+        }
+        runtime.spawn(metrics::serve(metrics_listener, events.clone()));
+    }
     runtime.spawn(wait_for_signal(events.clone()));
 
     let prober = health::TokioProber::new(runtime.handle().clone(), events);
