@@ -2,15 +2,17 @@
 //! `cargo bench -p lb-userspace --bench throughput -- [--quick]`).
 //!
 //! ```text
-//!                          ┌─ lb   10.99.0.2  the balancer (lb daemon, XDP, L2 DSR) ─┐
-//!   client ── bridge (sw) ─┼─ nat  10.99.0.3  nftables DNAT + conntrack             ─┼─ bridge ── b1, b2, b3
-//!                          └─ fwd  10.99.0.4  minimal XDP forwarder (MAC rewrite)   ─┘            (XDP sink)
+//!                          ┌─ lb    10.99.0.2  the balancer (lb daemon, XDP, L2 DSR) ─┐
+//!   client ── bridge (sw) ─┼─ nat   10.99.0.3  nftables DNAT + conntrack             ─┼─ bridge ── b1, b2, b3
+//!   (generator)            ├─ fwd   10.99.0.4  minimal XDP forwarder (MAC rewrite)   ─┤            (XDP sinks)
+//!                          └─ kfwd  10.99.0.5  kernel IP forwarding, no netfilter    ─┘
 //! ```
 //! The generator transmits UDP datagrams to the VIP from the client's eth0 with the kernel's
 //! live-frames test mode, in 65,536 distinct flows; an XDP program on every backend counts and
-//! drops them. The same traffic goes four ways: straight to backend b1 (no middlebox), through
+//! drops them. The same traffic goes five ways: straight to backend b1 (no middlebox), through
 //! the balancer, through nftables DNAT (what users would pick instead, as kube-proxy does), and
-//! through a minimal XDP forwarder (the floor for any XDP_TX forwarder on this test bed).
+//! through two floors: a minimal XDP forwarder (for any XDP_TX forwarder on this test bed) and
+//! plain kernel forwarding (for anything the kernel's stack forwards, NAT included).
 //!
 //! Figures, printed and written to target/lb-bench/throughput.json, never asserted:
 //! 1. offered vs delivered rate at several offered rates, and the highest loss-free rate;

@@ -270,6 +270,7 @@ mod tests {
                         last_error: None,
                         mac: None,
                         in_table: true,
+                        active_flows: 0,
                         packets: *packets,
                         bytes: *bytes,
                     })

@@ -209,7 +209,7 @@ struct BackendFamily {
     value: fn(&BackendStatus) -> u64,
 }
 
-const BACKEND_FAMILIES: [BackendFamily; 4] = [
+const BACKEND_FAMILIES: [BackendFamily; 5] = [
     BackendFamily {
         name: "lb_backend_packets_total",
         kind: "counter",
@@ -234,6 +234,13 @@ const BACKEND_FAMILIES: [BackendFamily; 4] = [
         kind: "gauge",
         help: "1 if the backend is in the service's Maglev table (gets new flows), else 0.",
         value: |b| u64::from(b.in_table),
+    },
+    BackendFamily {
+        name: "lb_backend_active_flows",
+        kind: "gauge",
+        help: "Flows placed on the backend and not yet closed (FIN/RST) or idle, as the kernel \
+               counts them (recounted from the connection table every few seconds).",
+        value: |b| u64::try_from(b.active_flows).unwrap_or(0),
     },
 ];
 
@@ -362,6 +369,7 @@ mod tests {
             last_error: None,
             mac: None,
             in_table,
+            active_flows: i64::from(in_table) * 3,
             packets,
             bytes,
         }
@@ -409,6 +417,10 @@ lb_backend_up{service="10.0.0.10:80/tcp",backend="10.0.0.3"} 0
 # TYPE lb_backend_in_table gauge
 lb_backend_in_table{service="10.0.0.10:80/tcp",backend="10.0.0.2"} 1
 lb_backend_in_table{service="10.0.0.10:80/tcp",backend="10.0.0.3"} 0
+# HELP lb_backend_active_flows Flows placed on the backend and not yet closed (FIN/RST) or idle, as the kernel counts them (recounted from the connection table every few seconds).
+# TYPE lb_backend_active_flows gauge
+lb_backend_active_flows{service="10.0.0.10:80/tcp",backend="10.0.0.2"} 3
+lb_backend_active_flows{service="10.0.0.10:80/tcp",backend="10.0.0.3"} 0
 # HELP lb_packets_total Packets seen by the XDP program, by what it did with them (forwarded, pass_*, drop_*).
 # TYPE lb_packets_total counter
 lb_packets_total{reason="drop_no_backend"} 0
