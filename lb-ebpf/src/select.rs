@@ -27,7 +27,7 @@ pub struct Chosen {
 pub fn backend_for(service: &Service, pkt: &PacketV4) -> Result<Chosen, Reason> {
     // SAFETY (clock): a helper without arguments.
     let now = (unsafe { bpf_ktime_get_coarse_ns() } / 1_000_000_000) as u32;
-    if let Some(state) = CONNTRACK.get_ptr_mut(&pkt.flow) {
+    if let Some(state) = CONNTRACK.get_ptr_mut(pkt.flow) {
         // SAFETY: a pointer into the map's value, valid for this run of the program.
         let state = unsafe { &mut *state };
         if let Some(backend) = BACKENDS.get(state.backend)
@@ -73,7 +73,7 @@ pub fn backend_for(service: &Service, pkt: &PacketV4) -> Result<Chosen, Reason> 
         flags: if closed { FLOW_F_CLOSED } else { 0 },
     };
     // A failed insert only costs a new choice on the next packet, so it is not an error.
-    if CONNTRACK.insert(&pkt.flow, state, 0).is_ok() && !closed {
+    if CONNTRACK.insert(pkt.flow, state, 0).is_ok() && !closed {
         add_flows(id, 1);
     }
     Ok(Chosen {

@@ -455,6 +455,9 @@ pub enum Request {
     BackendDrain {
         service: ServiceAddr,
         ip: IpAddr,
+        /// Longest wait for the established flows to end; then they are moved. None: no limit.
+        #[serde(default)]
+        timeout_ms: Option<u64>,
     },
     /// Changes a backend's weight live; 0 takes it out of the table like a drain.
     BackendSet {
@@ -506,6 +509,9 @@ pub enum BackendState {
     Active,
     /// Drained or weight 0: keeps its established flows, gets no new ones.
     Draining,
+    /// Drain finished (its last flow ended or the timeout passed): out of service until its
+    /// health checks fail and pass again (a redeploy) or it is deleted.
+    Drained,
     /// Not usable yet or any more (health down or unknown, or MAC not resolved).
     Down,
 }

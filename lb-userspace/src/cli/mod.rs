@@ -125,6 +125,10 @@ pub enum BackendCommand {
         service: ServiceAddr,
         /// The backend's address.
         ip: IpAddr,
+        /// Longest wait for its established flows to end (30s, 2m, ...); then they move to
+        /// other backends. Without it the drain waits for every flow.
+        #[arg(long, value_parser = api::parse_duration)]
+        timeout: Option<Duration>,
     },
     /// Change a backend's weight live: new flows follow the new weights at once, established
     /// flows stay. Weight 0 behaves as a drain.
@@ -259,9 +263,15 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Backend(BackendCommand::Del { service, ip }) => {
             Request::BackendDel { service, ip }
         }
-        Command::Backend(BackendCommand::Drain { service, ip }) => {
-            Request::BackendDrain { service, ip }
-        }
+        Command::Backend(BackendCommand::Drain {
+            service,
+            ip,
+            timeout,
+        }) => Request::BackendDrain {
+            service,
+            ip,
+            timeout_ms: timeout.map(|t| t.as_millis() as u64),
+        },
         Command::Backend(BackendCommand::Set {
             service,
             ip,

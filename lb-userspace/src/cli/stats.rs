@@ -139,6 +139,7 @@ pub fn render(sample: &Sample) -> String {
             let state = match b.state {
                 BackendState::Active => "active",
                 BackendState::Draining => "draining",
+                BackendState::Drained => "drained",
                 BackendState::Down => "down",
             };
             let health = match b.health {

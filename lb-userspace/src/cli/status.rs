@@ -37,6 +37,7 @@ pub fn render(status: &Status) -> String {
             let state = match b.state {
                 BackendState::Active => "active",
                 BackendState::Draining => "draining",
+                BackendState::Drained => "drained",
                 BackendState::Down => "down",
             };
             let health = match b.health {

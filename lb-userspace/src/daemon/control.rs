@@ -6,6 +6,7 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     net::{IpAddr, Ipv4Addr, SocketAddr},
     path::PathBuf,
+    time::{Duration, Instant},
 };
 
 use serde::{Deserialize, Serialize};
@@ -59,6 +60,23 @@ pub struct SavedBackend {
     pub draining: bool,
 }
 
+/// A TCP flow with no packet for this long (and no FIN/RST) stops counting as active.
+const TCP_ACTIVE_IDLE: u32 = 300;
+/// The same for UDP, which has no close.
+const UDP_ACTIVE_IDLE: u32 = 30;
+
+/// Whole seconds of CLOCK_MONOTONIC: the clock of `FlowState::last_seen`
+/// (`bpf_ktime_get_coarse_ns` is the coarse reading of the same clock).
+fn monotonic_secs() -> u32 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: ts is a valid timespec to write.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u32
+}
+
 /// Largest accepted backend weight.
 pub const MAX_WEIGHT: u32 = 10_000;
 
@@ -104,7 +122,14 @@ struct BackendEntry {
     id: u32,
     generation: u32,
     weight: u32,
+    /// `lb backend drain`: no new flows; established ones stay until they end or the deadline.
     draining: bool,
+    drain_deadline: Option<Instant>,
+    /// The drain finished: the backend keeps no flows either, until it is redeployed (its
+    /// health checks fail and pass again), which ends the drain.
+    drained: bool,
+    /// Its health went down while draining (its server was stopped for a redeploy).
+    down_while_draining: bool,
     health: Health,
     successes: u32,
     failures: u32,
@@ -117,7 +142,7 @@ struct BackendEntry {
 impl BackendEntry {
     /// May keep established flows: healthy and reachable at L2. Draining backends keep theirs.
     fn alive(&self) -> bool {
-        self.health == Health::Up && self.mac.is_some()
+        self.health == Health::Up && self.mac.is_some() && !self.drained
     }
 
     /// May receive new flows.
@@ -193,7 +218,11 @@ impl<P: Prober> Control<P> {
                 weight,
             } => self.backend_add(service, ip, weight),
             Request::BackendDel { service, ip } => self.backend_del(service, ip),
-            Request::BackendDrain { service, ip } => self.backend_drain(service, ip),
+            Request::BackendDrain {
+                service,
+                ip,
+                timeout_ms,
+            } => self.backend_drain(service, ip, timeout_ms.map(Duration::from_millis)),
             Request::BackendSet {
                 service,
                 ip,
@@ -315,6 +344,9 @@ impl<P: Prober> Control<P> {
                         generation: b.generation,
                         weight: b.weight,
                         draining: b.draining,
+                        drain_deadline: None,
+                        drained: false,
+                        down_while_draining: false,
                         health: if alive || s.health.kind == CheckKind::None {
                             Health::Up
                         } else {
@@ -552,6 +584,9 @@ impl<P: Prober> Control<P> {
                 generation,
                 weight,
                 draining: false,
+                drain_deadline: None,
+                drained: false,
+                down_while_draining: false,
                 health: initial_health,
                 successes: 0,
                 failures: 0,
@@ -586,7 +621,12 @@ impl<P: Prober> Control<P> {
         Ok(())
     }
 
-    pub fn backend_drain(&mut self, addr: ServiceAddr, ip: IpAddr) -> Result<(), ControlError> {
+    pub fn backend_drain(
+        &mut self,
+        addr: ServiceAddr,
+        ip: IpAddr,
+        timeout: Option<Duration>,
+    ) -> Result<(), ControlError> {
         let entry = self
             .services
             .get_mut(&addr)
@@ -595,12 +635,86 @@ impl<P: Prober> Control<P> {
             .backends
             .get_mut(&ip)
             .ok_or(ControlError::UnknownBackend { service: addr, ip })?;
+        backend.drain_deadline = timeout.map(|t| Instant::now() + t);
         if !backend.draining {
             backend.draining = true;
+            backend.down_while_draining = false;
             self.sync_service(addr)?;
-            info!(service = %addr, backend = %ip, "backend draining: no new flows");
+            info!(service = %addr, backend = %ip, ?timeout, "backend draining: no new flows");
         }
         Ok(())
+    }
+
+    /// Recounts each backend's active flows from the connection table and writes the counts
+    /// the kernel keeps, correcting what its +1/-1 bookkeeping cannot see: flows that went
+    /// idle without a FIN (all UDP flows) and entries the LRU evicted. Active: not closed, of
+    /// this backend's generation, and seen within the idle timeout of its protocol.
+    pub fn recount_flows(&mut self) {
+        let flows = match self.dp.flows() {
+            Ok(f) => f,
+            Err(e) => {
+                warn!("recounting flows: {e}");
+                return;
+            }
+        };
+        let now = monotonic_secs();
+        let mut counts: BTreeMap<u32, (u32, i64)> = BTreeMap::new();
+        for entry in self.services.values() {
+            for b in entry.backends.values() {
+                counts.insert(b.id, (b.generation, 0));
+            }
+        }
+        for (key, state) in flows {
+            let idle = if key.proto == lb_common::PROTO_TCP {
+                TCP_ACTIVE_IDLE
+            } else {
+                UDP_ACTIVE_IDLE
+            };
+            if state.flags & lb_common::FLOW_F_CLOSED == 0
+                && now.saturating_sub(state.last_seen) <= idle
+                && let Some((generation, n)) = counts.get_mut(&state.backend)
+                && *generation == state.generation
+            {
+                *n += 1;
+            }
+        }
+        for (id, (_, n)) in counts {
+            if let Err(e) = self.dp.set_flow_count(id, n) {
+                warn!(id, "writing a flow count: {e}");
+            }
+        }
+    }
+
+    /// Finishes drains: a draining backend whose last flow ended (the kernel's count of its
+    /// active flows is zero) or whose deadline passed becomes drained, and its remaining flows
+    /// move to other backends.
+    pub fn tick_drains(&mut self) {
+        let now = Instant::now();
+        let mut changed = Vec::new();
+        for (addr, entry) in &mut self.services {
+            for (ip, b) in &mut entry.backends {
+                if !b.draining || b.drained {
+                    continue;
+                }
+                let flows = self.dp.flow_count(b.id).unwrap_or(0);
+                let timed_out = b.drain_deadline.is_some_and(|d| now >= d);
+                if flows <= 0 || timed_out {
+                    b.drained = true;
+                    if flows > 0 {
+                        warn!(service = %addr, backend = %ip, flows, "drain timeout: remaining flows move to other backends");
+                    } else {
+                        info!(service = %addr, backend = %ip, "drain complete: its last flow ended");
+                    }
+                    changed.push(*addr);
+                }
+            }
+        }
+        changed.dedup();
+        for addr in changed {
+            if let Err(e) = self.sync_service(addr) {
+                warn!(service = %addr, "finishing a drain: {e}");
+            }
+        }
     }
 
     /// Changes a backend's weight. The Maglev table is rebuilt at once; established flows keep
@@ -678,6 +792,16 @@ impl<P: Prober> Control<P> {
             }
         }
         if backend.health != before {
+            if backend.draining && backend.health == Health::Down {
+                backend.down_while_draining = true;
+            }
+            if backend.draining && backend.health == Health::Up && backend.down_while_draining {
+                // Stopped and started again while drained: a redeploy. Back in service.
+                backend.draining = false;
+                backend.drained = false;
+                backend.drain_deadline = None;
+                info!(service = %key.service, backend = %key.ip, "redeployed backend is back in service");
+            }
             match &backend.last_error {
                 Some(err) => {
                     warn!(service = %key.service, backend = %key.ip, error = %err, "backend is down")
@@ -809,7 +933,9 @@ impl<P: Prober> Control<P> {
                     ip: *ip,
                     weight: b.weight,
                     // Weight 0 behaves as a drain, so it reads as one.
-                    state: if b.draining || b.weight == 0 {
+                    state: if b.drained {
+                        BackendState::Drained
+                    } else if b.draining || b.weight == 0 {
                         BackendState::Draining
                     } else if b.in_table() {
                         BackendState::Active

@@ -27,8 +27,10 @@ use crate::{
     pins::PinDir,
 };
 
-/// How often the control loop rereads the neighbour table for backend MACs.
+/// How often the control loop rereads the neighbour table for backend MACs and checks drains.
 const NEIGHBOUR_REFRESH: Duration = Duration::from_millis(500);
+/// How often active flows are recounted from the connection table.
+const FLOW_RECOUNT: Duration = Duration::from_secs(5);
 
 pub enum Event {
     Api(Request, oneshot::Sender<Response>),
@@ -229,10 +231,16 @@ fn read_state(path: &std::path::Path) -> anyhow::Result<Option<control::SavedSta
 
 fn control_loop<P: Prober>(control: &mut Control<P>, inbox: &mpsc::Receiver<Event>) {
     let mut next_refresh = Instant::now();
+    let mut next_recount = Instant::now() + FLOW_RECOUNT;
     loop {
         let now = Instant::now();
+        if now >= next_recount {
+            control.recount_flows();
+            next_recount = now + FLOW_RECOUNT;
+        }
         if now >= next_refresh {
             control.refresh_macs();
+            control.tick_drains();
             next_refresh = now + NEIGHBOUR_REFRESH;
         }
         match inbox.recv_timeout(next_refresh.saturating_duration_since(now)) {
