@@ -21,6 +21,7 @@
 
 pub mod http;
 pub mod netns;
+pub mod stream;
 pub mod udp;
 
 use std::collections::{BTreeMap, BTreeSet};
