@@ -136,17 +136,7 @@ pub fn render(sample: &Sample) -> String {
             human_bytes(s.bytes_per_sec)
         );
         for b in &s.backends {
-            let state = match b.state {
-                BackendState::Active => "active",
-                BackendState::Draining => "draining",
-                BackendState::Drained => "drained",
-                BackendState::Down => "down",
-            };
-            let health = match b.health {
-                Health::Unknown => "unknown",
-                Health::Up => "up",
-                Health::Down => "down",
-            };
+            let (state, health) = (b.state.name(), b.health.name());
             let _ = writeln!(
                 out,
                 "  {:<26} {:<9} {:<8} {:>12} {:>12}",

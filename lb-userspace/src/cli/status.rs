@@ -2,7 +2,7 @@
 
 use std::fmt::Write as _;
 
-use crate::api::{BackendState, Health, Status};
+use crate::api::Status;
 
 pub fn render(status: &Status) -> String {
     let mut out = String::new();
@@ -34,17 +34,7 @@ pub fn render(status: &Status) -> String {
             "BACKEND", "WEIGHT", "STATE", "HEALTH", "MAC", "PACKETS", "BYTES"
         ));
         for b in &s.backends {
-            let state = match b.state {
-                BackendState::Active => "active",
-                BackendState::Draining => "draining",
-                BackendState::Drained => "drained",
-                BackendState::Down => "down",
-            };
-            let health = match b.health {
-                Health::Unknown => "unknown",
-                Health::Up => "up",
-                Health::Down => "down",
-            };
+            let (state, health) = (b.state.name(), b.health.name());
             let _ = writeln!(
                 out,
                 "  {:<16} {:>6}  {:<9} {:<8} {:<18} {:>10} {:>12}  {}",

@@ -621,20 +621,27 @@ impl<P: Prober> Control<P> {
         Ok(())
     }
 
+    /// The entry of backend `ip` of service `addr`.
+    fn backend_mut(
+        &mut self,
+        addr: ServiceAddr,
+        ip: IpAddr,
+    ) -> Result<&mut BackendEntry, ControlError> {
+        self.services
+            .get_mut(&addr)
+            .ok_or(ControlError::UnknownService(addr))?
+            .backends
+            .get_mut(&ip)
+            .ok_or(ControlError::UnknownBackend { service: addr, ip })
+    }
+
     pub fn backend_drain(
         &mut self,
         addr: ServiceAddr,
         ip: IpAddr,
         timeout: Option<Duration>,
     ) -> Result<(), ControlError> {
-        let entry = self
-            .services
-            .get_mut(&addr)
-            .ok_or(ControlError::UnknownService(addr))?;
-        let backend = entry
-            .backends
-            .get_mut(&ip)
-            .ok_or(ControlError::UnknownBackend { service: addr, ip })?;
+        let backend = self.backend_mut(addr, ip)?;
         backend.drain_deadline = timeout.map(|t| Instant::now() + t);
         if !backend.draining {
             backend.draining = true;
@@ -730,14 +737,7 @@ impl<P: Prober> Control<P> {
                 "weight {weight} is above the maximum {MAX_WEIGHT}"
             )));
         }
-        let entry = self
-            .services
-            .get_mut(&addr)
-            .ok_or(ControlError::UnknownService(addr))?;
-        let backend = entry
-            .backends
-            .get_mut(&ip)
-            .ok_or(ControlError::UnknownBackend { service: addr, ip })?;
+        let backend = self.backend_mut(addr, ip)?;
         let before = backend.weight;
         if before != weight {
             backend.weight = weight;
