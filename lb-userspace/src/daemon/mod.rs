@@ -206,9 +206,7 @@ pub fn run(args: DaemonArgs, api: PathBuf) -> anyhow::Result<()> {
         let changes = control
             .apply_config(config, &file)
             .context("applying the configuration")?;
-        for change in &changes {
-            info!(file, "{change}");
-        }
+        // Each change was logged as it was made.
         info!(file, changes = changes.len(), "configuration applied");
     }
     control.set_state_file(state_file);

@@ -330,9 +330,6 @@ impl<P: Prober> Control<P> {
                 "reload undoes a change made at runtime (the file is the source of truth): {change}"
             );
         }
-        for change in &changes {
-            info!(file, "{change}");
-        }
         info!(file, changes = changes.len(), "configuration reloaded");
         Ok(Response::Reloaded {
             file,
