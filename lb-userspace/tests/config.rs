@@ -298,8 +298,7 @@ fn a_restart_with_the_same_file_moves_no_connection() {
     let log = tb.daemon_log();
     let applied = log
         .lines()
-        .filter(|l| l.contains("configuration applied"))
-        .last()
+        .rfind(|l| l.contains("configuration applied"))
         .unwrap_or_default();
     assert!(
         applied.contains("changes=0"),
