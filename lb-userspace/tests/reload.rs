@@ -640,3 +640,34 @@ fn a_plan_failing_midway_is_undone() {
         );
     });
 }
+
+#[test]
+fn without_a_configuration_file_reload_is_refused_and_dump_still_works() {
+    // No namespace needed: nothing here reads the neighbour table or sends packets.
+    let dp = Dataplane::load(Sizing::default(), false).expect("load");
+    let mut control = Control::new(dp, "lbc0".into(), FakeProber::default());
+    assert_eq!(
+        control.handle(Request::Reload),
+        Response::Error {
+            message: "the daemon was started without --config: there is no file to reload".into()
+        }
+    );
+    let service: ServiceAddr = SERVICE.parse().unwrap();
+    assert_eq!(
+        control.handle(Request::ServiceAdd {
+            service,
+            scheduler: lb_userspace::api::Scheduler::Maglev,
+            forward: lb_userspace::api::Forward::Dsr,
+            health: HealthCheck::default(),
+        }),
+        Response::Ok
+    );
+    let Response::Config { text } = control.handle(Request::ConfigDump) else {
+        panic!("no dump");
+    };
+    assert_eq!(
+        Config::parse(&text, "dump").unwrap().services,
+        control.running()
+    );
+    assert!(text.contains(&format!("address = \"{SERVICE}\"")), "{text}");
+}
