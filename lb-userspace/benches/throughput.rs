@@ -494,6 +494,26 @@ fn drop_counters(namespaces: &[String]) -> std::collections::BTreeMap<String, u6
     out
 }
 
+/// The balancer's `forwarded` counter and its packets per backend of the benchmark's service,
+/// from `lb status --json`.
+fn lb_counts(tb: &Testbed) -> (u64, Vec<(String, u64)>) {
+    let st = tb.status_json();
+    let forwarded = st["counters"]["forwarded"].as_u64().unwrap_or(0);
+    let service = format!("{VIP}:{PORT}/udp");
+    let per = common::find_service(&st, &service)
+        .and_then(|s| s["backends"].as_array().cloned())
+        .unwrap_or_default()
+        .iter()
+        .map(|b| {
+            (
+                b["ip"].as_str().unwrap_or("?").to_owned(),
+                b["packets"].as_u64().unwrap_or(0),
+            )
+        })
+        .collect();
+    (forwarded, per)
+}
+
 fn mac_of(ns: &str, dev: &str) -> [u8; 6] {
     let out = netns::ip(&["-n", ns, "-j", "link", "show", "dev", dev]);
     let v: serde_json::Value = serde_json::from_str(&out)
@@ -695,6 +715,7 @@ fn main() {
     let mut best = Vec::new();
     let mut per_cpu_s = Vec::new();
     for path in &paths {
+        let lb_before = (path.key == "lb").then(|| lb_counts(&bed.tb));
         bed.warm_up(path);
         let max = bed.trial(
             path,
@@ -727,6 +748,22 @@ fn main() {
                 .fold(0.0, f64::max),
         );
         per_cpu_s.push(1e9 / max.t.ns_per_packet());
+        if let Some((fwd0, per0)) = lb_before {
+            let (fwd1, per1) = lb_counts(&bed.tb);
+            let spread: Vec<String> = per1
+                .iter()
+                .map(|(ip, n)| {
+                    let before = per0.iter().find(|(i, _)| i == ip).map_or(0, |(_, b)| *b);
+                    format!("{ip} {}", n.saturating_sub(before))
+                })
+                .collect();
+            println!(
+                "{:<46}   the balancer's own counters: {} forwarded; per backend: {}",
+                "",
+                fwd1.saturating_sub(fwd0),
+                spread.join(", ")
+            );
+        }
     }
     if let Some(n) = bed.nat.conntrack_count() {
         println!("(the NAT host's conntrack table holds {n} entries)");

@@ -466,14 +466,29 @@ pub enum Request {
         weight: u32,
     },
     Status,
+    /// Read the configuration file (`lb daemon --config`) again and apply the difference.
+    Reload,
+    /// The running state as a configuration file.
+    ConfigDump,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "result", rename_all = "kebab-case")]
 pub enum Response {
     Ok,
-    Error { message: String },
+    Error {
+        message: String,
+    },
     Status(Status),
+    /// A reload applied: the file and the changes made, one line each (empty: no change).
+    Reloaded {
+        file: String,
+        changes: Vec<String>,
+    },
+    /// A configuration file (TOML).
+    Config {
+        text: String,
+    },
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -1,6 +1,7 @@
 //! The command line: `lb daemon` and the control commands that talk to it.
 
 mod client;
+mod config;
 mod stats;
 mod status;
 mod wire;
@@ -41,6 +42,12 @@ pub enum Command {
     /// Add, delete or drain a service's backends.
     #[command(subcommand)]
     Backend(BackendCommand),
+    /// Read the daemon's configuration file (--config) again and apply what changed;
+    /// established flows keep their backends. A bad file changes nothing.
+    Reload,
+    /// Print the running configuration, or check a file.
+    #[command(subcommand)]
+    Config(ConfigCommand),
     /// Show services, backends, health and traffic.
     Status {
         /// Machine-readable output.
@@ -210,11 +217,25 @@ impl CheckArgs {
     }
 }
 
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Print the running state as a configuration file (load it with `lb daemon --config`).
+    Dump,
+    /// Check a configuration file without applying it: prints the first error as FILE:LINE.
+    Check {
+        /// The file, for example /etc/lb/lb.toml.
+        file: PathBuf,
+    },
+}
+
 /// Runs a parsed command line.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     let request = match cli.command {
         Command::Daemon(args) => return crate::daemon::run(args, cli.api),
         Command::TestbedWire { iface } => return wire::run(&iface),
+        Command::Reload => return config::reload(&cli.api),
+        Command::Config(ConfigCommand::Dump) => return config::dump(&cli.api),
+        Command::Config(ConfigCommand::Check { file }) => return config::check(&file),
         Command::Status { json } => {
             let status = client::status(&cli.api)?;
             if json {

@@ -16,13 +16,17 @@ use lb_common::{
 };
 use tracing::{info, warn};
 
-use super::health::{ProbeKey, ProbeOutcome};
+use super::{
+    config::{self, BackendConfig, ServiceConfig, ServiceSettings, Services},
+    health::{ProbeKey, ProbeOutcome},
+    reload::ConfigSource,
+};
 use crate::{
     api::{
         BackendState, BackendStatus, CheckKind, Forward, Health, HealthCheck, Request, Response,
         Scheduler, ServiceAddr, ServiceStatus, Status,
     },
-    dataplane::{Dataplane, DataplaneError},
+    dataplane::{Dataplane, DataplaneError, Sizing},
     neighbour,
     schedule::{self, Member},
 };
@@ -180,6 +184,8 @@ pub struct Control<P: Prober> {
     next_generation: u32,
     /// Where the configuration is saved after every change, for restarts.
     state_file: Option<PathBuf>,
+    /// The configuration file (`--config`) and what was last applied from it.
+    pub(super) config: Option<ConfigSource>,
 }
 
 impl<P: Prober> Control<P> {
@@ -195,6 +201,7 @@ impl<P: Prober> Control<P> {
             backend_ids: IdPool::new(sizing.max_backends),
             next_generation: 1,
             state_file: None,
+            config: None,
             dp,
         }
     }
@@ -229,6 +236,16 @@ impl<P: Prober> Control<P> {
                 weight,
             } => self.backend_set(service, ip, weight),
             Request::Status => return self.status().unwrap_or_else(error_response),
+            Request::Reload => {
+                return match self.reload() {
+                    Ok(response) => {
+                        self.save();
+                        response
+                    }
+                    Err(e) => error_response(e),
+                };
+            }
+            Request::ConfigDump => return self.config_dump(),
         };
         match result {
             Ok(()) => {
@@ -919,6 +936,107 @@ impl<P: Prober> Control<P> {
             warn!(id, "clearing a released backend: {e}");
         }
         self.backend_ids.give_back(id);
+    }
+
+    /// The running services and backends, as a configuration file would declare them.
+    pub fn running(&self) -> Services {
+        self.services
+            .iter()
+            .map(|(addr, e)| {
+                let settings = ServiceSettings {
+                    scheduler: e.scheduler,
+                    forward: e.forward,
+                    health: e.health.clone(),
+                };
+                let backends = e
+                    .backends
+                    .iter()
+                    .map(|(ip, b)| {
+                        let backend = BackendConfig {
+                            weight: b.weight,
+                            drain: b.draining,
+                        };
+                        (*ip, backend)
+                    })
+                    .collect();
+                (*addr, ServiceConfig { settings, backends })
+            })
+            .collect()
+    }
+
+    pub fn iface(&self) -> &str {
+        &self.iface
+    }
+
+    pub fn sizing(&self) -> Sizing {
+        self.dp.sizing()
+    }
+
+    /// Changes a service's settings in place: its id, table and backends stay, so its
+    /// established flows keep their backends. A new health check restarts the probes (health
+    /// states are kept: a backend up stays up until `fall` failures of the new check).
+    pub fn service_update(
+        &mut self,
+        addr: ServiceAddr,
+        settings: ServiceSettings,
+    ) -> Result<(), ControlError> {
+        config::check_health(&settings.health).map_err(ControlError::Invalid)?;
+        let entry = self
+            .services
+            .get_mut(&addr)
+            .ok_or(ControlError::UnknownService(addr))?;
+        let retable = entry.scheduler != settings.scheduler || entry.forward != settings.forward;
+        entry.scheduler = settings.scheduler;
+        entry.forward = settings.forward;
+        if entry.health != settings.health {
+            entry.health = settings.health.clone();
+            for (ip, b) in &entry.backends {
+                if let Some(probe) = self.probes.remove(&(addr, *ip)) {
+                    self.prober.stop(probe);
+                }
+                let key = ProbeKey {
+                    service: addr,
+                    ip: *ip,
+                    generation: b.generation,
+                };
+                let probe =
+                    self.prober
+                        .start(key, SocketAddr::new(*ip, addr.port), entry.health.clone());
+                self.probes.insert((addr, *ip), probe);
+            }
+        }
+        if retable {
+            // Written again under the new settings (into the spare table, then switched).
+            entry.table_members = None;
+            self.sync_service(addr)?;
+        }
+        info!(service = %addr, scheduler = settings.scheduler.name(), forward = settings.forward.name(), "service settings changed in place");
+        Ok(())
+    }
+
+    /// Sets a backend's weight and drain state in place (same id: its flows stay).
+    pub fn backend_update(
+        &mut self,
+        addr: ServiceAddr,
+        ip: IpAddr,
+        backend: BackendConfig,
+    ) -> Result<(), ControlError> {
+        config::check_weight(backend.weight).map_err(ControlError::Invalid)?;
+        let entry = self
+            .services
+            .get_mut(&addr)
+            .ok_or(ControlError::UnknownService(addr))?;
+        let b = entry
+            .backends
+            .get_mut(&ip)
+            .ok_or(ControlError::UnknownBackend { service: addr, ip })?;
+        if (b.weight, b.draining) != (backend.weight, backend.drain) {
+            b.weight = backend.weight;
+            b.draining = backend.drain;
+            self.sync_service(addr)?;
+            info!(service = %addr, backend = %ip, weight = backend.weight, draining = backend.drain, "backend updated");
+        }
+        Ok(())
     }
 
     pub fn status(&self) -> Result<Response, ControlError> {

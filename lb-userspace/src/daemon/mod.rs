@@ -4,9 +4,11 @@
 //! table is a blocking syscall); tokio runs the API server, the health probes and the signal
 //! handlers, which talk to the control loop through one channel.
 
+pub mod config;
 mod control;
 mod health;
 pub mod metrics;
+mod reload;
 mod server;
 
 use std::{
@@ -16,8 +18,10 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
+use config::Config;
 pub use control::{Control, ControlError, Prober, SavedState};
 pub use health::{ProbeKey, ProbeOutcome};
+pub use reload::{Change, discarded, plan};
 use tokio::sync::oneshot;
 use tracing::{info, warn};
 
@@ -42,9 +46,15 @@ pub type EventSender = mpsc::Sender<Event>;
 
 #[derive(Debug, clap::Args)]
 pub struct DaemonArgs {
-    /// Network interface to attach the balancer to (the one VIP traffic arrives on).
+    /// Network interface to attach the balancer to (the one VIP traffic arrives on); may be
+    /// given as `[daemon] interface` in the --config file instead.
+    #[arg(long, required_unless_present = "config")]
+    pub iface: Option<String>,
+    /// Configuration file declaring the services and backends (TOML; usually
+    /// /etc/lb/lb.toml). Applied at start; `lb reload` or SIGHUP applies it again. Without it
+    /// the daemon starts with the saved state and is configured through the CLI.
     #[arg(long)]
-    pub iface: String,
+    pub config: Option<PathBuf>,
     /// XDP attach mode: native (driver) by default; generic works on any interface but is
     /// slower; auto tries native and falls back to generic with a warning.
     #[arg(long, value_enum, default_value = "native")]
@@ -90,6 +100,22 @@ pub fn run(args: DaemonArgs, api: PathBuf) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the tokio runtime")?;
+
+    // Read and check the file before touching anything: a bad file refuses the start.
+    let config = match &args.config {
+        Some(path) => Some(Config::load(path)?),
+        None => None,
+    };
+    let iface = match (&args.iface, config.as_ref().and_then(Config::interface)) {
+        (Some(flag), Some(file)) if flag != file => bail!(
+            "--iface {flag} and the configuration's interface {file} differ: give one of them"
+        ),
+        (Some(iface), _) => iface.clone(),
+        (None, Some(iface)) => iface.to_owned(),
+        (None, None) => {
+            bail!("no interface: pass --iface or set `[daemon] interface` in the configuration")
+        }
+    };
 
     let listener = runtime.block_on(server::bind(&api))?;
     let metrics_listener = match args.metrics {
@@ -158,18 +184,18 @@ pub fn run(args: DaemonArgs, api: PathBuf) -> anyhow::Result<()> {
     // The logger must live as long as the program: it owns the map the program logs into.
     let logger = aya_log::EbpfLogger::init(dp.ebpf_mut());
     let replaced = dp
-        .attach_pinned(&args.iface, args.xdp_mode, &pins)
+        .attach_pinned(&iface, args.xdp_mode, &pins)
         .with_context(|| {
             format!(
                 "attaching XDP to {} in {:?} mode (does the interface exist? if its driver has no \
                  native XDP, use --xdp-mode generic or auto)",
-                args.iface, args.xdp_mode
+                iface, args.xdp_mode
             )
         })?;
     if replaced {
         info!(pin_dir = %args.pin_dir.display(), "adopted the running data plane: program replaced in place, connection table kept");
     } else {
-        info!(iface = %args.iface, mode = ?args.xdp_mode, "XDP balancer attached");
+        info!(iface = %iface, mode = ?args.xdp_mode, "XDP balancer attached");
     }
 
     let (events, inbox) = mpsc::channel();
@@ -190,11 +216,22 @@ pub fn run(args: DaemonArgs, api: PathBuf) -> anyhow::Result<()> {
     runtime.spawn(wait_for_signal(events.clone()));
 
     let prober = health::TokioProber::new(runtime.handle().clone(), events);
-    let mut control = Control::new(dp, args.iface.clone(), prober);
+    let mut control = Control::new(dp, iface.clone(), prober);
     if let Some(saved) = saved {
         control
             .restore(saved, adopting)
             .with_context(|| format!("restoring the state saved in {}", state_file.display()))?;
+    }
+    if let (Some(path), Some(config)) = (&args.config, &config) {
+        // After restoring: the pinned tables and backend ids are adopted first, so a file that
+        // did not change moves no flow.
+        control.set_config_file(path.clone());
+        let file = path.display().to_string();
+        let changes = control
+            .apply_config(config, &file)
+            .context("applying the configuration")?;
+        // Each change was logged as it was made.
+        info!(file, changes = changes.len(), "configuration applied");
     }
     control.set_state_file(state_file);
     info!(api = %api.display(), "ready");
@@ -207,7 +244,7 @@ pub fn run(args: DaemonArgs, api: PathBuf) -> anyhow::Result<()> {
         // Unpin first, so dropping the program's last link reference detaches it.
         pins.remove_all()?;
         drop(control);
-        info!(iface = %args.iface, "XDP program detached and pins removed; daemon stopped");
+        info!(iface = %iface, "XDP program detached and pins removed; daemon stopped");
     }
     runtime.shutdown_timeout(Duration::from_secs(1));
     if let Err(e) = std::fs::remove_file(&api) {
@@ -264,9 +301,26 @@ async fn wait_for_signal(events: EventSender) {
         warn!("cannot install signal handlers; stop the daemon with SIGKILL");
         return;
     };
-    tokio::select! {
-        _ = term.recv() => info!("SIGTERM: detaching"),
-        _ = int.recv() => info!("SIGINT: detaching"),
+    let mut hup = match signal(SignalKind::hangup()) {
+        Ok(hup) => Some(hup),
+        Err(e) => {
+            warn!("cannot install the SIGHUP handler ({e}); reload with `lb reload`");
+            None
+        }
+    };
+    loop {
+        tokio::select! {
+            _ = term.recv() => { info!("SIGTERM: detaching"); break; }
+            _ = int.recv() => { info!("SIGINT: detaching"); break; }
+            Some(()) = async { hup.as_mut()?.recv().await } => {
+                info!("SIGHUP: reloading the configuration");
+                // The control loop logs the outcome; nobody waits for the answer.
+                let (reply, _) = oneshot::channel();
+                if events.send(Event::Api(Request::Reload, reply)).is_err() {
+                    return;
+                }
+            }
+        }
     }
     let _ = events.send(Event::Shutdown);
 }

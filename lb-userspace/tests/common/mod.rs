@@ -248,6 +248,15 @@ impl Testbed {
         child.wait().expect("reaping the daemon");
     }
 
+    /// Sends `signal` to the running daemon (`ip netns exec` execs it, so its pid is the
+    /// child's).
+    pub fn signal_daemon(&self, signal: libc::c_int) {
+        let daemon = self.daemon.as_ref().expect("the daemon is not running");
+        // SAFETY: kill(2) on our own child, not yet reaped.
+        let rc = unsafe { libc::kill(daemon.id() as libc::pid_t, signal) };
+        assert_eq!(rc, 0, "kill({}, {signal})", daemon.id());
+    }
+
     /// Starts the daemon again with the testbed's arguments plus `extra`; waits until ready.
     pub fn start_daemon_again(&mut self, extra: &[&str]) {
         assert!(self.daemon.is_none(), "the daemon is still running");
