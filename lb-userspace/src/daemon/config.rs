@@ -34,7 +34,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use super::control::MAX_WEIGHT;
-use crate::api::{self, Forward, HealthCheck, Proto, Scheduler, ServiceAddr};
+use crate::api::{self, CheckKind, Forward, HealthCheck, Proto, Scheduler, ServiceAddr};
 
 /// Where `lb daemon --config` usually points (a convention; the flag has no default).
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/lb/lb.toml";
@@ -58,6 +58,8 @@ pub struct Config {
 pub struct DaemonSettings {
     /// The interface to attach to; `--iface` may give it instead. Fixed for the daemon's life.
     pub interface: Option<Located<String>>,
+    /// Where to serve Prometheus metrics (`--metrics` may give it instead); read at start.
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 /// A value and the line of the file it was read from.
@@ -130,6 +132,7 @@ struct RawFile {
 #[serde(deny_unknown_fields)]
 struct RawDaemon {
     interface: Option<Spanned<String>>,
+    metrics: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -153,6 +156,10 @@ struct RawHealth {
     timeout: Option<Spanned<String>>,
     rise: Option<Spanned<u32>>,
     fall: Option<Spanned<u32>>,
+    /// What a probe does, as in `lb status --json`: `{ type = "tcp" }` (the default),
+    /// `{ type = "http", path = "/healthz", status = "200-399" }`, `{ type = "udp", send =
+    /// "PING", expect = "PONG" }` or `{ type = "none" }`.
+    check: Option<Spanned<CheckKind>>,
 }
 
 #[derive(Deserialize)]
@@ -237,6 +244,18 @@ impl Config {
             }
             None => None,
         };
+        let metrics = match &raw.daemon.metrics {
+            Some(addr) => Some(addr.get_ref().parse().map_err(|_| {
+                src.at(
+                    addr,
+                    format!(
+                        "metrics: '{}' is not an address with a port",
+                        addr.get_ref()
+                    ),
+                )
+            })?),
+            None => None,
+        };
 
         let mut services = Services::new();
         let mut first_line = BTreeMap::new();
@@ -253,7 +272,7 @@ impl Config {
             services.insert(addr, service);
         }
         Ok(Config {
-            daemon: DaemonSettings { interface },
+            daemon: DaemonSettings { interface, metrics },
             services,
         })
     }
@@ -449,6 +468,12 @@ fn health_check(src: &Source<'_>, raw: &RawHealth) -> Result<HealthCheck, Config
     if let Some(v) = &raw.fall {
         check.fall = count(v, "fall")?;
     }
+    if let Some(v) = &raw.check {
+        v.get_ref()
+            .validate()
+            .map_err(|e| src.at(v, format!("check: {e}")))?;
+        check.kind = v.get_ref().clone();
+    }
     if let Err(m) = check_health(&check) {
         // Point at whichever of the two durations the file set.
         let at = raw.timeout.as_ref().or(raw.interval.as_ref());
@@ -566,10 +591,41 @@ pub fn render(config: &Config) -> String {
     out
 }
 
+/// A check kind as an inline TOML table, in the same shape it is read in.
+fn render_check(kind: &CheckKind) -> String {
+    match kind {
+        CheckKind::Tcp => "{ type = \"tcp\" }".into(),
+        CheckKind::None => "{ type = \"none\" }".into(),
+        CheckKind::Http { path, status, host } => {
+            let host = host
+                .as_ref()
+                .map(|h| format!(", host = {}", quote(h)))
+                .unwrap_or_default();
+            format!(
+                "{{ type = \"http\", path = {}, status = {}{host} }}",
+                quote(path),
+                quote(&status.to_string())
+            )
+        }
+        CheckKind::Udp { send, expect } => {
+            let expect = expect
+                .as_ref()
+                .map(|e| format!(", expect = {}", quote(e)))
+                .unwrap_or_default();
+            format!("{{ type = \"udp\", send = {}{expect} }}", quote(send))
+        }
+    }
+}
+
 fn render_into(out: &mut String, config: &Config) -> fmt::Result {
-    if let Some(iface) = config.interface() {
+    if config.interface().is_some() || config.daemon.metrics.is_some() {
         writeln!(out, "[daemon]")?;
+    }
+    if let Some(iface) = config.interface() {
         writeln!(out, "interface = {}", quote(iface))?;
+    }
+    if let Some(metrics) = config.daemon.metrics {
+        writeln!(out, "metrics = {}", quote(&metrics.to_string()))?;
     }
     for (addr, s) in &config.services {
         let h = &s.settings.health;
@@ -580,11 +636,12 @@ fn render_into(out: &mut String, config: &Config) -> fmt::Result {
         writeln!(out, "forward = {}", quote(s.settings.forward.name()))?;
         writeln!(
             out,
-            "health_check = {{ interval = {}, timeout = {}, rise = {}, fall = {} }}",
+            "health_check = {{ interval = {}, timeout = {}, rise = {}, fall = {}, check = {} }}",
             quote(&format_duration(h.interval)),
             quote(&format_duration(h.timeout)),
             h.rise,
-            h.fall
+            h.fall,
+            render_check(&h.kind)
         )?;
         for (ip, b) in &s.backends {
             writeln!(out)?;
@@ -697,7 +754,7 @@ mod tests {
     fn unknown_fields_are_errors_at_their_line() {
         assert_eq!(
             error("[daemon]\ninterface = \"eth0\"\nmetric = \"x\"\n"),
-            "lb.toml:3: unknown field `metric`, expected `interface`"
+            "lb.toml:3: unknown field `metric`, expected `interface` or `metrics`"
         );
         assert!(error("[deamon]\n").starts_with("lb.toml:1: unknown field `deamon`"));
         assert!(
@@ -980,5 +1037,38 @@ mod tests {
                     .into()
             )
         );
+    }
+}
+
+#[cfg(test)]
+mod check_kind_tests {
+    use super::*;
+
+    const HTTP: &str = "[[service]]\naddress = \"10.0.0.10:80/tcp\"\n\
+        health_check = { interval = \"500ms\", timeout = \"500ms\", check = { type = \"http\", path = \"/healthz\", status = \"200-299\", host = \"web\" } }\n\
+        [[service.backend]]\naddress = \"10.0.0.2\"\n\
+        [[service]]\naddress = \"10.0.0.10:53/udp\"\n\
+        health_check = { check = { type = \"udp\", send = \"PING\\\\n\", expect = \"PONG\" } }\n";
+
+    #[test]
+    fn check_kinds_parse_and_survive_a_dump() {
+        let config = Config::parse(HTTP, "lb.toml").unwrap();
+        let web: ServiceAddr = "10.0.0.10:80/tcp".parse().unwrap();
+        let kind = &config.services[&web].settings.health.kind;
+        assert_eq!(kind.name(), "http");
+        let again = Config::parse(&render(&config), "dump.toml").unwrap();
+        assert_eq!(again, config);
+    }
+
+    #[test]
+    fn a_bad_check_is_an_error_at_its_line() {
+        let text = "[[service]]\naddress = \"10.0.0.10:80/tcp\"\n\
+            health_check = { check = { type = \"http\", path = \"healthz\", status = \"200\" } }\n";
+        let e = Config::parse(text, "lb.toml").unwrap_err().to_string();
+        assert!(e.starts_with("lb.toml:3: check:"), "{e}");
+        let text = "[[service]]\naddress = \"10.0.0.10:80/tcp\"\n\
+            health_check = { check = { type = \"icmp\" } }\n";
+        let e = Config::parse(text, "lb.toml").unwrap_err().to_string();
+        assert!(e.starts_with("lb.toml:3:"), "{e}");
     }
 }

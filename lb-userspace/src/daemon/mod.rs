@@ -118,7 +118,11 @@ pub fn run(args: DaemonArgs, api: PathBuf) -> anyhow::Result<()> {
     };
 
     let listener = runtime.block_on(server::bind(&api))?;
-    let metrics_listener = match args.metrics {
+    // The flag wins over the file's `[daemon] metrics`.
+    let metrics_addr = args
+        .metrics
+        .or_else(|| config.as_ref().and_then(|c| c.daemon.metrics));
+    let metrics_listener = match metrics_addr {
         Some(addr) => match runtime.block_on(metrics::bind(addr)) {
             Ok(listener) => Some(listener),
             Err(e) => {

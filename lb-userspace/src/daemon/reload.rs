@@ -347,6 +347,8 @@ impl<P: Prober> Control<P> {
                     value: self.iface().to_owned(),
                     line: 0,
                 }),
+                // Read only at start, not part of the running state.
+                metrics: None,
             },
             services: self.running(),
         };
