@@ -56,7 +56,7 @@ pub struct Template([u32; FRAME_LEN / 4]);
 static GEN_TEMPLATE: Array<Template> = Array::with_max_entries(1, 0);
 
 /// Per CPU: [0] frames generated (the next flow's sequence number), [1] frames the generator
-/// could not rewrite (not the benchmark's template; sent back unchanged is wrong, so aborted).
+/// could not rewrite (no template, or not IPv4 UDP/TCP): aborted, never sent.
 #[map]
 static GEN_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(2, 0);
 
@@ -67,6 +67,10 @@ static SINK_CONFIG: Array<u32> = Array::with_max_entries(1, 0);
 /// Per CPU: [0] datagrams counted and dropped by the sink.
 #[map]
 static SINK_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// The minimal forwarder's Ethernet addresses: destination then source, as 32-bit words.
+#[map]
+static FWD_CONFIG: Array<[u32; 3]> = Array::with_max_entries(1, 0);
 
 // Offsets in the benchmark's template: untagged Ethernet, IPv4 without options, then UDP or TCP.
 const IP: usize = 14;
@@ -104,10 +108,6 @@ pub fn sink(ctx: XdpContext) -> u32 {
     bump(&SINK_STATS, 0);
     xdp_action::XDP_DROP
 }
-
-/// The minimal forwarder's Ethernet addresses: destination then source, as 32-bit words.
-#[map]
-static FWD_CONFIG: Array<[u32; 3]> = Array::with_max_entries(1, 0);
 
 #[xdp]
 pub fn fwd(ctx: XdpContext) -> u32 {
