@@ -59,6 +59,7 @@ pub mod names {
     pub const FLOW_COUNTS: &str = "FLOW_COUNTS";
     pub const RR_CURSORS: &str = "RR_CURSORS";
     pub const LC_LISTS: &str = "LC_LISTS";
+    pub const CLOCK: &str = "CLOCK";
     /// Read-only global: non-zero turns on per-packet aya-log diagnostics.
     pub const GLOBAL_DEBUG: &str = "LB_DEBUG";
 }
@@ -164,6 +165,11 @@ pub struct FlowKeyV4 {
     pub _pad1: u16,
 }
 
+/// `FlowState::last_seen` counts `CLOCK_MONOTONIC` nanoseconds shifted right by this much
+/// (ticks of about 1.07 s). The daemon writes the current tick into the `CLOCK` map twice a
+/// second; the program reads it there, because a clock helper call cost ~35 ns per packet.
+pub const FLOW_TICK_SHIFT: u32 = 30;
+
 /// The flow has seen a TCP FIN or RST: it no longer counts as active.
 pub const FLOW_F_CLOSED: u32 = 1;
 
@@ -174,7 +180,8 @@ pub struct FlowState {
     pub backend: u32,
     /// `Backend::generation` when the flow was placed.
     pub generation: u32,
-    /// Last packet, in whole seconds of `CLOCK_MONOTONIC` (written at most once a second).
+    /// Last packet, in ticks of `CLOCK_MONOTONIC` (`FLOW_TICK_SHIFT`), written at most once a
+    /// tick.
     pub last_seen: u32,
     /// `FLOW_F_*` bits.
     pub flags: u32,

@@ -51,6 +51,11 @@ pub static RR_CURSORS: PerCpuArray<u32> = PerCpuArray::with_max_entries(DEFAULT_
 #[map]
 pub static LC_LISTS: Array<LcList> = Array::with_max_entries(DEFAULT_MAX_SERVICES + 1, 0);
 
+/// The current tick of `CLOCK_MONOTONIC` (`FLOW_TICK_SHIFT`), written by the daemon twice a
+/// second: an inlined array read instead of a clock helper call on every packet.
+#[map]
+pub static CLOCK: Array<u32> = Array::with_max_entries(1, 0);
+
 /// Per-CPU counters (written on every packet, so never shared between CPUs).
 #[map]
 pub static SERVICE_STATS: PerCpuArray<Traffic> =

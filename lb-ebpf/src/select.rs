@@ -4,7 +4,6 @@
 
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
-use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use lb_common::{
     BACKEND_F_ALIVE, BACKEND_NONE, FLOW_F_CLOSED, FlowState, LC_MAX_BACKENDS, RING_CHUNK,
     RING_CHUNKS, RING_SIZE, Reason, SCHED_LEAST_CONN, SCHED_ROUND_ROBIN, SCHED_SOURCE_HASH,
@@ -12,7 +11,7 @@ use lb_common::{
 };
 
 use crate::{
-    maps::{BACKENDS, CONNTRACK, FLOW_COUNTS, LC_LISTS, RINGS, RR_CURSORS},
+    maps::{BACKENDS, CLOCK, CONNTRACK, FLOW_COUNTS, LC_LISTS, RINGS, RR_CURSORS},
     parse::{PacketV4, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
@@ -25,8 +24,7 @@ pub struct Chosen {
 
 #[inline(always)]
 pub fn backend_for(service: &Service, pkt: &PacketV4) -> Result<Chosen, Reason> {
-    // SAFETY (clock): a helper without arguments.
-    let now = (unsafe { bpf_ktime_get_coarse_ns() } / 1_000_000_000) as u32;
+    let now = CLOCK.get(0).copied().unwrap_or(0);
     if let Some(state) = CONNTRACK.get_ptr_mut(pkt.flow) {
         // SAFETY: a pointer into the map's value, valid for this run of the program.
         let state = unsafe { &mut *state };
@@ -82,8 +80,8 @@ pub fn backend_for(service: &Service, pkt: &PacketV4) -> Result<Chosen, Reason> 
     })
 }
 
-/// Keeps an established flow's entry current: its last-seen second (written at most once a
-/// second), and its active count when TCP closes it or a SYN opens the same 5-tuple again.
+/// Keeps an established flow's entry current: its last-seen tick (written at most once a
+/// tick, about a second), and its active count when TCP closes it or a SYN opens the same 5-tuple again.
 #[inline(always)]
 fn track(state: &mut FlowState, tcp_flags: u8, now: u32) {
     if state.last_seen != now {

@@ -101,6 +101,7 @@ pub struct Dataplane {
     reason_stats: PerCpuArray<MapData, u64>,
     flow_counts: Array<MapData, i64>,
     lc_lists: Array<MapData, LcList>,
+    clock: Array<MapData, u32>,
     sizing: Sizing,
 }
 
@@ -169,6 +170,7 @@ impl Dataplane {
             reason_stats: take(&mut ebpf, names::REASON_STATS)?,
             flow_counts: take(&mut ebpf, names::FLOW_COUNTS)?,
             lc_lists: take(&mut ebpf, names::LC_LISTS)?,
+            clock: take(&mut ebpf, names::CLOCK)?,
             ebpf,
             sizing,
         })
@@ -311,6 +313,16 @@ impl Dataplane {
             .set(table, list, 0)
             .map_err(|source| DataplaneError::Map {
                 name: names::LC_LISTS,
+                source,
+            })
+    }
+
+    /// Writes the current tick (`FLOW_TICK_SHIFT`) for the program to stamp flows with.
+    pub fn set_clock(&mut self, tick: u32) -> Result<()> {
+        self.clock
+            .set(0, tick, 0)
+            .map_err(|source| DataplaneError::Map {
+                name: names::CLOCK,
                 source,
             })
     }

@@ -70,7 +70,7 @@ struct Layout {
     role: Role,
 }
 
-const LAYOUTS: [Layout; 10] = [
+const LAYOUTS: [Layout; 11] = [
     layout::<ServiceKeyV4, Service>(names::SERVICES, 0, Role::State),
     layout::<u32, Backend>(names::BACKENDS, 0, Role::State),
     layout::<u32, RingChunk>(names::RINGS, BPF_F_MMAPABLE, Role::State),
@@ -81,6 +81,7 @@ const LAYOUTS: [Layout; 10] = [
     layout::<u32, i64>(names::FLOW_COUNTS, 0, Role::State),
     layout::<u32, u32>(names::RR_CURSORS, 0, Role::Counters),
     layout::<u32, LcList>(names::LC_LISTS, 0, Role::State),
+    layout::<u32, u32>(names::CLOCK, 0, Role::Counters),
 ];
 
 const fn layout<K, V>(name: &'static str, flags: u32, role: Role) -> Layout {

@@ -25,7 +25,8 @@ enum Cmd {
     /// Set up, build, then run the demo: a namespace network, real HTTP, a failover.
     Demo,
     /// Set up, build, then run every test: formatting, clippy, unit tests, BPF_PROG_TEST_RUN
-    /// tests and the end-to-end tests over network namespaces (needs root).
+    /// tests and the end-to-end tests over network namespaces (needs root), then the
+    /// benchmarks in quick mode (figures only, no timing asserted).
     Test {
         /// Extra arguments for `cargo test` (for example a test name filter).
         #[arg(trailing_var_arg = true)]
@@ -61,15 +62,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Bench { quick } => {
             setup(&root)?;
             build(&root)?;
-            for bench in ["dataplane", "throughput"] {
-                let mut cmd = cargo(&root);
-                cmd.args(["bench", "-p", "lb-userspace", "--bench", bench, "--"]);
-                if quick {
-                    cmd.arg("--quick");
-                }
-                exec(&mut cmd)?;
-            }
-            Ok(())
+            bench(&root, quick)
         }
         Cmd::Test { args } => {
             setup(&root)?;
@@ -107,7 +100,13 @@ fn main() -> anyhow::Result<()> {
                 cargo(&root)
                     .args(["test", "--release", "--workspace", "--exclude", "lb-ebpf"])
                     .args(&args),
-            )
+            )?;
+            // The benchmarks in quick mode, so they never rot: they print figures and assert
+            // only that every packet got the verdict it should (no timing is asserted).
+            if args.is_empty() {
+                bench(&root, true)?;
+            }
+            Ok(())
         }
     }
 }
@@ -124,6 +123,18 @@ fn setup(root: &Path) -> anyhow::Result<()> {
 
 fn build(root: &Path) -> anyhow::Result<()> {
     exec(cargo(root).args(["build", "--release"]))
+}
+
+fn bench(root: &Path, quick: bool) -> anyhow::Result<()> {
+    for bench in ["dataplane", "throughput"] {
+        let mut cmd = cargo(root);
+        cmd.args(["bench", "-p", "lb-userspace", "--bench", bench, "--"]);
+        if quick {
+            cmd.arg("--quick");
+        }
+        exec(&mut cmd)?;
+    }
+    Ok(())
 }
 
 fn cargo(root: &Path) -> Command {

@@ -64,21 +64,23 @@ pub struct SavedBackend {
     pub draining: bool,
 }
 
-/// A TCP flow with no packet for this long (and no FIN/RST) stops counting as active.
-const TCP_ACTIVE_IDLE: u32 = 300;
-/// The same for UDP, which has no close.
-const UDP_ACTIVE_IDLE: u32 = 30;
+/// A TCP flow with no packet for this many ticks (~300 s; no FIN/RST seen) stops counting as
+/// active.
+const TCP_ACTIVE_IDLE: u32 = 280;
+/// The same for UDP (~30 s), which has no close.
+const UDP_ACTIVE_IDLE: u32 = 28;
 
-/// Whole seconds of CLOCK_MONOTONIC: the clock of `FlowState::last_seen`
-/// (`bpf_ktime_get_coarse_ns` is the coarse reading of the same clock).
-fn monotonic_secs() -> u32 {
+/// CLOCK_MONOTONIC in the ticks of `FlowState::last_seen` (`bpf_ktime_get_coarse_ns` is the
+/// coarse reading of the same clock).
+fn monotonic_ticks() -> u32 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
     };
     // SAFETY: ts is a valid timespec to write.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u32
+    let ns = (ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64;
+    (ns >> lb_common::FLOW_TICK_SHIFT) as u32
 }
 
 /// Largest accepted backend weight.
@@ -191,7 +193,7 @@ pub struct Control<P: Prober> {
 impl<P: Prober> Control<P> {
     pub fn new(dp: Dataplane, iface: String, prober: P) -> Self {
         let sizing = dp.sizing();
-        Control {
+        let mut control = Control {
             iface,
             prober,
             services: BTreeMap::new(),
@@ -203,6 +205,15 @@ impl<P: Prober> Control<P> {
             state_file: None,
             config: None,
             dp,
+        };
+        control.tick_clock();
+        control
+    }
+
+    /// Writes the current tick for the program to stamp flows with (called twice a second).
+    pub fn tick_clock(&mut self) {
+        if let Err(e) = self.dp.set_clock(monotonic_ticks()) {
+            warn!("writing the clock: {e}");
         }
     }
 
@@ -681,7 +692,7 @@ impl<P: Prober> Control<P> {
                 return;
             }
         };
-        let now = monotonic_secs();
+        let now = monotonic_ticks();
         let mut counts: BTreeMap<u32, (u32, i64)> = BTreeMap::new();
         for entry in self.services.values() {
             for b in entry.backends.values() {

@@ -280,6 +280,7 @@ fn control_loop<P: Prober>(control: &mut Control<P>, inbox: &mpsc::Receiver<Even
             next_recount = now + FLOW_RECOUNT;
         }
         if now >= next_refresh {
+            control.tick_clock();
             control.refresh_macs();
             control.tick_drains();
             next_refresh = now + NEIGHBOUR_REFRESH;
