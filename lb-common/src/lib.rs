@@ -49,6 +49,7 @@ pub const PROTO_UDP: u8 = 17;
 pub mod names {
     pub const PROG_BALANCER: &str = "lb_xdp";
     pub const PROG_PASS: &str = "lb_xdp_pass";
+    pub const PROG_HC_EGRESS: &str = "lb_hc_egress";
     pub const SERVICES: &str = "SERVICES";
     pub const BACKENDS: &str = "BACKENDS";
     pub const RINGS: &str = "RINGS";
@@ -76,6 +77,12 @@ pub struct ServiceKeyV4 {
     pub proto: u8,
     pub _pad: u8,
 }
+
+/// Health checks addressed to a VIP (`--hc-target vip`) carry this socket mark with the
+/// backend id in the low 24 bits; the tc egress program `lb_hc_egress` steers such packets to
+/// that backend, so the check tests the VIP on that backend, not only its host.
+pub const HC_MARK_TAG: u32 = 0x4c00_0000;
+pub const HC_MARK_TAG_MASK: u32 = 0xff00_0000;
 
 /// Forwarding modes (`Service::forward`).
 pub const FORWARD_DSR: u8 = 0;

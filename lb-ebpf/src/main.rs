@@ -9,12 +9,17 @@
 )]
 
 mod forward;
+mod hc;
 mod maps;
 mod parse;
 mod select;
 mod stats;
 
-use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
+use aya_ebpf::{
+    bindings::xdp_action,
+    macros::{classifier, xdp},
+    programs::{TcContext, XdpContext},
+};
 use aya_log_ebpf::debug;
 use lb_common::{Reason, ServiceKeyV4};
 
@@ -40,6 +45,12 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
 #[xdp]
 pub fn lb_xdp_pass(_ctx: XdpContext) -> u32 {
     xdp_action::XDP_PASS
+}
+
+/// tc egress on the balancer's interface: steers VIP-addressed health checks (see hc.rs).
+#[classifier]
+pub fn lb_hc_egress(ctx: TcContext) -> i32 {
+    hc::steer(&ctx)
 }
 
 #[inline(always)]

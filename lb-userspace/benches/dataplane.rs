@@ -475,7 +475,7 @@ struct NoProbes(std::sync::Arc<std::sync::Mutex<Vec<ProbeKey>>>);
 
 impl Prober for NoProbes {
     type Handle = ();
-    fn start(&mut self, key: ProbeKey, _: std::net::SocketAddr, _: HealthCheck) {
+    fn start(&mut self, key: ProbeKey, _: lb_userspace::daemon::ProbeTarget, _: HealthCheck) {
         self.0.lock().expect("lock").push(key);
     }
     fn stop(&mut self, (): ()) {}

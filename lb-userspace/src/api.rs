@@ -108,6 +108,9 @@ pub struct HealthCheck {
     /// What a probe does (absent in JSON: `tcp`).
     #[serde(default)]
     pub kind: CheckKind,
+    /// Where probes are addressed (absent in JSON: the backend's own address).
+    #[serde(default)]
+    pub target: HcTarget,
 }
 
 impl Default for HealthCheck {
@@ -118,6 +121,29 @@ impl Default for HealthCheck {
             rise: 2,
             fall: 2,
             kind: CheckKind::Tcp,
+            target: HcTarget::Backend,
+        }
+    }
+}
+
+/// Where a service's health probes are addressed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum HcTarget {
+    /// The backend's own address and the service port: is the host serving the port?
+    #[default]
+    Backend,
+    /// The VIP and the service port, steered to the backend as the balancer sends clients'
+    /// packets (a tc egress program matches the probe's socket mark): does the backend serve
+    /// the VIP? A backend whose VIP address or listener is missing fails.
+    Vip,
+}
+
+impl HcTarget {
+    pub fn name(self) -> &'static str {
+        match self {
+            HcTarget::Backend => "backend",
+            HcTarget::Vip => "vip",
         }
     }
 }

@@ -10,7 +10,7 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, IterableMap as _, MapData, PerCpuArray},
     programs::{
-        Xdp,
+        SchedClassifier, TcAttachType, Xdp,
         links::{FdLink, PinnedLink},
         xdp::{XdpLink, XdpLinkId, XdpMode},
     },
@@ -243,6 +243,26 @@ impl Dataplane {
             .pin(&link_path)
             .map_err(|e| link_err(std::io::Error::other(e.to_string())))?;
         Ok(false)
+    }
+
+    /// Attaches the health-check steering program to `iface`'s egress (tcx on kernels that
+    /// have it, else a clsact qdisc). Not pinned: it serves the daemon's own probes and goes
+    /// with the daemon.
+    pub fn attach_hc_egress(&mut self, iface: &str) -> Result<()> {
+        let name = names::PROG_HC_EGRESS;
+        // Kernels without tcx need the clsact qdisc; it may already be there.
+        let _ = aya::programs::tc::qdisc_add_clsact(iface);
+        let prog: &mut SchedClassifier = self
+            .ebpf
+            .program_mut(name)
+            .ok_or(DataplaneError::MissingProgram(name))?
+            .try_into()
+            .map_err(|source| DataplaneError::Program { name, source })?;
+        prog.load()
+            .map_err(|source| DataplaneError::Program { name, source })?;
+        prog.attach(iface, TcAttachType::Egress)
+            .map_err(|source| DataplaneError::Program { name, source })?;
+        Ok(())
     }
 
     pub fn set_service(&mut self, key: ServiceKeyV4, service: Service) -> Result<()> {

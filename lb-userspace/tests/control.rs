@@ -43,7 +43,12 @@ struct FakeProber(Arc<Mutex<Vec<ProbeKey>>>);
 
 impl Prober for FakeProber {
     type Handle = ProbeKey;
-    fn start(&mut self, key: ProbeKey, _: std::net::SocketAddr, _: HealthCheck) -> ProbeKey {
+    fn start(
+        &mut self,
+        key: ProbeKey,
+        _: lb_userspace::daemon::ProbeTarget,
+        _: HealthCheck,
+    ) -> ProbeKey {
         self.0.lock().unwrap().push(key);
         key
     }

@@ -267,3 +267,47 @@ fn backend_set_changes_weight_live() {
     tb.lb_err(&["backend", "set", SERVICE, &b2]);
     assert_eq!(config_view(&tb.status_json()), before);
 }
+
+#[test]
+fn vip_targeted_checks_take_out_a_backend_that_lost_the_vip() {
+    let tb = Testbed::builder().backends(3).start();
+    tb.lb_ok(&[
+        "service",
+        "add",
+        SERVICE,
+        "--hc-interval",
+        "250ms",
+        "--hc-timeout",
+        "250ms",
+        "--hc-target",
+        "vip",
+    ]);
+    for name in ["b1", "b2", "b3"] {
+        tb.add_backend(name);
+    }
+    // Probes addressed to the VIP reach each backend (steered by the tc egress program).
+    tb.wait_in_table(&["b1", "b2", "b3"], true, Duration::from_secs(15));
+    let status = tb.status_json();
+    assert_eq!(
+        find_service(&status, SERVICE).unwrap()["health_check"]["target"],
+        "vip"
+    );
+
+    // b2 loses the VIP: its host still serves port 80 on its own address, but not the VIP.
+    let b2 = tb.backend("b2").ns.clone();
+    let vip = format!("{VIP}/32");
+    common::netns::ip(&["-n", &b2, "addr", "del", &vip, "dev", "lo"]);
+    let b2_ip = tb.ip_of("b2");
+    wait_health(&tb, SERVICE, &b2_ip, "down");
+    let direct: SocketAddr = format!("{b2_ip}:80").parse().unwrap();
+    assert!(
+        tb.get(direct).is_ok(),
+        "b2's host still answers on its own address"
+    );
+    assert!(tb.in_table("b1") && tb.in_table("b3"), "the others stay");
+    tb.request_many(60).assert_all_ok("with b2 out");
+
+    // The VIP back on b2: the check passes again.
+    common::netns::ip(&["-n", &b2, "addr", "add", &vip, "dev", "lo"]);
+    tb.wait_in_table(&["b2"], true, Duration::from_secs(15));
+}

@@ -47,7 +47,12 @@ struct FakeProber(Arc<Mutex<Vec<(ProbeKey, HealthCheck)>>>);
 
 impl Prober for FakeProber {
     type Handle = ProbeKey;
-    fn start(&mut self, key: ProbeKey, _: std::net::SocketAddr, check: HealthCheck) -> ProbeKey {
+    fn start(
+        &mut self,
+        key: ProbeKey,
+        _: lb_userspace::daemon::ProbeTarget,
+        check: HealthCheck,
+    ) -> ProbeKey {
         self.0.lock().unwrap().push((key, check));
         key
     }

@@ -12,8 +12,8 @@ use clap::{Args, CommandFactory as _, Parser, Subcommand, ValueEnum};
 
 use crate::{
     api::{
-        self, CheckKind, DEFAULT_API_SOCKET, Forward, HealthCheck, Request, Scheduler, ServiceAddr,
-        StatusRange,
+        self, CheckKind, DEFAULT_API_SOCKET, Forward, HcTarget, HealthCheck, Request, Scheduler,
+        ServiceAddr, StatusRange,
     },
     daemon::DaemonArgs,
 };
@@ -97,6 +97,10 @@ pub enum ServiceCommand {
         /// Consecutive failed checks that take a backend out of service.
         #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=100))]
         hc_fall: u32,
+        /// Where probes go: `backend` (its own address) or `vip` (the VIP, steered to the
+        /// backend like client traffic: a backend without the VIP or its listener fails).
+        #[arg(long, value_enum, default_value = "backend")]
+        hc_target: HcTarget,
         #[command(flatten)]
         hc: CheckArgs,
     },
@@ -258,6 +262,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             hc_timeout,
             hc_rise,
             hc_fall,
+            hc_target,
             hc,
         }) => Request::ServiceAdd {
             service,
@@ -269,6 +274,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 rise: hc_rise,
                 fall: hc_fall,
                 kind: hc.to_kind().map_err(anyhow::Error::msg)?,
+                target: hc_target,
             },
         },
         Command::Service(ServiceCommand::Del { service }) => Request::ServiceDel { service },
@@ -325,6 +331,7 @@ mod tests {
             hc_timeout,
             hc_rise,
             hc_fall,
+            hc_target,
             hc,
         }) = cli.command
         else {
@@ -335,6 +342,7 @@ mod tests {
         assert_eq!(hc_interval, Duration::from_secs(1));
         assert_eq!(hc_timeout, Duration::from_secs(1));
         assert_eq!((hc_rise, hc_fall), (2, 2));
+        assert_eq!(hc_target, HcTarget::Backend);
         assert_eq!(hc.to_kind(), Ok(CheckKind::Tcp));
         assert_eq!(cli.api, PathBuf::from(DEFAULT_API_SOCKET));
     }

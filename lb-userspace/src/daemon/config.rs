@@ -34,7 +34,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use super::control::MAX_WEIGHT;
-use crate::api::{self, CheckKind, Forward, HealthCheck, Proto, Scheduler, ServiceAddr};
+use crate::api::{self, CheckKind, Forward, HcTarget, HealthCheck, Proto, Scheduler, ServiceAddr};
 
 /// Where `lb daemon --config` usually points (a convention; the flag has no default).
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/lb/lb.toml";
@@ -160,6 +160,8 @@ struct RawHealth {
     /// `{ type = "http", path = "/healthz", status = "200-399" }`, `{ type = "udp", send =
     /// "PING", expect = "PONG" }` or `{ type = "none" }`.
     check: Option<Spanned<CheckKind>>,
+    /// `"backend"` (default) or `"vip"`: where probes are addressed.
+    target: Option<Spanned<HcTarget>>,
 }
 
 #[derive(Deserialize)]
@@ -474,6 +476,9 @@ fn health_check(src: &Source<'_>, raw: &RawHealth) -> Result<HealthCheck, Config
             .map_err(|e| src.at(v, format!("check: {e}")))?;
         check.kind = v.get_ref().clone();
     }
+    if let Some(v) = &raw.target {
+        check.target = *v.get_ref();
+    }
     if let Err(m) = check_health(&check) {
         // Point at whichever of the two durations the file set.
         let at = raw.timeout.as_ref().or(raw.interval.as_ref());
@@ -636,12 +641,14 @@ fn render_into(out: &mut String, config: &Config) -> fmt::Result {
         writeln!(out, "forward = {}", quote(s.settings.forward.name()))?;
         writeln!(
             out,
-            "health_check = {{ interval = {}, timeout = {}, rise = {}, fall = {}, check = {} }}",
+            "health_check = {{ interval = {}, timeout = {}, rise = {}, fall = {}, check = {}, \
+             target = {} }}",
             quote(&format_duration(h.interval)),
             quote(&format_duration(h.timeout)),
             h.rise,
             h.fall,
-            render_check(&h.kind)
+            render_check(&h.kind),
+            quote(h.target.name())
         )?;
         for (ip, b) in &s.backends {
             writeln!(out)?;

@@ -18,13 +18,13 @@ use tracing::{info, warn};
 
 use super::{
     config::{self, BackendConfig, ServiceConfig, ServiceSettings, Services},
-    health::{ProbeKey, ProbeOutcome},
+    health::{ProbeKey, ProbeOutcome, ProbeTarget},
     reload::ConfigSource,
 };
 use crate::{
     api::{
-        BackendState, BackendStatus, CheckKind, Forward, Health, HealthCheck, Request, Response,
-        Scheduler, ServiceAddr, ServiceStatus, Status,
+        BackendState, BackendStatus, CheckKind, Forward, HcTarget, Health, HealthCheck, Request,
+        Response, Scheduler, ServiceAddr, ServiceStatus, Status,
     },
     dataplane::{Dataplane, DataplaneError, Sizing},
     neighbour,
@@ -108,7 +108,7 @@ pub enum ControlError {
 /// record the calls).
 pub trait Prober {
     type Handle;
-    fn start(&mut self, key: ProbeKey, target: SocketAddr, check: HealthCheck) -> Self::Handle;
+    fn start(&mut self, key: ProbeKey, target: ProbeTarget, check: HealthCheck) -> Self::Handle;
     fn stop(&mut self, handle: Self::Handle);
 }
 
@@ -186,6 +186,8 @@ pub struct Control<P: Prober> {
     next_generation: u32,
     /// Where the configuration is saved after every change, for restarts.
     state_file: Option<PathBuf>,
+    /// VIPs with a route for VIP-addressed health checks (see vip_route.rs).
+    vip_routes: BTreeSet<IpAddr>,
     /// The configuration file (`--config`) and what was last applied from it.
     pub(super) config: Option<ConfigSource>,
 }
@@ -203,11 +205,43 @@ impl<P: Prober> Control<P> {
             backend_ids: IdPool::new(sizing.max_backends),
             next_generation: 1,
             state_file: None,
+            vip_routes: BTreeSet::new(),
             config: None,
             dp,
         };
         control.tick_clock();
         control
+    }
+
+    /// Adds the routes VIP-addressed health checks need and removes those no service needs.
+    pub fn sync_vip_routes(&mut self) {
+        let wanted: BTreeSet<IpAddr> = self
+            .services
+            .iter()
+            .filter(|(_, e)| e.health.target == HcTarget::Vip)
+            .map(|(addr, _)| addr.vip)
+            .collect();
+        for vip in wanted.difference(&self.vip_routes) {
+            match super::vip_route::add(&self.iface, *vip) {
+                Ok(()) => info!(%vip, "route for VIP-addressed health checks added"),
+                Err(e) => warn!(%vip, "VIP-addressed health checks will fail: {e}"),
+            }
+        }
+        for vip in self.vip_routes.difference(&wanted) {
+            if let Err(e) = super::vip_route::remove(&self.iface, *vip) {
+                warn!(%vip, "removing the health-check route: {e}");
+            }
+        }
+        self.vip_routes = wanted;
+    }
+
+    /// Removes every route added for VIP-addressed health checks (a clean stop).
+    pub fn clear_vip_routes(&mut self) {
+        for vip in std::mem::take(&mut self.vip_routes) {
+            if let Err(e) = super::vip_route::remove(&self.iface, vip) {
+                warn!(%vip, "removing the health-check route: {e}");
+            }
+        }
     }
 
     /// Writes the current tick for the program to stamp flows with (called twice a second).
@@ -393,7 +427,7 @@ impl<P: Prober> Control<P> {
                         ip: b.ip,
                         generation: b.generation,
                     },
-                    SocketAddr::new(b.ip, s.service.port),
+                    probe_target(s.service, b.ip, b.id, &s.health),
                     s.health.clone(),
                 );
                 self.probes.insert((s.service, b.ip), probe);
@@ -439,6 +473,7 @@ impl<P: Prober> Control<P> {
             self.sync_service(addr)?;
         }
         info!(services = self.services.len(), adopt, "state restored");
+        self.sync_vip_routes();
         self.save();
         Ok(())
     }
@@ -598,7 +633,7 @@ impl<P: Prober> Control<P> {
                 ip,
                 generation,
             },
-            SocketAddr::new(ip, addr.port),
+            probe_target(addr, ip, id, &health),
             health,
         );
         self.probes.insert((addr, ip), probe);
@@ -1010,9 +1045,8 @@ impl<P: Prober> Control<P> {
                     ip: *ip,
                     generation: b.generation,
                 };
-                let probe =
-                    self.prober
-                        .start(key, SocketAddr::new(*ip, addr.port), entry.health.clone());
+                let target = probe_target(addr, *ip, b.id, &entry.health);
+                let probe = self.prober.start(key, target, entry.health.clone());
                 self.probes.insert((addr, *ip), probe);
             }
         }
@@ -1118,6 +1152,23 @@ fn write_backends(
         }
     }
     Ok(())
+}
+
+/// Where a backend's probes go: its own address, or the VIP with a socket mark naming the
+/// backend for the tc egress program to steer it (`--hc-target vip`).
+fn probe_target(service: ServiceAddr, ip: IpAddr, id: u32, check: &HealthCheck) -> ProbeTarget {
+    match check.target {
+        HcTarget::Backend => ProbeTarget {
+            addr: SocketAddr::new(ip, service.port),
+            mark: None,
+            backend: ip,
+        },
+        HcTarget::Vip => ProbeTarget {
+            addr: SocketAddr::new(service.vip, service.port),
+            mark: Some(lb_common::HC_MARK_TAG | id),
+            backend: ip,
+        },
+    }
 }
 
 fn kernel_service(id: u32, ring: u32, scheduler: Scheduler) -> lb_common::Service {

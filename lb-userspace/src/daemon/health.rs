@@ -39,6 +39,17 @@ pub struct ProbeKey {
     pub generation: u32,
 }
 
+/// Where one backend's probes go.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProbeTarget {
+    /// The address probed: the backend's own, or the VIP (`--hc-target vip`).
+    pub addr: SocketAddr,
+    /// Socket mark for the tc egress program to steer a VIP-addressed probe to the backend.
+    pub mark: Option<u32>,
+    /// The backend itself, whose neighbour entry (MAC) the data plane needs.
+    pub backend: std::net::IpAddr,
+}
+
 /// `Err` carries why the probe failed, for `lb status`.
 pub type ProbeOutcome = Result<(), String>;
 
@@ -61,12 +72,12 @@ impl TokioProber {
 impl super::control::Prober for TokioProber {
     type Handle = AbortHandle;
 
-    fn start(&mut self, key: ProbeKey, target: SocketAddr, check: HealthCheck) -> AbortHandle {
+    fn start(&mut self, key: ProbeKey, target: ProbeTarget, check: HealthCheck) -> AbortHandle {
         let events = self.events.clone();
         let limit = self.limit.clone();
         self.runtime
             .spawn(async move {
-                let probe = Probe::prepare(&check.kind, target);
+                let probe = Probe::prepare(&check.kind, target.addr);
                 let mut ticker = time::interval(check.interval);
                 ticker.set_missed_tick_behavior(time::MissedTickBehavior::Delay);
                 loop {
@@ -75,10 +86,15 @@ impl super::control::Prober for TokioProber {
                         let Ok(_permit) = limit.acquire().await else {
                             return;
                         };
+                        if target.mark.is_some() {
+                            // The probe goes to the VIP, so nothing else makes the kernel
+                            // resolve the backend's MAC (see resolve_neighbour).
+                            resolve_neighbour(target.backend).await;
+                        }
                         match &probe {
-                            Ok(Some(p)) => p.run(target, check.timeout).await,
+                            Ok(Some(p)) => p.run(target.addr, target.mark, check.timeout).await,
                             Ok(None) => {
-                                resolve_neighbour(target.ip()).await;
+                                resolve_neighbour(target.backend).await;
                                 continue;
                             }
                             // The control loop validates checks, so this is not expected.
@@ -137,20 +153,56 @@ impl Probe {
         }))
     }
 
-    async fn run(&self, target: SocketAddr, timeout: Duration) -> ProbeOutcome {
+    async fn run(&self, target: SocketAddr, mark: Option<u32>, timeout: Duration) -> ProbeOutcome {
         match self {
-            Probe::Tcp => probe_tcp(target, timeout).await,
-            Probe::Http { request, status } => probe_http(target, timeout, request, *status).await,
+            Probe::Tcp => probe_tcp(target, mark, timeout).await,
+            Probe::Http { request, status } => {
+                probe_http(target, mark, timeout, request, *status).await
+            }
             Probe::Udp { send, expect } => {
-                probe_udp(target, timeout, send, expect.as_deref()).await
+                probe_udp(target, mark, timeout, send, expect.as_deref()).await
             }
         }
     }
 }
 
+/// A TCP connection to `target`, from a socket carrying `mark` if given.
+async fn connect(target: SocketAddr, mark: Option<u32>) -> std::io::Result<TcpStream> {
+    let Some(mark) = mark else {
+        return TcpStream::connect(target).await;
+    };
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(target),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    socket.set_mark(mark)?;
+    socket.set_nonblocking(true)?;
+    tokio::net::TcpSocket::from_std_stream(socket.into())
+        .connect(target)
+        .await
+}
+
+/// A UDP socket connected to `target`, carrying `mark` if given.
+async fn udp_connect(target: SocketAddr, mark: Option<u32>) -> std::io::Result<UdpSocket> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(target),
+        socket2::Type::DGRAM,
+        Some(socket2::Protocol::UDP),
+    )?;
+    if let Some(mark) = mark {
+        socket.set_mark(mark)?;
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&unspecified_for(target.ip()).into())?;
+    let sock = UdpSocket::from_std(socket.into())?;
+    sock.connect(target).await?;
+    Ok(sock)
+}
+
 /// Succeeds when a TCP connection to `target` is established within `timeout`.
-pub async fn probe_tcp(target: SocketAddr, timeout: Duration) -> ProbeOutcome {
-    match time::timeout(timeout, TcpStream::connect(target)).await {
+pub async fn probe_tcp(target: SocketAddr, mark: Option<u32>, timeout: Duration) -> ProbeOutcome {
+    match time::timeout(timeout, connect(target, mark)).await {
         Ok(Ok(_stream)) => Ok(()),
         Ok(Err(e)) => Err(format!("connect to {target}: {e}")),
         Err(_) => Err(format!("connect to {target}: no answer within {timeout:?}")),
@@ -171,12 +223,13 @@ fn host_header(target: SocketAddr) -> String {
 /// `status`. Only the status line is read; the connection is then closed.
 async fn probe_http(
     target: SocketAddr,
+    mark: Option<u32>,
     timeout: Duration,
     request: &[u8],
     status: StatusRange,
 ) -> ProbeOutcome {
     let deadline = Instant::now() + timeout;
-    let mut stream = match time::timeout_at(deadline, TcpStream::connect(target)).await {
+    let mut stream = match time::timeout_at(deadline, connect(target, mark)).await {
         Ok(Ok(stream)) => stream,
         Ok(Err(e)) => return Err(format!("connect: {e}")),
         Err(_) => return Err(format!("connect: no answer within {timeout:?}")),
@@ -249,6 +302,7 @@ fn unspecified_for(target: IpAddr) -> SocketAddr {
 /// ECONNREFUSED on the next receive, so a closed port fails fast rather than by timeout.
 async fn probe_udp(
     target: SocketAddr,
+    mark: Option<u32>,
     timeout: Duration,
     send: &[u8],
     expect: Option<&[u8]>,
@@ -260,12 +314,9 @@ async fn probe_udp(
             format!("{what}: {e}")
         }
     };
-    let sock = UdpSocket::bind(unspecified_for(target.ip()))
+    let sock = udp_connect(target, mark)
         .await
         .map_err(|e| format!("udp socket: {e}"))?;
-    sock.connect(target)
-        .await
-        .map_err(|e| format!("connect: {e}"))?;
     sock.send(send).await.map_err(|e| refused("send", e))?;
     let mut reply = vec![0u8; MAX_UDP_REPLY];
     let n = match time::timeout(timeout, sock.recv(&mut reply)).await {
@@ -310,10 +361,18 @@ mod tests {
 
     const SECOND: Duration = Duration::from_secs(1);
 
+    fn direct(addr: SocketAddr) -> ProbeTarget {
+        ProbeTarget {
+            addr,
+            mark: None,
+            backend: addr.ip(),
+        }
+    }
+
     /// Runs one probe of kind `kind` against `target`.
     async fn probe(kind: &CheckKind, target: SocketAddr, timeout: Duration) -> ProbeOutcome {
         match Probe::prepare(kind, target)? {
-            Some(probe) => probe.run(target, timeout).await,
+            Some(probe) => probe.run(target, None, timeout).await,
             None => Ok(()),
         }
     }
@@ -322,9 +381,9 @@ mod tests {
     async fn probe_succeeds_against_a_listener_and_fails_when_it_is_gone() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        assert_eq!(probe_tcp(addr, SECOND).await, Ok(()));
+        assert_eq!(probe_tcp(addr, None, SECOND).await, Ok(()));
         drop(listener);
-        let err = probe_tcp(addr, SECOND).await.unwrap_err();
+        let err = probe_tcp(addr, None, SECOND).await.unwrap_err();
         assert!(err.contains("refused"), "{err}");
     }
 
@@ -603,13 +662,13 @@ mod tests {
             (http("/healthz", "200", None), http_addr, Ok(())),
             (udp("x", Some("pong:x")), udp_addr, Ok(())),
         ] {
-            let handle = prober.start(key, target, check(kind));
+            let handle = prober.start(key, direct(target), check(kind));
             let got = next_probe(&inbox).await;
             prober.stop(handle);
             assert_eq!(got, Some(want));
             while inbox.try_recv().is_ok() {}
         }
-        let handle = prober.start(key, udp_addr, check(CheckKind::None));
+        let handle = prober.start(key, direct(udp_addr), check(CheckKind::None));
         time::sleep(Duration::from_millis(300)).await;
         prober.stop(handle);
         assert!(inbox.try_recv().is_err(), "a none check reported a result");

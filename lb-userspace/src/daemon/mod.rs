@@ -10,6 +10,7 @@ mod health;
 pub mod metrics;
 mod reload;
 mod server;
+mod vip_route;
 
 use std::{
     path::PathBuf,
@@ -20,7 +21,7 @@ use std::{
 use anyhow::{Context as _, bail};
 use config::Config;
 pub use control::{Control, ControlError, Prober, SavedState};
-pub use health::{ProbeKey, ProbeOutcome};
+pub use health::{ProbeKey, ProbeOutcome, ProbeTarget};
 pub use reload::{Change, discarded, plan};
 use tokio::sync::oneshot;
 use tracing::{info, warn};
@@ -196,6 +197,9 @@ pub fn run(args: DaemonArgs, api: PathBuf) -> anyhow::Result<()> {
                 iface, args.xdp_mode
             )
         })?;
+    if let Err(e) = dp.attach_hc_egress(&iface) {
+        warn!("health checks with --hc-target vip will fail: {e:#}");
+    }
     if replaced {
         info!(pin_dir = %args.pin_dir.display(), "adopted the running data plane: program replaced in place, connection table kept");
     } else {
@@ -237,10 +241,12 @@ pub fn run(args: DaemonArgs, api: PathBuf) -> anyhow::Result<()> {
         // Each change was logged as it was made.
         info!(file, changes = changes.len(), "configuration applied");
     }
+    control.sync_vip_routes();
     control.set_state_file(state_file);
     info!(api = %api.display(), "ready");
     control_loop(&mut control, &inbox);
 
+    control.clear_vip_routes();
     if args.keep_on_exit {
         drop(control);
         info!(pin_dir = %args.pin_dir.display(), "daemon stopped; the data plane keeps running (pinned maps and link); start `lb daemon` again to adopt it");
@@ -289,6 +295,7 @@ fn control_loop<P: Prober>(control: &mut Control<P>, inbox: &mpsc::Receiver<Even
             Ok(Event::Api(request, reply)) => {
                 // The client may have gone; the change is applied either way.
                 let _ = reply.send(control.handle(request));
+                control.sync_vip_routes();
             }
             Ok(Event::Probe(key, outcome)) => control.probe_result(key, outcome),
             Ok(Event::Shutdown) | Err(mpsc::RecvTimeoutError::Disconnected) => return,
