@@ -200,6 +200,8 @@ pub struct FlowState {
 pub struct Traffic {
     pub packets: u64,
     pub bytes: u64,
+    /// Flows placed (new flows, and flows moved here from a backend that went away).
+    pub flows: u64,
 }
 
 /// Why the program passed or dropped a packet, or that it forwarded it; the index into
@@ -273,7 +275,7 @@ mod tests {
         assert_eq!(size_of::<FlowKeyV4>(), 16);
         assert_eq!(size_of::<FlowState>(), 16);
         assert_eq!(size_of::<LcList>(), 8 + 8 * LC_MAX_BACKENDS as usize);
-        assert_eq!(size_of::<Traffic>(), 16);
+        assert_eq!(size_of::<Traffic>(), 24);
         assert_eq!(size_of::<RingChunk>(), 64);
     }
 

@@ -68,8 +68,8 @@ fn balance(ctx: &XdpContext) -> Result<(), Reason> {
     forward::dsr::rewrite(ctx, &backend.mac)?;
 
     let len = (ctx.data_end() - ctx.data()) as u64;
-    stats::count_traffic(&maps::SERVICE_STATS, service.id, len);
-    stats::count_traffic(&maps::BACKEND_STATS, backend.id, len);
+    stats::count_traffic(&maps::SERVICE_STATS, service.id, len, backend.placed);
+    stats::count_traffic(&maps::BACKEND_STATS, backend.id, len, backend.placed);
     // SAFETY: a read of a plain u32 global.
     if unsafe { core::ptr::read_volatile(&LB_DEBUG) } != 0 {
         debug!(

@@ -20,6 +20,8 @@ use crate::{
 pub struct Chosen {
     pub id: u32,
     pub mac: [u8; 6],
+    /// The flow was placed on this backend by this packet (not found in the connection table).
+    pub placed: bool,
 }
 
 #[inline(always)]
@@ -36,6 +38,7 @@ pub fn backend_for(service: &Service, pkt: &PacketV4) -> Result<Chosen, Reason> 
             return Ok(Chosen {
                 id: state.backend,
                 mac: backend.mac,
+                placed: false,
             });
         }
     }
@@ -77,6 +80,7 @@ pub fn backend_for(service: &Service, pkt: &PacketV4) -> Result<Chosen, Reason> 
     Ok(Chosen {
         id,
         mac: backend.mac,
+        placed: true,
     })
 }
 

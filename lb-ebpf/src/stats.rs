@@ -14,12 +14,13 @@ pub fn count_reason(reason: Reason) {
 }
 
 #[inline(always)]
-pub fn count_traffic(map: &PerCpuArray<Traffic>, index: u32, bytes: u64) {
+pub fn count_traffic(map: &PerCpuArray<Traffic>, index: u32, bytes: u64, new_flow: bool) {
     if let Some(t) = map.get_ptr_mut(index) {
         // SAFETY: as above.
         unsafe {
             (*t).packets += 1;
             (*t).bytes += bytes;
+            (*t).flows += u64::from(new_flow);
         }
     }
 }

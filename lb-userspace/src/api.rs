@@ -532,6 +532,9 @@ pub struct ServiceStatus {
     pub health_check: HealthCheck,
     pub packets: u64,
     pub bytes: u64,
+    /// Flows placed on its backends since the service was added (its rate: new flows/s).
+    #[serde(default)]
+    pub flows: u64,
     pub backends: Vec<BackendStatus>,
 }
 
@@ -593,6 +596,9 @@ pub struct BackendStatus {
     pub active_flows: i64,
     pub packets: u64,
     pub bytes: u64,
+    /// Flows placed on the backend since it was added (its rate: new flows/s).
+    #[serde(default)]
+    pub flows: u64,
 }
 
 #[cfg(test)]

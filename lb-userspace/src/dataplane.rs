@@ -475,6 +475,7 @@ fn sum_traffic(
         .map_err(|source| DataplaneError::Map { name, source })?;
     Ok(per_cpu.iter().fold(Traffic::default(), |acc, t| Traffic {
         packets: acc.packets + t.packets,
+        flows: acc.flows + t.flows,
         bytes: acc.bytes + t.bytes,
     }))
 }

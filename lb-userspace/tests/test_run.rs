@@ -147,7 +147,11 @@ fn vip_packet_gets_backend_mac_and_nothing_else_changes() {
     let t = h.dp.service_traffic(0).unwrap();
     assert_eq!((t.packets, t.bytes), (1, frame.len() as u64));
     let t = h.dp.backend_traffic(0).unwrap();
-    assert_eq!((t.packets, t.bytes), (1, frame.len() as u64));
+    assert_eq!((t.packets, t.bytes, t.flows), (1, frame.len() as u64, 1));
+    // The same flow again: a packet more, no new flow.
+    h.forwarded_to(&frame);
+    let t = h.dp.service_traffic(0).unwrap();
+    assert_eq!((t.packets, t.flows), (2, 1));
 }
 
 #[test]

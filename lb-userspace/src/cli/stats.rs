@@ -251,6 +251,7 @@ mod tests {
                 health_check: HealthCheck::default(),
                 packets: service_packets,
                 bytes: service_packets * 100,
+                flows: 0,
                 backends: backends
                     .iter()
                     .map(|(ip, packets, bytes)| BackendStatus {
@@ -264,6 +265,7 @@ mod tests {
                         active_flows: 0,
                         packets: *packets,
                         bytes: *bytes,
+                        flows: 0,
                     })
                     .collect(),
             }],

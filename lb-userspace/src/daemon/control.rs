@@ -1111,6 +1111,7 @@ impl<P: Prober> Control<P> {
                     in_table: b.in_table(),
                     active_flows: self.dp.flow_count(b.id)?,
                     packets: t.packets,
+                    flows: t.flows,
                     bytes: t.bytes,
                 });
             }
@@ -1120,6 +1121,7 @@ impl<P: Prober> Control<P> {
                 scheduler: e.scheduler,
                 health_check: e.health.clone(),
                 packets: traffic.packets,
+                flows: traffic.flows,
                 bytes: traffic.bytes,
                 backends,
             });

@@ -209,7 +209,7 @@ struct BackendFamily {
     value: fn(&BackendStatus) -> u64,
 }
 
-const BACKEND_FAMILIES: [BackendFamily; 5] = [
+const BACKEND_FAMILIES: [BackendFamily; 6] = [
     BackendFamily {
         name: "lb_backend_packets_total",
         kind: "counter",
@@ -241,6 +241,12 @@ const BACKEND_FAMILIES: [BackendFamily; 5] = [
         help: "Flows placed on the backend and not yet closed (FIN/RST) or idle, as the kernel \
                counts them (recounted from the connection table every few seconds).",
         value: |b| u64::try_from(b.active_flows).unwrap_or(0),
+    },
+    BackendFamily {
+        name: "lb_backend_flows_total",
+        kind: "counter",
+        help: "Flows placed on the backend (its rate is new flows per second).",
+        value: |b| b.flows,
     },
 ];
 
@@ -274,6 +280,20 @@ pub fn render(status: &Status) -> String {
             "lb_service_bytes_total",
             &[("service", &s.service)],
             s.bytes,
+        );
+    }
+    family(
+        &mut out,
+        "lb_service_flows_total",
+        "counter",
+        "Flows placed on a backend of the service (its rate is new flows per second).",
+    );
+    for s in &status.services {
+        sample(
+            &mut out,
+            "lb_service_flows_total",
+            &[("service", &s.service)],
+            s.flows,
         );
     }
 
@@ -372,6 +392,7 @@ mod tests {
             active_flows: i64::from(in_table) * 3,
             packets,
             bytes,
+            flows: packets / 10,
         }
     }
 
@@ -384,6 +405,7 @@ mod tests {
                 health_check: HealthCheck::default(),
                 packets: 30,
                 bytes: 3000,
+                flows: 3,
                 backends: vec![
                     backend("10.0.0.2", Health::Up, true, 20, 2000),
                     backend("10.0.0.3", Health::Down, false, 10, 1000),
@@ -401,6 +423,9 @@ lb_service_packets_total{service="10.0.0.10:80/tcp"} 30
 # HELP lb_service_bytes_total Bytes (whole Ethernet frames) forwarded to a backend of the service.
 # TYPE lb_service_bytes_total counter
 lb_service_bytes_total{service="10.0.0.10:80/tcp"} 3000
+# HELP lb_service_flows_total Flows placed on a backend of the service (its rate is new flows per second).
+# TYPE lb_service_flows_total counter
+lb_service_flows_total{service="10.0.0.10:80/tcp"} 3
 # HELP lb_backend_packets_total Packets forwarded to the backend.
 # TYPE lb_backend_packets_total counter
 lb_backend_packets_total{service="10.0.0.10:80/tcp",backend="10.0.0.2"} 20
@@ -421,6 +446,10 @@ lb_backend_in_table{service="10.0.0.10:80/tcp",backend="10.0.0.3"} 0
 # TYPE lb_backend_active_flows gauge
 lb_backend_active_flows{service="10.0.0.10:80/tcp",backend="10.0.0.2"} 3
 lb_backend_active_flows{service="10.0.0.10:80/tcp",backend="10.0.0.3"} 0
+# HELP lb_backend_flows_total Flows placed on the backend (its rate is new flows per second).
+# TYPE lb_backend_flows_total counter
+lb_backend_flows_total{service="10.0.0.10:80/tcp",backend="10.0.0.2"} 2
+lb_backend_flows_total{service="10.0.0.10:80/tcp",backend="10.0.0.3"} 1
 # HELP lb_packets_total Packets seen by the XDP program, by what it did with them (forwarded, pass_*, drop_*).
 # TYPE lb_packets_total counter
 lb_packets_total{reason="drop_no_backend"} 0
