@@ -19,11 +19,19 @@ if [ ${#missing[@]} -gt 0 ]; then
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-# --- Rust: nightly with rust-src for the eBPF crate -----------------------------------------
-if ! rustup +nightly component list --installed 2>/dev/null | grep -q '^rust-src'; then
-  log "adding rust-src to the nightly toolchain"
-  rustup component add rust-src --toolchain nightly
-fi
+# --- Rust: nightly with rust-src for the eBPF crate, clippy and rustfmt for the checks -------
+for component in rust-src clippy; do
+  if ! rustup +nightly component list --installed 2>/dev/null | grep -q "^$component"; then
+    log "adding $component to the nightly toolchain"
+    rustup component add "$component" --toolchain nightly
+  fi
+done
+for component in clippy rustfmt; do
+  if ! rustup component list --installed 2>/dev/null | grep -q "^$component"; then
+    log "adding $component to the default toolchain"
+    rustup component add "$component"
+  fi
+done
 
 # --- bpf-linker 0.13.0 against the nightly's LLVM ---------------------------------------------
 # The nightly ships libLLVM as a shared library; bpf-linker links against it through a folder

@@ -24,9 +24,19 @@ pub struct UdpServer {
 impl UdpServer {
     /// Answers every datagram to `bind` (inside namespace `ns`) with `name`.
     pub fn start(name: &str, ns: &str, bind: SocketAddr) -> Self {
-        let sock = netns::run_in(ns, move || UdpSocket::bind(bind))
-            .and_then(|r| r)
-            .unwrap_or_else(|e| panic!("{name}: bind udp {bind}: {e}"));
+        // A server stopped just before may still hold the port for a moment (its thread drops
+        // the socket as it ends): retry briefly instead of failing the test on that race.
+        let mut attempt = 0;
+        let sock = loop {
+            match netns::run_in(ns, move || UdpSocket::bind(bind)).and_then(|r| r) {
+                Ok(sock) => break sock,
+                Err(e) if e.kind() == io::ErrorKind::AddrInUse && attempt < 40 => {
+                    attempt += 1;
+                    std::thread::sleep(Duration::from_millis(25));
+                }
+                Err(e) => panic!("{name}: bind udp {bind}: {e}"),
+            }
+        };
         sock.set_read_timeout(Some(Duration::from_millis(50)))
             .expect("udp read timeout");
         let requests = Arc::new(AtomicU64::new(0));
