@@ -157,8 +157,8 @@ impl PinDir {
                     return Err(PinError::Incompatible {
                         name: l.name,
                         path,
-                        found: "no pinned map".into(),
-                        wanted: "the map the other maps were pinned with".into(),
+                        found: "nothing".into(),
+                        wanted: "one pinned with the others".into(),
                     });
                 }
                 continue;

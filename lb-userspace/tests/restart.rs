@@ -156,3 +156,54 @@ fn a_pinned_data_plane_without_its_state_is_refused_clearly() {
         "a refused start must not touch the data plane"
     );
 }
+
+#[test]
+fn an_incompatible_pinned_map_refuses_the_start_and_touches_nothing() {
+    let tb = Testbed::builder()
+        .backends(1)
+        .pinned()
+        .without_balancer()
+        .start();
+    let maps = tb.pin_dir().expect("pinned").join("maps");
+    std::fs::create_dir_all(&maps).expect("maps dir");
+    // What an older version could have left: the services map as this one has it, and a
+    // connection table whose values are 8 bytes (this version's are 16).
+    let create = |name: &str, kind: &str, key: &str, value: &str, entries: &str, flags: &str| {
+        let path = maps.join(name);
+        let status = Command::new("bpftool")
+            .args(["map", "create"])
+            .arg(&path)
+            .args(["type", kind, "key", key, "value", value, "entries", entries])
+            .args(["name", name, "flags", flags])
+            .status()
+            .expect("bpftool");
+        assert!(status.success(), "bpftool map create {name}");
+    };
+    // One service: its ring map holds 2 tables of 4097 chunks.
+    create("SERVICES", "hash", "8", "12", "1", "0");
+    create("BACKENDS", "array", "4", "32", "16", "0");
+    create("RINGS", "array", "4", "64", "8194", "1024");
+    create("CONNTRACK", "lru_hash", "16", "8", "1024", "0");
+    let out = Command::new("ip")
+        .args(["netns", "exec", &tb.lb, env!("CARGO_BIN_EXE_lb")])
+        .arg("--api")
+        .arg(tb.dir.join("lb.sock"))
+        .args(["daemon", "--iface", "eth0", "--pin-dir"])
+        .arg(tb.pin_dir().expect("pinned"))
+        .output()
+        .expect("run lb daemon");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("pinned map CONNTRACK") && stderr.contains("value size 8"),
+        "{stderr}"
+    );
+    assert!(
+        !xdp_attached(&tb.lb, "eth0"),
+        "a refused start attached XDP"
+    );
+    assert!(
+        maps.join("CONNTRACK").exists(),
+        "the old map was left as it was"
+    );
+}

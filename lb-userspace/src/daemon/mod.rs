@@ -146,24 +146,6 @@ pub fn run(args: DaemonArgs, api: PathBuf) -> anyhow::Result<()> {
     let pins = PinDir::open(&args.pin_dir)?;
     let adopting = pins.has_state();
     // Decide before touching the data plane: a refused start leaves it exactly as it was.
-    let state_file = args
-        .state_file
-        .clone()
-        .unwrap_or_else(|| api.with_file_name("state.json"));
-    let saved = if args.fresh {
-        None
-    } else {
-        read_state(&state_file)?
-    };
-    if adopting && saved.is_none() && !args.fresh {
-        bail!(
-            "a data plane is pinned in {} but there is no saved state at {}: pass --state-file, \
-             or --fresh to start over (drops established connections)",
-            args.pin_dir.display(),
-            state_file.display()
-        );
-    }
-
     let sizing = match pins.check_layouts()? {
         Some(pinned) => {
             if (
@@ -184,6 +166,24 @@ pub fn run(args: DaemonArgs, api: PathBuf) -> anyhow::Result<()> {
         }
         None => requested,
     };
+    let state_file = args
+        .state_file
+        .clone()
+        .unwrap_or_else(|| api.with_file_name("state.json"));
+    let saved = if args.fresh {
+        None
+    } else {
+        read_state(&state_file)?
+    };
+    if adopting && saved.is_none() && !args.fresh {
+        bail!(
+            "a data plane is pinned in {} but there is no saved state at {}: pass --state-file, \
+             or --fresh to start over (drops established connections)",
+            args.pin_dir.display(),
+            state_file.display()
+        );
+    }
+
     let mut dp = Dataplane::load_pinned(sizing, args.debug_packets, &pins)
         .context("loading the XDP program (are you root? is the kernel built with BPF?)")?;
     // The logger must live as long as the program: it owns the map the program logs into.
