@@ -50,6 +50,31 @@ pub fn flow_hash_v4(src: u32, dst: u32, sport: u16, dport: u16, proto: u8) -> u3
     finish(h, 16)
 }
 
+/// Hash of an IPv6 5-tuple (addresses as four raw words each, like the ports).
+#[inline(always)]
+pub fn flow_hash_v6(src: &[u32; 4], dst: &[u32; 4], sport: u16, dport: u16, proto: u8) -> u32 {
+    let ports = (sport as u32) | ((dport as u32) << 16);
+    let mut h = FLOW_SEED;
+    let mut i = 0;
+    while i < 4 {
+        h = mix(h, src[i]);
+        i += 1;
+    }
+    i = 0;
+    while i < 4 {
+        h = mix(h, dst[i]);
+        i += 1;
+    }
+    h = mix(mix(h, ports), proto as u32);
+    finish(h, 40)
+}
+
+/// Hash of a client address alone (source-hash scheduling): the address's words.
+#[inline(always)]
+pub fn source_hash(words: &[u32]) -> u32 {
+    murmur3_words(FLOW_SEED, words)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -69,6 +94,16 @@ mod tests {
         // Reference values of MurmurHash3_x86_32 for 4-byte little-endian keys.
         assert_eq!(murmur3_words(0, &[0]), 0x2362_f9de);
         assert_eq!(murmur3_words(0x9747_b28c, &[0x6161_6161]), 0x5a97_808a); // "aaaa"
+    }
+
+    #[test]
+    fn flow_hash_v6_is_murmur3_of_the_tuple_words() {
+        let (src, dst) = ([1, 2, 3, 4], [5, 6, 7, 8]);
+        let ports = 0x5000_3930;
+        assert_eq!(
+            flow_hash_v6(&src, &dst, 0x3930, 0x5000, 6),
+            murmur3_words(FLOW_SEED, &[1, 2, 3, 4, 5, 6, 7, 8, ports, 6])
+        );
     }
 
     #[test]

@@ -51,9 +51,11 @@ pub mod names {
     pub const PROG_PASS: &str = "lb_xdp_pass";
     pub const PROG_HC_EGRESS: &str = "lb_hc_egress";
     pub const SERVICES: &str = "SERVICES";
+    pub const SERVICES_V6: &str = "SERVICES_V6";
     pub const BACKENDS: &str = "BACKENDS";
     pub const RINGS: &str = "RINGS";
     pub const CONNTRACK: &str = "CONNTRACK";
+    pub const CONNTRACK_V6: &str = "CONNTRACK_V6";
     pub const SERVICE_STATS: &str = "SERVICE_STATS";
     pub const BACKEND_STATS: &str = "BACKEND_STATS";
     pub const REASON_STATS: &str = "REASON_STATS";
@@ -83,6 +85,18 @@ pub struct ServiceKeyV4 {
 /// that backend, so the check tests the VIP on that backend, not only its host.
 pub const HC_MARK_TAG: u32 = 0x4c00_0000;
 pub const HC_MARK_TAG_MASK: u32 = 0xff00_0000;
+
+/// Key of the IPv6 service map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ServiceKeyV6 {
+    /// VIP, network order, as four words read from the packet.
+    pub addr: [u32; 4],
+    /// Port, network order.
+    pub port: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
 
 /// Forwarding modes (`Service::forward`).
 pub const FORWARD_DSR: u8 = 0;
@@ -137,6 +151,7 @@ pub const BACKEND_F_ALIVE: u8 = 1;
 
 /// Address families (`Backend::family`), as Linux numbers them.
 pub const AF_INET: u8 = 2;
+pub const AF_INET6: u8 = 10;
 
 /// Value of the backend array, indexed by backend id.
 #[repr(C)]
@@ -153,7 +168,7 @@ pub struct Backend {
     pub generation: u32,
     /// `BACKEND_F_*` bits.
     pub flags: u8,
-    /// `AF_INET` (IPv6 comes with a later forwarding issue).
+    /// `AF_INET` or `AF_INET6`.
     pub family: u8,
     pub _pad: [u8; 2],
 }
@@ -176,6 +191,19 @@ pub struct FlowKeyV4 {
 /// (ticks of about 1.07 s). The daemon writes the current tick into the `CLOCK` map twice a
 /// second; the program reads it there, because a clock helper call cost ~35 ns per packet.
 pub const FLOW_TICK_SHIFT: u32 = 30;
+
+/// Key of the IPv6 connection table: a 5-tuple, network order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FlowKeyV6 {
+    pub src: [u32; 4],
+    pub dst: [u32; 4],
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub _pad0: u8,
+    pub _pad1: u16,
+}
 
 /// The flow has seen a TCP FIN or RST: it no longer counts as active.
 pub const FLOW_F_CLOSED: u32 = 1;
@@ -211,8 +239,8 @@ pub struct Traffic {
 pub enum Reason {
     /// Forwarded to a backend.
     Forwarded = 0,
-    /// Not IPv4 (ARP, IPv6, ...): passed to the kernel.
-    PassNotIpv4 = 1,
+    /// Neither IPv4 nor IPv6 (ARP, LLDP, ...): passed to the kernel.
+    PassNotIp = 1,
     /// IPv4 but neither TCP nor UDP (ICMP, ...): passed.
     PassNotTcpUdp = 2,
     /// TCP/UDP to no configured service: passed.
@@ -237,7 +265,7 @@ impl Reason {
     /// Every reason in index order, with its name in metrics and `lb status`.
     pub const ALL: [(Reason, &'static str); Self::COUNT as usize] = [
         (Reason::Forwarded, "forwarded"),
-        (Reason::PassNotIpv4, "pass_not_ipv4"),
+        (Reason::PassNotIp, "pass_not_ip"),
         (Reason::PassNotTcpUdp, "pass_not_tcp_udp"),
         (Reason::PassNotVip, "pass_not_vip"),
         (Reason::PassFragment, "pass_fragment"),
@@ -254,6 +282,8 @@ mod pod {
     // SAFETY: each type is #[repr(C)], made only of integers and byte arrays, with explicit
     // padding fields, so every bit pattern is valid and no byte is uninitialised.
     unsafe impl aya::Pod for super::ServiceKeyV4 {}
+    unsafe impl aya::Pod for super::ServiceKeyV6 {}
+    unsafe impl aya::Pod for super::FlowKeyV6 {}
     unsafe impl aya::Pod for super::Service {}
     unsafe impl aya::Pod for super::Backend {}
     unsafe impl aya::Pod for super::FlowKeyV4 {}
@@ -270,6 +300,8 @@ mod tests {
     #[test]
     fn map_types_have_no_implicit_padding() {
         assert_eq!(size_of::<ServiceKeyV4>(), 8);
+        assert_eq!(size_of::<ServiceKeyV6>(), 20);
+        assert_eq!(size_of::<FlowKeyV6>(), 40);
         assert_eq!(size_of::<Service>(), 12);
         assert_eq!(size_of::<Backend>(), 32);
         assert_eq!(size_of::<FlowKeyV4>(), 16);

@@ -21,7 +21,8 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use aya_log_ebpf::debug;
-use lb_common::{Reason, ServiceKeyV4};
+use lb_common::{Reason, ServiceKeyV4, ServiceKeyV6};
+use parse::L3;
 
 /// Set to non-zero by the loader (`lb daemon --debug-packets`) to log each forwarding decision.
 /// A read-only global: the verifier sees its value at load time and removes the logging code
@@ -55,16 +56,38 @@ pub fn lb_hc_egress(ctx: TcContext) -> i32 {
 
 #[inline(always)]
 fn balance(ctx: &XdpContext) -> Result<(), Reason> {
-    let pkt = parse::parse_ipv4(ctx)?;
-    let key = ServiceKeyV4 {
-        addr: pkt.flow.dst,
-        port: pkt.flow.dport,
-        proto: pkt.flow.proto,
-        _pad: 0,
+    // SAFETY (service lookups): the value is copied out at once; userspace replaces entries
+    // whole.
+    let (service, backend) = match parse::l2(ctx)? {
+        L3::V4(l3) => {
+            let pkt = parse::ipv4(ctx, l3)?;
+            let key = ServiceKeyV4 {
+                addr: pkt.flow.dst,
+                port: pkt.flow.dport,
+                proto: pkt.flow.proto,
+                _pad: 0,
+            };
+            let service = *unsafe { maps::SERVICES.get(key) }.ok_or(Reason::PassNotVip)?;
+            (
+                service,
+                select::backend_for(&service, &pkt, &maps::CONNTRACK)?,
+            )
+        }
+        L3::V6(l3) => {
+            let pkt = parse::ipv6(ctx, l3)?;
+            let key = ServiceKeyV6 {
+                addr: pkt.flow.dst,
+                port: pkt.flow.dport,
+                proto: pkt.flow.proto,
+                _pad: 0,
+            };
+            let service = *unsafe { maps::SERVICES_V6.get(key) }.ok_or(Reason::PassNotVip)?;
+            (
+                service,
+                select::backend_for(&service, &pkt, &maps::CONNTRACK_V6)?,
+            )
+        }
     };
-    // SAFETY: the value is copied out at once; userspace replaces entries whole.
-    let service = *unsafe { maps::SERVICES.get(key) }.ok_or(Reason::PassNotVip)?;
-    let backend = select::backend_for(&service, &pkt)?;
     forward::dsr::rewrite(ctx, &backend.mac)?;
 
     let len = (ctx.data_end() - ctx.data()) as u64;
@@ -74,11 +97,10 @@ fn balance(ctx: &XdpContext) -> Result<(), Reason> {
     if unsafe { core::ptr::read_volatile(&LB_DEBUG) } != 0 {
         debug!(
             ctx,
-            "service {} flow {:i}:{} -> backend {}",
+            "service {} -> backend {} (new flow: {})",
             service.id,
-            u32::from_be(pkt.flow.src),
-            u16::from_be(pkt.flow.sport),
-            backend.id
+            backend.id,
+            u8::from(backend.placed)
         );
     }
     Ok(())
@@ -88,7 +110,7 @@ fn balance(ctx: &XdpContext) -> Result<(), Reason> {
 fn verdict(reason: Reason) -> u32 {
     match reason {
         Reason::Forwarded => xdp_action::XDP_TX,
-        Reason::PassNotIpv4
+        Reason::PassNotIp
         | Reason::PassNotTcpUdp
         | Reason::PassNotVip
         | Reason::PassFragment

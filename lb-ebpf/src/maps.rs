@@ -8,12 +8,18 @@ use aya_ebpf::{
 };
 use lb_common::{
     Backend, DEFAULT_CONNTRACK_SIZE, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_SERVICES, FlowKeyV4,
-    FlowState, LcList, RING_CHUNKS, Reason, RingChunk, Service, ServiceKeyV4, Traffic,
+    FlowKeyV6, FlowState, LcList, RING_CHUNKS, Reason, RingChunk, Service, ServiceKeyV4,
+    ServiceKeyV6, Traffic,
 };
 
 /// VIP:port/proto → service. One hash lookup per packet decides "is this ours".
 #[map]
 pub static SERVICES: HashMap<ServiceKeyV4, Service> =
+    HashMap::with_max_entries(DEFAULT_MAX_SERVICES, 0);
+
+/// The same for IPv6 VIPs.
+#[map]
+pub static SERVICES_V6: HashMap<ServiceKeyV6, Service> =
     HashMap::with_max_entries(DEFAULT_MAX_SERVICES, 0);
 
 /// Backend id → backend. An array: ids are small integers allocated by the daemon.
@@ -35,6 +41,11 @@ pub static RINGS: Array<RingChunk> =
 /// to one CPU would get a fraction of the configured table.
 #[map]
 pub static CONNTRACK: LruHashMap<FlowKeyV4, FlowState> =
+    LruHashMap::with_max_entries(DEFAULT_CONNTRACK_SIZE, 0);
+
+/// The IPv6 connection table (its own map: IPv4 keys stay 16 bytes, hashed faster).
+#[map]
+pub static CONNTRACK_V6: LruHashMap<FlowKeyV6, FlowState> =
     LruHashMap::with_max_entries(DEFAULT_CONNTRACK_SIZE, 0);
 
 /// Active flows per backend id: +1 when a flow is placed, -1 at its first FIN or RST. Flows

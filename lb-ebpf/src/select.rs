@@ -4,15 +4,17 @@
 
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
+use aya_ebpf::maps::LruHashMap;
 use lb_common::{
-    BACKEND_F_ALIVE, BACKEND_NONE, FLOW_F_CLOSED, FlowState, LC_MAX_BACKENDS, RING_CHUNK,
-    RING_CHUNKS, RING_SIZE, Reason, SCHED_LEAST_CONN, SCHED_ROUND_ROBIN, SCHED_SOURCE_HASH,
-    Service, hash::FLOW_SEED, hash::flow_hash_v4, hash::murmur3_words,
+    BACKEND_F_ALIVE, BACKEND_NONE, FLOW_F_CLOSED, FlowKeyV4, FlowKeyV6, FlowState, LC_MAX_BACKENDS,
+    RING_CHUNK, RING_CHUNKS, RING_SIZE, Reason, SCHED_LEAST_CONN, SCHED_ROUND_ROBIN,
+    SCHED_SOURCE_HASH, Service,
+    hash::{flow_hash_v4, flow_hash_v6, source_hash},
 };
 
 use crate::{
-    maps::{BACKENDS, CLOCK, CONNTRACK, FLOW_COUNTS, LC_LISTS, RINGS, RR_CURSORS},
-    parse::{PacketV4, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+    maps::{BACKENDS, CLOCK, FLOW_COUNTS, LC_LISTS, RINGS, RR_CURSORS},
+    parse::{Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
 /// The chosen backend: its id (for counters) and its MAC (all DSR needs). Only these are
@@ -24,10 +26,44 @@ pub struct Chosen {
     pub placed: bool,
 }
 
+/// A connection-table key: the 5-tuple of one address family.
+pub trait FlowKey: Copy {
+    /// The Maglev hash of the 5-tuple.
+    fn flow_hash(&self) -> u32;
+    /// The hash of the client address alone (source-hash scheduling).
+    fn source_hash(&self) -> u32;
+}
+
+impl FlowKey for FlowKeyV4 {
+    #[inline(always)]
+    fn flow_hash(&self) -> u32 {
+        flow_hash_v4(self.src, self.dst, self.sport, self.dport, self.proto)
+    }
+    #[inline(always)]
+    fn source_hash(&self) -> u32 {
+        source_hash(&[self.src])
+    }
+}
+
+impl FlowKey for FlowKeyV6 {
+    #[inline(always)]
+    fn flow_hash(&self) -> u32 {
+        flow_hash_v6(&self.src, &self.dst, self.sport, self.dport, self.proto)
+    }
+    #[inline(always)]
+    fn source_hash(&self) -> u32 {
+        source_hash(&self.src)
+    }
+}
+
 #[inline(always)]
-pub fn backend_for(service: &Service, pkt: &PacketV4) -> Result<Chosen, Reason> {
+pub fn backend_for<K: FlowKey>(
+    service: &Service,
+    pkt: &Packet<K>,
+    conntrack: &LruHashMap<K, FlowState>,
+) -> Result<Chosen, Reason> {
     let now = CLOCK.get(0).copied().unwrap_or(0);
-    if let Some(state) = CONNTRACK.get_ptr_mut(pkt.flow) {
+    if let Some(state) = conntrack.get_ptr_mut(pkt.flow) {
         // SAFETY: a pointer into the map's value, valid for this run of the program.
         let state = unsafe { &mut *state };
         if let Some(backend) = BACKENDS.get(state.backend)
@@ -46,17 +82,8 @@ pub fn backend_for(service: &Service, pkt: &PacketV4) -> Result<Chosen, Reason> 
     let id = match service.scheduler {
         SCHED_LEAST_CONN => least_loaded(service)?,
         SCHED_ROUND_ROBIN => ring_entry(service, next_turn(service.id))?,
-        SCHED_SOURCE_HASH => ring_entry(service, murmur3_words(FLOW_SEED, &[pkt.flow.src]))?,
-        _ => ring_entry(
-            service,
-            flow_hash_v4(
-                pkt.flow.src,
-                pkt.flow.dst,
-                pkt.flow.sport,
-                pkt.flow.dport,
-                pkt.flow.proto,
-            ),
-        )?,
+        SCHED_SOURCE_HASH => ring_entry(service, pkt.flow.source_hash())?,
+        _ => ring_entry(service, pkt.flow.flow_hash())?,
     };
     if id == BACKEND_NONE {
         return Err(Reason::DropNoBackend);
@@ -74,7 +101,7 @@ pub fn backend_for(service: &Service, pkt: &PacketV4) -> Result<Chosen, Reason> 
         flags: if closed { FLOW_F_CLOSED } else { 0 },
     };
     // A failed insert only costs a new choice on the next packet, so it is not an error.
-    if CONNTRACK.insert(pkt.flow, state, 0).is_ok() && !closed {
+    if conntrack.insert(pkt.flow, state, 0).is_ok() && !closed {
         add_flows(id, 1);
     }
     Ok(Chosen {

@@ -20,6 +20,7 @@ use lb_common::{
 use lb_userspace::{
     api::{Forward, HealthCheck, Request, Response, Scheduler, ServiceAddr},
     daemon::{Control, ProbeKey, Prober},
+    dataplane::ServiceKey,
     dataplane::{Dataplane, Sizing},
     maglev::{MaglevBackend, build_table},
 };
@@ -176,12 +177,12 @@ fn balancer(services: u32, backends: u32, conntrack: u32) -> Dataplane {
         dp.write_ring(s, &ring).expect("ring");
         for proto in [6u8, 17] {
             dp.set_service(
-                ServiceKeyV4 {
+                ServiceKey::V4(ServiceKeyV4 {
                     addr: u32::from_ne_bytes(vip(s).octets()),
                     port: 80u16.to_be(),
                     proto,
                     _pad: 0,
-                },
+                }),
                 Service {
                     id: s,
                     ring: s,

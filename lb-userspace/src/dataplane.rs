@@ -16,9 +16,16 @@ use aya::{
     },
 };
 use lb_common::{
-    Backend, FlowKeyV4, FlowState, LcList, RING_CHUNK, RING_CHUNKS, RING_SIZE, Reason, RingChunk,
-    Service, ServiceKeyV4, Traffic, names,
+    Backend, FlowKeyV4, FlowKeyV6, FlowState, LcList, RING_CHUNK, RING_CHUNKS, RING_SIZE, Reason,
+    RingChunk, Service, ServiceKeyV4, ServiceKeyV6, Traffic, names,
 };
+
+/// A service's key in the kernel: the map depends on the VIP's family.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ServiceKey {
+    V4(ServiceKeyV4),
+    V6(ServiceKeyV6),
+}
 
 use crate::pins::PinDir;
 
@@ -96,6 +103,8 @@ pub struct Dataplane {
     rings: Array<MapData, RingChunk>,
     ring_memory: RingMemory,
     conntrack: HashMap<MapData, FlowKeyV4, FlowState>,
+    services_v6: HashMap<MapData, ServiceKeyV6, Service>,
+    conntrack_v6: HashMap<MapData, FlowKeyV6, FlowState>,
     service_stats: PerCpuArray<MapData, Traffic>,
     backend_stats: PerCpuArray<MapData, Traffic>,
     reason_stats: PerCpuArray<MapData, u64>,
@@ -138,6 +147,8 @@ impl Dataplane {
             .map_max_entries(names::BACKENDS, sizing.max_backends)
             .map_max_entries(names::BACKEND_STATS, sizing.max_backends)
             .map_max_entries(names::CONNTRACK, sizing.conntrack_size)
+            .map_max_entries(names::SERVICES_V6, sizing.max_services)
+            .map_max_entries(names::CONNTRACK_V6, sizing.conntrack_size)
             .map_max_entries(names::FLOW_COUNTS, sizing.max_backends)
             .map_max_entries(names::RR_CURSORS, sizing.max_services)
             .map_max_entries(names::LC_LISTS, sizing.ring_tables())
@@ -165,6 +176,8 @@ impl Dataplane {
             rings,
             ring_memory,
             conntrack: take(&mut ebpf, names::CONNTRACK)?,
+            services_v6: take(&mut ebpf, names::SERVICES_V6)?,
+            conntrack_v6: take(&mut ebpf, names::CONNTRACK_V6)?,
             service_stats: take(&mut ebpf, names::SERVICE_STATS)?,
             backend_stats: take(&mut ebpf, names::BACKEND_STATS)?,
             reason_stats: take(&mut ebpf, names::REASON_STATS)?,
@@ -265,22 +278,22 @@ impl Dataplane {
         Ok(())
     }
 
-    pub fn set_service(&mut self, key: ServiceKeyV4, service: Service) -> Result<()> {
-        self.services
-            .insert(key, service, 0)
-            .map_err(|source| DataplaneError::Map {
-                name: names::SERVICES,
-                source,
-            })
+    pub fn set_service(&mut self, key: ServiceKey, service: Service) -> Result<()> {
+        let (result, name) = match key {
+            ServiceKey::V4(k) => (self.services.insert(k, service, 0), names::SERVICES),
+            ServiceKey::V6(k) => (self.services_v6.insert(k, service, 0), names::SERVICES_V6),
+        };
+        result.map_err(|source| DataplaneError::Map { name, source })
     }
 
-    pub fn remove_service(&mut self, key: &ServiceKeyV4) -> Result<()> {
-        match self.services.remove(key) {
+    pub fn remove_service(&mut self, key: &ServiceKey) -> Result<()> {
+        let (result, name) = match key {
+            ServiceKey::V4(k) => (self.services.remove(k), names::SERVICES),
+            ServiceKey::V6(k) => (self.services_v6.remove(k), names::SERVICES_V6),
+        };
+        match result {
             Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-            Err(source) => Err(DataplaneError::Map {
-                name: names::SERVICES,
-                source,
-            }),
+            Err(source) => Err(DataplaneError::Map { name, source }),
         }
     }
 
@@ -293,10 +306,11 @@ impl Dataplane {
             })
     }
 
-    /// Every service key in the kernel's map.
-    pub fn service_keys(&self) -> Result<Vec<ServiceKeyV4>> {
-        self.services
-            .keys()
+    /// Every service key in the kernel's maps.
+    pub fn service_keys(&self) -> Result<Vec<ServiceKey>> {
+        let v4 = self.services.keys().map(|k| k.map(ServiceKey::V4));
+        let v6 = self.services_v6.keys().map(|k| k.map(ServiceKey::V6));
+        v4.chain(v6)
             .collect::<std::result::Result<_, _>>()
             .map_err(|source| DataplaneError::Map {
                 name: names::SERVICES,
@@ -411,15 +425,25 @@ impl Dataplane {
         Ok(out)
     }
 
-    /// Every entry of the connection table, read in batches of 4096 (one syscall each instead
-    /// of two per entry: a full table of 1M flows reads in well under a second).
-    pub fn flows(&self) -> Result<Vec<(FlowKeyV4, FlowState)>> {
+    /// Every entry of both connection tables, as (protocol, state), read in batches of 4096
+    /// (one syscall each instead of two per entry: 1M flows read in well under a second).
+    pub fn flows(&self) -> Result<Vec<(u8, FlowState)>> {
+        let io = |name| {
+            move |source| DataplaneError::Io {
+                what: "reading",
+                name,
+                source,
+            }
+        };
         let fd = self.conntrack.map().fd().as_fd().as_raw_fd();
-        lookup_batch(fd).map_err(|source| DataplaneError::Io {
-            what: "reading",
-            name: names::CONNTRACK,
-            source,
-        })
+        let v4 = lookup_batch::<FlowKeyV4>(fd).map_err(io(names::CONNTRACK))?;
+        let fd = self.conntrack_v6.map().fd().as_fd().as_raw_fd();
+        let v6 = lookup_batch::<FlowKeyV6>(fd).map_err(io(names::CONNTRACK_V6))?;
+        Ok(v4
+            .into_iter()
+            .map(|(k, s)| (k.proto, s))
+            .chain(v6.into_iter().map(|(k, s)| (k.proto, s)))
+            .collect())
     }
 
     /// The backend a flow is pinned to in the connection table, if any.
@@ -497,7 +521,7 @@ fn reset_traffic(
 }
 
 /// `BPF_MAP_LOOKUP_BATCH` over a hash map of flows (aya 0.14 has no wrapper).
-fn lookup_batch(map_fd: i32) -> std::io::Result<Vec<(FlowKeyV4, FlowState)>> {
+fn lookup_batch<K: aya::Pod>(map_fd: i32) -> std::io::Result<Vec<(K, FlowState)>> {
     // The kernel's `union bpf_attr` layout for the batch commands.
     #[repr(C)]
     #[derive(Default)]
@@ -514,18 +538,8 @@ fn lookup_batch(map_fd: i32) -> std::io::Result<Vec<(FlowKeyV4, FlowState)>> {
     const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
     const CHUNK: usize = 4096;
     let mut out = Vec::new();
-    let mut keys = vec![
-        FlowKeyV4 {
-            src: 0,
-            dst: 0,
-            sport: 0,
-            dport: 0,
-            proto: 0,
-            _pad0: 0,
-            _pad1: 0,
-        };
-        CHUNK
-    ];
+    // SAFETY: K is Pod: every bit pattern, zeros included, is a valid value.
+    let mut keys: Vec<K> = vec![unsafe { std::mem::zeroed() }; CHUNK];
     let mut values = vec![
         FlowState {
             backend: 0,

@@ -1,10 +1,52 @@
 //! Backend MACs from the kernel's IPv4 neighbour table (`/proc/net/arp`). The daemon's health
 //! probes connect to each backend, which makes the kernel resolve it; we only read the result.
 
-use std::{collections::HashMap, net::Ipv4Addr};
+use std::{
+    collections::HashMap,
+    net::{IpAddr, Ipv4Addr},
+};
 
 /// `ATF_COM`: the entry is complete (the MAC is known).
 const ATF_COM: u32 = 0x2;
+
+/// Known MACs of IPv4 and IPv6 neighbours on `iface`, in the calling thread's namespace.
+pub fn table(iface: &str) -> std::io::Result<HashMap<IpAddr, [u8; 6]>> {
+    let mut out: HashMap<IpAddr, [u8; 6]> = arp_table(iface)?
+        .into_iter()
+        .map(|(ip, mac)| (IpAddr::V4(ip), mac))
+        .collect();
+    out.extend(ndp_table(iface)?);
+    Ok(out)
+}
+
+/// IPv6 neighbours (NDP) on `iface`: /proc has no such table, so `ip -6 neigh` is asked.
+/// A command forked from this thread runs in this thread's network namespace.
+pub fn ndp_table(iface: &str) -> std::io::Result<HashMap<IpAddr, [u8; 6]>> {
+    let out = std::process::Command::new("ip")
+        .args(["-6", "neigh", "show", "dev", iface])
+        .output()?;
+    if !out.status.success() {
+        return Err(std::io::Error::other(format!(
+            "ip -6 neigh show dev {iface}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(parse_ndp(&String::from_utf8_lossy(&out.stdout)))
+}
+
+/// Lines like `fd00::11 lladdr 02:00:00:00:00:11 REACHABLE`; entries without a MAC (FAILED,
+/// INCOMPLETE) are skipped.
+fn parse_ndp(text: &str) -> HashMap<IpAddr, [u8; 6]> {
+    text.lines()
+        .filter_map(|line| {
+            let mut words = line.split_whitespace();
+            let ip: IpAddr = words.next()?.parse().ok()?;
+            let mut words = words.skip_while(|w| *w != "lladdr");
+            words.next()?;
+            Some((ip, parse_mac(words.next()?)?))
+        })
+        .collect()
+}
 
 /// Complete entries of the ARP table on `iface`, in the calling thread's network namespace
 /// (`/proc/net` follows the process's first thread, `/proc/thread-self/net` this one).
@@ -66,6 +108,20 @@ IP address       HW type     Flags       HW address            Mask     Device
         assert_eq!(
             t[&"10.99.0.11".parse().unwrap()],
             [0xaa, 0xbb, 0xcc, 0xdd, 0xee, 0x01]
+        );
+    }
+
+    #[test]
+    fn ndp_entries_with_a_mac_are_read() {
+        let t = parse_ndp(
+            "fd00:99::11 lladdr 02:00:00:00:00:11 REACHABLE\n\
+             fd00:99::12 FAILED\n\
+             fe80::1 lladdr 02:00:00:00:00:01 router STALE\n",
+        );
+        assert_eq!(t.len(), 2);
+        assert_eq!(
+            t[&"fd00:99::11".parse::<IpAddr>().unwrap()],
+            [2, 0, 0, 0, 0, 0x11]
         );
     }
 

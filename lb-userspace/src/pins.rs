@@ -12,8 +12,8 @@ use std::path::{Path, PathBuf};
 
 use aya::maps::MapInfo;
 use lb_common::{
-    Backend, FlowKeyV4, FlowState, LcList, RING_CHUNKS, RingChunk, Service, ServiceKeyV4, Traffic,
-    names,
+    Backend, FlowKeyV4, FlowKeyV6, FlowState, LcList, RING_CHUNKS, RingChunk, Service,
+    ServiceKeyV4, ServiceKeyV6, Traffic, names,
 };
 use tracing::warn;
 
@@ -70,7 +70,7 @@ struct Layout {
     role: Role,
 }
 
-const LAYOUTS: [Layout; 11] = [
+const LAYOUTS: [Layout; 13] = [
     layout::<ServiceKeyV4, Service>(names::SERVICES, 0, Role::State),
     layout::<u32, Backend>(names::BACKENDS, 0, Role::State),
     layout::<u32, RingChunk>(names::RINGS, BPF_F_MMAPABLE, Role::State),
@@ -82,6 +82,8 @@ const LAYOUTS: [Layout; 11] = [
     layout::<u32, u32>(names::RR_CURSORS, 0, Role::Counters),
     layout::<u32, LcList>(names::LC_LISTS, 0, Role::State),
     layout::<u32, u32>(names::CLOCK, 0, Role::Counters),
+    layout::<ServiceKeyV6, Service>(names::SERVICES_V6, 0, Role::State),
+    layout::<FlowKeyV6, FlowState>(names::CONNTRACK_V6, 0, Role::State),
 ];
 
 const fn layout<K, V>(name: &'static str, flags: u32, role: Role) -> Layout {

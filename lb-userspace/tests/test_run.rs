@@ -11,8 +11,11 @@ use lb_common::{
     AF_INET, BACKEND_F_ALIVE, BACKEND_NONE, Backend, FlowKeyV4, RING_SIZE, Reason, Service,
     ServiceKeyV4, hash::flow_hash_v4, names,
 };
-use lb_userspace::dataplane::{Dataplane, Sizing};
-use packet::{CLIENT_MAC, Frame, LB_MAC};
+use lb_userspace::{
+    daemon::ipv6_words,
+    dataplane::{Dataplane, ServiceKey, Sizing},
+};
+use packet::{CLIENT_MAC, Frame, Frame6, LB_MAC};
 
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
@@ -84,12 +87,12 @@ impl Harness {
         self.dp.write_ring(ring, &table).unwrap();
         self.dp
             .set_service(
-                ServiceKeyV4 {
+                ServiceKey::V4(ServiceKeyV4 {
                     addr: u32::from_ne_bytes(VIP.octets()),
                     port: port.to_be(),
                     proto,
                     _pad: 0,
-                },
+                }),
                 Service {
                     id,
                     ring,
@@ -194,8 +197,8 @@ fn packets_not_for_a_vip_pass_untouched() {
             Frame::tcp(CLIENT, 1, VIP, 80).protocol(1).build(),
             Reason::PassNotTcpUdp,
         ),
-        (Frame::arp(), Reason::PassNotIpv4),
-        (Frame::ipv6(), Reason::PassNotIpv4),
+        (Frame::arp(), Reason::PassNotIp),
+        (Frame::ipv6(), Reason::PassNotVip),
         (
             {
                 // A VLAN ethertype with no room for the tag (the kernel needs 14 bytes at least).
@@ -535,4 +538,140 @@ fn a_closed_flow_reopened_by_a_syn_counts_again() {
         1,
         "a new SYN on the same 5-tuple reopens it"
     );
+}
+
+const VIP6: std::net::Ipv6Addr = std::net::Ipv6Addr::new(0xfd00, 0x200, 0, 0, 0, 0, 0, 0x10);
+const CLIENT6: std::net::Ipv6Addr = std::net::Ipv6Addr::new(0xfd00, 0x99, 0, 0, 0, 0, 0, 1);
+
+impl Harness {
+    /// An IPv6 service on VIP6:port/proto using ring table `ring` filled with `ids`.
+    fn service6(&mut self, id: u32, ring: u32, port: u16, proto: u8, ids: &[u32]) {
+        let table: Vec<u32> = (0..RING_SIZE as usize)
+            .map(|i| ids[i % ids.len()])
+            .collect();
+        self.dp.write_ring(ring, &table).unwrap();
+        self.dp
+            .set_service(
+                ServiceKey::V6(lb_common::ServiceKeyV6 {
+                    addr: ipv6_words(&VIP6),
+                    port: port.to_be(),
+                    proto,
+                    _pad: 0,
+                }),
+                Service {
+                    id,
+                    ring,
+                    forward: lb_common::FORWARD_DSR,
+                    scheduler: lb_common::SCHED_MAGLEV,
+                    _pad: [0; 2],
+                },
+            )
+            .unwrap();
+    }
+}
+
+fn tcp6(sport: u16) -> Frame6 {
+    Frame6::tcp(CLIENT6, sport, VIP6, 80)
+}
+
+#[test]
+fn ipv6_vip_packets_are_balanced_with_only_the_macs_changed() {
+    let mut h = Harness::new();
+    for id in 0..3 {
+        h.backend(id, 1, true);
+    }
+    h.service6(0, 0, 80, 6, &[0, 1, 2]);
+    let mut seen = [0; 3];
+    for sport in 1000..1150u16 {
+        let got = h.forwarded_to(&tcp6(sport).build());
+        let hash = lb_common::hash::flow_hash_v6(
+            &ipv6_words(&CLIENT6),
+            &ipv6_words(&VIP6),
+            sport.to_be(),
+            80u16.to_be(),
+            6,
+        );
+        assert_eq!(got, (hash % RING_SIZE) % 3, "sport {sport}");
+        seen[got as usize] += 1;
+    }
+    assert!(seen.iter().all(|n| *n > 20), "{seen:?}");
+    // Sticky like IPv4: a new table does not move established flows.
+    let before: Vec<u32> = (1000..1050u16)
+        .map(|p| h.forwarded_to(&tcp6(p).build()))
+        .collect();
+    h.service6(0, 1, 80, 6, &[2]);
+    for (p, b) in (1000..1050u16).zip(before) {
+        assert_eq!(h.forwarded_to(&tcp6(p).build()), b, "flow {p} moved");
+    }
+    assert_eq!(
+        h.forwarded_to(&tcp6(5000).build()),
+        2,
+        "new flows use the new table"
+    );
+    // UDP to the same VIP and port is another service (none here): passed.
+    assert_eq!(
+        h.run(&Frame6::udp(CLIENT6, 1, VIP6, 80).build()).0,
+        XDP_PASS
+    );
+}
+
+#[test]
+fn ipv6_extension_headers_are_walked_and_fragments_pass() {
+    let mut h = Harness::new();
+    h.backend(0, 1, true);
+    h.service6(0, 0, 80, 6, &[0]);
+    assert_eq!(h.forwarded_to(&tcp6(1).ext(0, 0).build()), 0, "hop-by-hop");
+    assert_eq!(
+        h.forwarded_to(&tcp6(2).ext(60, 1).ext(43, 0).build()),
+        0,
+        "dst opts + routing"
+    );
+    let frag = tcp6(3).ext(44, 0).build();
+    let (verdict, out) = h.run(&frag);
+    assert_eq!((verdict, out), (XDP_PASS, frag), "fragments pass untouched");
+    assert_eq!(h.reason(Reason::PassFragment), 1);
+    // Five extension headers: beyond the walk, passed (not forwarded, not dropped).
+    let long = tcp6(4)
+        .ext(60, 0)
+        .ext(60, 0)
+        .ext(60, 0)
+        .ext(60, 0)
+        .ext(60, 0)
+        .build();
+    assert_eq!(h.run(&long).0, XDP_PASS);
+    // Not a VIP, and a VIP on another port: passed.
+    let other = Frame6::tcp(CLIENT6, 5, CLIENT6, 80).build();
+    assert_eq!(h.run(&other).0, XDP_PASS);
+    assert_eq!(h.run(&tcp6(6).build()).0, XDP_TX);
+}
+
+#[test]
+fn malformed_ipv6_is_dropped() {
+    let mut h = Harness::new();
+    h.backend(0, 1, true);
+    h.service6(0, 0, 80, 6, &[0]);
+    let good = tcp6(1).build();
+    let cut_ip = good[..14 + 30].to_vec();
+    let long_payload = patch2(&good, 14 + 4, 4000);
+    let mut cut_tcp = good[..14 + 40 + 10].to_vec();
+    cut_tcp[18..20].copy_from_slice(&10u16.to_be_bytes());
+    let bad_version = patch(&good, 14, 0x40);
+    for (what, frame, reason) in [
+        ("IPv6 header cut short", cut_ip, Reason::DropMalformedIp),
+        (
+            "payload length beyond the frame",
+            long_payload,
+            Reason::DropMalformedIp,
+        ),
+        ("TCP header cut short", cut_tcp, Reason::DropMalformedL4),
+        (
+            "version 4 in an IPv6 ethertype",
+            bad_version,
+            Reason::DropMalformedIp,
+        ),
+    ] {
+        let before = h.reason(reason);
+        assert_eq!(h.run(&frame).0, XDP_DROP, "{what}");
+        assert_eq!(h.reason(reason), before + 1, "{what} counted");
+    }
 }

@@ -333,12 +333,6 @@ fn service_addr(
             ));
         }
     };
-    if addr.0.vip.is_ipv6() {
-        return Err(src.error(
-            addr.1,
-            format!("service {}: IPv6 VIPs are not supported yet", addr.0),
-        ));
-    }
     Ok(addr)
 }
 
@@ -531,11 +525,18 @@ pub fn check_weight(weight: u32) -> Result<(), String> {
 }
 
 pub fn check_backend(service: ServiceAddr, ip: IpAddr) -> Result<(), String> {
-    let v4 = match ip {
-        IpAddr::V4(v4) => v4,
-        IpAddr::V6(_) => return Err(format!("backend {ip}: IPv6 backends are not supported yet")),
+    if ip.is_ipv4() != service.vip.is_ipv4() {
+        return Err(format!(
+            "backend {ip}: forwarding mode dsr needs a backend of the VIP's address family"
+        ));
+    }
+    let unicast = match ip {
+        IpAddr::V4(v4) => {
+            !(v4.is_unspecified() || v4.is_broadcast() || v4.is_multicast() || v4.is_loopback())
+        }
+        IpAddr::V6(v6) => !(v6.is_unspecified() || v6.is_multicast() || v6.is_loopback()),
     };
-    if v4.is_unspecified() || v4.is_broadcast() || v4.is_multicast() || v4.is_loopback() {
+    if !unicast {
         return Err(format!("backend {ip} is not a unicast host address"));
     }
     if ip == service.vip {
@@ -547,9 +548,6 @@ pub fn check_backend(service: ServiceAddr, ip: IpAddr) -> Result<(), String> {
 /// Checks a configuration built in code as the parser checks a file (without lines).
 pub fn check_services(services: &Services) -> Result<(), String> {
     for (addr, s) in services {
-        if addr.vip.is_ipv6() {
-            return Err(format!("service {addr}: IPv6 VIPs are not supported yet"));
-        }
         if addr.port == 0 {
             return Err(format!("service {addr}: port 0 is not a service port"));
         }
@@ -868,16 +866,20 @@ mod tests {
     }
 
     #[test]
-    fn ipv6_is_refused_for_now() {
-        assert_eq!(
-            error("[[service]]\naddress = \"[2001:db8::1]:80/tcp\"\n"),
-            "lb.toml:2: service [2001:db8::1]:80/tcp: IPv6 VIPs are not supported yet"
-        );
+    fn ipv6_services_take_ipv6_backends() {
+        let c = Config::parse(
+            "[[service]]\naddress = \"[2001:db8::1]:80/tcp\"\n\
+             [[service.backend]]\naddress = \"2001:db8::2\"\n",
+            "lb.toml",
+        )
+        .unwrap();
+        assert_eq!(c.services.len(), 1);
         assert_eq!(
             error(&format!(
                 "{HEAD}[[service.backend]]\naddress = \"2001:db8::2\"\n"
             )),
-            "lb.toml:4: backend 2001:db8::2: IPv6 backends are not supported yet"
+            "lb.toml:4: backend 2001:db8::2: forwarding mode dsr needs a backend of the VIP's \
+             address family"
         );
     }
 

@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use lb_common::{
     AF_INET, BACKEND_F_ALIVE, BACKEND_NONE, FORWARD_DSR, RING_SIZE, Reason, ServiceKeyV4,
+    ServiceKeyV6,
 };
 use tracing::{info, warn};
 
@@ -26,6 +27,7 @@ use crate::{
         BackendState, BackendStatus, CheckKind, Forward, HcTarget, Health, HealthCheck, Request,
         Response, Scheduler, ServiceAddr, ServiceStatus, Status,
     },
+    dataplane::ServiceKey,
     dataplane::{Dataplane, DataplaneError, Sizing},
     neighbour,
     schedule::{self, Member},
@@ -397,8 +399,7 @@ impl<P: Prober> Control<P> {
                 }
                 .filter(|k| k.generation == b.generation);
                 let alive = kernel.is_some_and(|k| k.flags & BACKEND_F_ALIVE != 0);
-                let written =
-                    kernel.unwrap_or_else(|| kernel_backend(Ipv4Addr::UNSPECIFIED, 0, None, 0, 0));
+                let written = kernel.unwrap_or_else(dead_backend);
                 backends.insert(
                     b.ip,
                     BackendEntry {
@@ -458,8 +459,7 @@ impl<P: Prober> Control<P> {
         let free: Vec<u32> = self.backend_ids.0.iter().copied().collect();
         for id in free {
             if self.dp.backend(id).is_ok_and(|k| k.flags != 0) {
-                self.dp
-                    .set_backend(id, kernel_backend(Ipv4Addr::UNSPECIFIED, 0, None, 0, 0))?;
+                self.dp.set_backend(id, dead_backend())?;
             }
         }
         let addrs: Vec<ServiceAddr> = self.services.keys().copied().collect();
@@ -570,15 +570,20 @@ impl<P: Prober> Control<P> {
             .services
             .get(&addr)
             .ok_or(ControlError::UnknownService(addr))?;
-        let v4 = match ip {
-            IpAddr::V4(v4) => v4,
-            IpAddr::V6(_) => {
-                return Err(ControlError::Invalid(format!(
-                    "backend {ip}: IPv6 backends are not supported yet"
-                )));
+        // L2 DSR leaves the packet as the client sent it: the backend must be of the VIP's
+        // family (it holds the VIP and answers from it).
+        if ip.is_ipv4() != addr.vip.is_ipv4() {
+            return Err(ControlError::Invalid(format!(
+                "backend {ip}: forwarding mode dsr needs a backend of the VIP's address family"
+            )));
+        }
+        let unicast = match ip {
+            IpAddr::V4(v4) => {
+                !(v4.is_unspecified() || v4.is_broadcast() || v4.is_multicast() || v4.is_loopback())
             }
+            IpAddr::V6(v6) => !(v6.is_unspecified() || v6.is_multicast() || v6.is_loopback()),
         };
-        if v4.is_unspecified() || v4.is_broadcast() || v4.is_multicast() || v4.is_loopback() {
+        if !unicast {
             return Err(ControlError::Invalid(format!(
                 "backend {ip} is not a unicast host address"
             )));
@@ -616,7 +621,7 @@ impl<P: Prober> Control<P> {
             "every backend slot is in use (--max-backends)",
         ))?;
         let generation = self.next_generation;
-        let written = kernel_backend(v4, addr.port, None, generation, 0);
+        let written = kernel_backend(ip, addr.port, None, generation, 0);
         let stored = self
             .dp
             .reset_backend_traffic(id)
@@ -734,8 +739,8 @@ impl<P: Prober> Control<P> {
                 counts.insert(b.id, (b.generation, 0));
             }
         }
-        for (key, state) in flows {
-            let idle = if key.proto == lb_common::PROTO_TCP {
+        for (proto, state) in flows {
+            let idle = if proto == lb_common::PROTO_TCP {
                 TCP_ACTIVE_IDLE
             } else {
                 UDP_ACTIVE_IDLE
@@ -884,20 +889,19 @@ impl<P: Prober> Control<P> {
 
     /// Reads the neighbour table and applies new or changed backend MACs.
     pub fn refresh_macs(&mut self) {
-        let table = match neighbour::arp_table(&self.iface) {
+        let table = match neighbour::table(&self.iface) {
             Ok(t) => t,
             Err(e) => {
-                warn!("reading /proc/net/arp: {e}");
+                warn!("reading the neighbour table: {e}");
                 return;
             }
         };
         let mut changed = Vec::new();
         for (addr, entry) in &mut self.services {
             for (ip, backend) in &mut entry.backends {
-                let IpAddr::V4(v4) = ip else { continue };
                 // A MAC that disappears from the table is kept: the entry was only garbage
                 // collected, and a backend that is really gone fails its health checks.
-                if let Some(mac) = table.get(v4)
+                if let Some(mac) = table.get(ip)
                     && backend.mac != Some(*mac)
                 {
                     info!(service = %addr, backend = %ip, mac = %neighbour::format_mac(mac), "backend MAC learned");
@@ -977,7 +981,7 @@ impl<P: Prober> Control<P> {
 
     /// Marks a backend id dead in the kernel (so flows pinned to it move) and frees it.
     fn release_backend(&mut self, id: u32) {
-        let dead = kernel_backend(Ipv4Addr::UNSPECIFIED, 0, None, 0, 0);
+        let dead = dead_backend();
         if let Err(e) = self.dp.set_backend(id, dead) {
             warn!(id, "clearing a released backend: {e}");
         }
@@ -1145,9 +1149,8 @@ fn write_backends(
     alive_only: bool,
 ) -> Result<(), DataplaneError> {
     for (ip, b) in &mut entry.backends {
-        let IpAddr::V4(v4) = ip else { continue };
         let flags = if b.alive() { BACKEND_F_ALIVE } else { 0 };
-        let wanted = kernel_backend(*v4, port, b.mac, b.generation, flags);
+        let wanted = kernel_backend(*ip, port, b.mac, b.generation, flags);
         if wanted != b.written && (flags != 0 || !alive_only) {
             dp.set_backend(b.id, wanted)?;
             b.written = wanted;
@@ -1184,38 +1187,65 @@ fn kernel_service(id: u32, ring: u32, scheduler: Scheduler) -> lb_common::Servic
 }
 
 fn kernel_backend(
-    ip: Ipv4Addr,
+    ip: IpAddr,
     port: u16,
     mac: Option<[u8; 6]>,
     generation: u32,
     flags: u8,
 ) -> lb_common::Backend {
     let mut addr = [0u8; 16];
-    addr[..4].copy_from_slice(&ip.octets());
+    let family = match ip {
+        IpAddr::V4(v4) => {
+            addr[..4].copy_from_slice(&v4.octets());
+            AF_INET
+        }
+        IpAddr::V6(v6) => {
+            addr.copy_from_slice(&v6.octets());
+            lb_common::AF_INET6
+        }
+    };
     lb_common::Backend {
         addr,
         mac: mac.unwrap_or_default(),
         port: port.to_be(),
         generation,
         flags,
-        family: AF_INET,
+        family,
         _pad: [0; 2],
     }
 }
 
-/// The map key of a service; IPv4 only for now.
-pub fn service_key(addr: &ServiceAddr) -> Result<ServiceKeyV4, ControlError> {
-    match addr.vip {
-        IpAddr::V4(v4) => Ok(ServiceKeyV4 {
+/// A backend entry that names no backend (released ids).
+fn dead_backend() -> lb_common::Backend {
+    kernel_backend(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0, None, 0, 0)
+}
+
+/// The map key of a service: addresses and port as the packet carries them.
+pub fn service_key(addr: &ServiceAddr) -> Result<ServiceKey, ControlError> {
+    let port = addr.port.to_be();
+    let proto = addr.proto.number();
+    Ok(match addr.vip {
+        IpAddr::V4(v4) => ServiceKey::V4(ServiceKeyV4 {
             addr: u32::from_ne_bytes(v4.octets()),
-            port: addr.port.to_be(),
-            proto: addr.proto.number(),
+            port,
+            proto,
             _pad: 0,
         }),
-        IpAddr::V6(_) => Err(ControlError::Invalid(format!(
-            "service {addr}: IPv6 VIPs are not supported yet"
-        ))),
-    }
+        IpAddr::V6(v6) => ServiceKey::V6(ServiceKeyV6 {
+            addr: ipv6_words(&v6),
+            port,
+            proto,
+            _pad: 0,
+        }),
+    })
+}
+
+/// An IPv6 address as the four raw words the program reads from the packet.
+pub fn ipv6_words(ip: &std::net::Ipv6Addr) -> [u32; 4] {
+    let o = ip.octets();
+    std::array::from_fn(|i| {
+        u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]])
+    })
 }
 
 fn error_response(e: ControlError) -> Response {

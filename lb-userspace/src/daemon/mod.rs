@@ -20,7 +20,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use config::Config;
-pub use control::{Control, ControlError, Prober, SavedState};
+pub use control::{Control, ControlError, Prober, SavedState, ipv6_words};
 pub use health::{ProbeKey, ProbeOutcome, ProbeTarget};
 pub use reload::{Change, discarded, plan};
 use tokio::sync::oneshot;

@@ -83,9 +83,12 @@ impl Server {
             self.name
         );
         let port = self.port;
-        let listener = netns::run_in(&self.ns, move || TcpListener::bind(("0.0.0.0", port)))
-            .and_then(|r| r)
-            .unwrap_or_else(|e| panic!("{}: bind 0.0.0.0:{port}: {e}", self.name));
+        // Dual stack where the namespace has IPv6 ([::] also accepts IPv4), else IPv4 only.
+        let listener = netns::run_in(&self.ns, move || {
+            TcpListener::bind(("::", port)).or_else(|_| TcpListener::bind(("0.0.0.0", port)))
+        })
+        .and_then(|r| r)
+        .unwrap_or_else(|e| panic!("{}: bind port {port}: {e}", self.name));
         listener
             .set_nonblocking(true)
             .expect("nonblocking listener");

@@ -42,6 +42,14 @@ pub use http::Connection;
 pub const LB_BIN: &str = env!("CARGO_BIN_EXE_lb");
 
 pub const VIP: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 10);
+/// The IPv6 VIP of a dual-stack testbed (`TestbedBuilder::ipv6`), and its service.
+pub const VIP6: std::net::Ipv6Addr = std::net::Ipv6Addr::new(0xfd00, 0x200, 0, 0, 0, 0, 0, 0x10);
+pub const SERVICE6: &str = "[fd00:200::10]:80/tcp";
+
+/// The IPv6 address of the host whose IPv4 address is 10.99.0.N: fd00:99::N (hex digits of N).
+pub fn v6_of(v4: Ipv4Addr) -> std::net::Ipv6Addr {
+    std::net::Ipv6Addr::new(0xfd00, 0x99, 0, 0, 0, 0, 0, u16::from(v4.octets()[3]))
+}
 pub const PORT: u16 = 80;
 /// The service every test balances.
 pub const SERVICE: &str = "10.200.0.10:80/tcp";
@@ -124,9 +132,17 @@ pub struct TestbedBuilder {
     xdp_mode: Option<String>,
     daemon_args: Vec<String>,
     pinned: bool,
+    ipv6: bool,
 }
 
 impl TestbedBuilder {
+    /// Dual stack: every host also gets fd00:99::N/64, the backends hold VIP6 too, and the
+    /// client routes fd00:200::/64 through the balancer.
+    pub fn ipv6(mut self) -> Self {
+        self.ipv6 = true;
+        self
+    }
+
     /// Pins the data plane on a bpf filesystem of the test's own, mounted in the root mount
     /// namespace (so it outlives each `ip netns exec lb daemon`, as restarts need).
     pub fn pinned(mut self) -> Self {
@@ -180,6 +196,7 @@ impl TestbedBuilder {
             xdp_mode: self.xdp_mode,
             daemon_args: self.daemon_args,
             bpffs: None,
+            ipv6: self.ipv6,
         };
         // Built in place: if any step panics, Drop removes what exists so far.
         if self.pinned {
@@ -213,6 +230,8 @@ pub struct Testbed {
     daemon_args: Vec<String>,
     /// The test's own bpffs mount, if pinned.
     bpffs: Option<PathBuf>,
+    /// Dual stack (see `TestbedBuilder::ipv6`).
+    ipv6: bool,
 }
 
 impl Testbed {
@@ -223,6 +242,7 @@ impl Testbed {
             xdp_mode: None,
             daemon_args: Vec::new(),
             pinned: false,
+            ipv6: false,
         }
     }
 
@@ -269,9 +289,11 @@ impl Testbed {
     fn add_ns(&mut self, name: &str) {
         netns::netns_add(name);
         self.namespaces.push(name.to_owned());
-        // No IPv6: router solicitations and DAD would only add noise on the segment.
-        netns::sysctl(name, "net.ipv6.conf.all.disable_ipv6", "1");
-        netns::sysctl(name, "net.ipv6.conf.default.disable_ipv6", "1");
+        if !self.ipv6 {
+            // No IPv6: router solicitations and DAD would only add noise on the segment.
+            netns::sysctl(name, "net.ipv6.conf.all.disable_ipv6", "1");
+            netns::sysctl(name, "net.ipv6.conf.default.disable_ipv6", "1");
+        }
         netns::ip(&["-n", name, "link", "set", "lo", "up"]);
     }
 
@@ -293,6 +315,10 @@ impl Testbed {
             "dev",
             "eth0",
         ]);
+        if self.ipv6 {
+            let v6 = format!("{}/64", v6_of(addr));
+            netns::ip(&["-n", ns, "-6", "addr", "add", &v6, "dev", "eth0", "nodad"]);
+        }
         netns::ip(&["-n", ns, "link", "set", "eth0", "up"]);
     }
 
@@ -323,6 +349,20 @@ impl Testbed {
             &LB_IP.to_string(),
         ]);
 
+        if self.ipv6 {
+            let via = v6_of(LB_IP).to_string();
+            netns::ip(&[
+                "-n",
+                &client,
+                "-6",
+                "route",
+                "add",
+                "fd00:200::/64",
+                "via",
+                &via,
+            ]);
+        }
+
         let lb = self.lb.clone();
         self.add_host(&lb, "plb", LB_IP);
 
@@ -333,6 +373,10 @@ impl Testbed {
             self.add_host(&ns, &format!("p{name}"), ip);
             Self::tx_checksum_off(&ns);
             netns::ip(&["-n", &ns, "addr", "add", &format!("{VIP}/32"), "dev", "lo"]);
+            if self.ipv6 {
+                let vip6 = format!("{VIP6}/128");
+                netns::ip(&["-n", &ns, "-6", "addr", "add", &vip6, "dev", "lo"]);
+            }
             // The usual DSR backend settings: never answer ARP for the VIP held on lo, and
             // never use it as the source of ARP requests.
             for dev in ["all", "eth0"] {

@@ -161,3 +161,81 @@ fn checksum(bytes: &[u8]) -> u16 {
     }
     !(sum as u16)
 }
+
+/// An IPv6 TCP/UDP frame, with optional extension headers before the transport header.
+pub struct Frame6 {
+    src: std::net::Ipv6Addr,
+    dst: std::net::Ipv6Addr,
+    sport: u16,
+    dport: u16,
+    proto: u8,
+    /// (next-header value of the extension, its body length in 8-byte units beyond the first)
+    ext: Vec<(u8, u8)>,
+    tcp_flags: u8,
+}
+
+impl Frame6 {
+    pub fn tcp(src: std::net::Ipv6Addr, sport: u16, dst: std::net::Ipv6Addr, dport: u16) -> Self {
+        Frame6 {
+            src,
+            dst,
+            sport,
+            dport,
+            proto: 6,
+            ext: Vec::new(),
+            tcp_flags: 0x02,
+        }
+    }
+
+    pub fn udp(src: std::net::Ipv6Addr, sport: u16, dst: std::net::Ipv6Addr, dport: u16) -> Self {
+        Frame6 {
+            proto: 17,
+            ..Self::tcp(src, sport, dst, dport)
+        }
+    }
+
+    /// Adds an extension header of type `kind` (0 hop-by-hop, 43 routing, 60 destination
+    /// options, 44 fragment) of `8 * (1 + extra)` bytes.
+    pub fn ext(mut self, kind: u8, extra: u8) -> Self {
+        self.ext.push((kind, extra));
+        self
+    }
+
+    pub fn build(&self) -> Vec<u8> {
+        let payload = b"GET / HTTP/1.1\r\n\r\n";
+        let l4_len = if self.proto == 17 { 8 } else { 20 };
+        let ext_len: usize = self.ext.iter().map(|(_, x)| 8 * (1 + *x as usize)).sum();
+        let mut f = LB_MAC.to_vec();
+        f.extend_from_slice(&CLIENT_MAC);
+        f.extend_from_slice(&0x86ddu16.to_be_bytes());
+        f.extend_from_slice(&[0x60, 0, 0, 0]);
+        f.extend_from_slice(&((ext_len + l4_len + payload.len()) as u16).to_be_bytes());
+        let first = self.ext.first().map_or(self.proto, |(k, _)| *k);
+        f.push(first);
+        f.push(64);
+        f.extend_from_slice(&self.src.octets());
+        f.extend_from_slice(&self.dst.octets());
+        for (i, (_, extra)) in self.ext.iter().enumerate() {
+            let next = self.ext.get(i + 1).map_or(self.proto, |(k, _)| *k);
+            let len = 8 * (1 + *extra as usize);
+            f.push(next);
+            f.push(*extra);
+            f.extend(std::iter::repeat_n(0, len - 2));
+        }
+        f.extend_from_slice(&self.sport.to_be_bytes());
+        f.extend_from_slice(&self.dport.to_be_bytes());
+        if self.proto == 17 {
+            f.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+            f.extend_from_slice(&[0, 0]);
+        } else {
+            f.extend_from_slice(&1u32.to_be_bytes());
+            f.extend_from_slice(&0u32.to_be_bytes());
+            f.push(0x50);
+            f.push(self.tcp_flags);
+            f.extend_from_slice(&64240u16.to_be_bytes());
+            f.extend_from_slice(&[0, 0, 0, 0]);
+        }
+        f.extend_from_slice(payload);
+        f
+    }
+}
