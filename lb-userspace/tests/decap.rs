@@ -4,14 +4,21 @@
 //! Everything else must come out untouched, and broken encapsulations dropped. Each run is
 //! checked against the one counter it must bump. Needs root (loading BPF).
 
+mod common;
 mod packet;
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
 
 use aya::{TestRun as _, TestRunOptions};
+use common::netns;
 use lb_common::{DEFAULT_GUE_PORT, DecapReason};
 use lb_userspace::dataplane::Decap;
 use packet::{CLIENT_MAC, Frame, LB_MAC};
+use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
@@ -462,4 +469,278 @@ fn vlan_tags_options_and_padding_survive_decapsulation() {
     let mut want = eth(ETH_IP, &inner);
     want.extend_from_slice(&[0; 6]);
     assert_eq!(out, want);
+}
+
+/// Two namespaces joined by a veth pair: `tx` (the balancer's side, which sends encapsulated
+/// packets with raw and UDP sockets) and `be` (a backend running `lb decap` on its veth, with
+/// the VIPs on `lo`). Removed on drop, with the `lb decap` process, also when the test fails.
+struct DecapBed {
+    tx: String,
+    be: String,
+    decap: Option<Child>,
+}
+
+const TX4: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 1);
+const BE4: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 2);
+const TX6: Ipv6Addr = Ipv6Addr::new(0xfd77, 0, 0, 0, 0, 0, 0, 1);
+const BE6: Ipv6Addr = Ipv6Addr::new(0xfd77, 0, 0, 0, 0, 0, 0, 2);
+const VIP_PORT: u16 = 5000;
+
+impl DecapBed {
+    /// The topology, with `lb decap --iface dbe0` running in `be` if `decap`.
+    fn start(decap: bool) -> Self {
+        assert!(
+            unsafe { libc::geteuid() } == 0,
+            "the namespace test needs root"
+        );
+        netns::sweep_stale();
+        // Numbered from 900 so they never meet the shared test bed's names.
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(900);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let id = format!("{}{}x{n}", netns::NS_PREFIX, std::process::id());
+        let mut bed = DecapBed {
+            tx: format!("{id}-tx"),
+            be: format!("{id}-be"),
+            decap: None,
+        };
+        netns::netns_add(&bed.tx);
+        netns::netns_add(&bed.be);
+        let (tx, be) = (bed.tx.clone(), bed.be.clone());
+        let ip_in = |ns: &str, args: &str| {
+            let mut all = vec!["-n", ns];
+            all.extend(args.split_whitespace());
+            netns::ip(&all);
+        };
+        netns::ip(&[
+            "link", "add", "dtx0", "netns", &tx, "type", "veth", "peer", "name", "dbe0", "netns",
+            &be,
+        ]);
+        for (ns, dev, v4, v6) in [(&tx, "dtx0", TX4, TX6), (&be, "dbe0", BE4, BE6)] {
+            ip_in(ns, &format!("addr add {v4}/24 dev {dev}"));
+            ip_in(ns, &format!("addr add {v6}/64 dev {dev} nodad"));
+            ip_in(ns, &format!("link set {dev} up"));
+            ip_in(ns, "link set lo up");
+        }
+        ip_in(&be, &format!("addr add {VIP4}/32 dev lo"));
+        ip_in(&be, &format!("addr add {VIP6}/128 dev lo"));
+        // The inner sources (the clients) are reached back through the balancer's side.
+        ip_in(&be, &format!("route add default via {TX4}"));
+        ip_in(&be, &format!("-6 route add default via {TX6}"));
+        if !decap {
+            return bed;
+        }
+        let child = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &be,
+                common::LB_BIN,
+                "decap",
+                "--iface",
+                "dbe0",
+            ])
+            .arg("--json")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("starting lb decap");
+        bed.decap = Some(child);
+        bed
+    }
+
+    /// Stops `lb decap` with SIGTERM and returns its counters (printed on exit).
+    fn stop(&mut self) -> serde_json::Value {
+        let child = self.decap.take().expect("lb decap runs");
+        // SAFETY: kill(2) on the child we spawned and have not reaped.
+        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = done_tx.send(child.wait_with_output());
+        });
+        let out = done_rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("lb decap exits within 10 s of SIGTERM")
+            .expect("waiting for lb decap");
+        assert!(out.status.success(), "lb decap exited with {}", out.status);
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "lb decap printed no JSON counters ({e}): {}",
+                String::from_utf8_lossy(&out.stdout)
+            )
+        })
+    }
+}
+
+impl Drop for DecapBed {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.decap.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        netns::netns_del(&self.tx);
+        netns::netns_del(&self.be);
+    }
+}
+
+/// Calls `send` every 200 ms until `sock` receives `want` (the attach takes a moment after the
+/// process starts), for at most `limit`.
+fn deliver(
+    sock: &UdpSocket,
+    want: &[u8],
+    limit: Duration,
+    mut send: impl FnMut(),
+) -> Result<(), String> {
+    sock.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let deadline = Instant::now() + limit;
+    let mut buf = [0u8; 2048];
+    while Instant::now() < deadline {
+        send();
+        if let Ok((n, _)) = sock.recv_from(&mut buf)
+            && &buf[..n] == want
+        {
+            return Ok(());
+        }
+    }
+    Err("the inner datagram never arrived".into())
+}
+
+/// A UDP datagram from a client to the VIP, with a correct checksum, inside an IP packet.
+fn inner_datagram(v6: bool, payload: &[u8]) -> Vec<u8> {
+    let mut u = udp(40000, VIP_PORT, payload);
+    if v6 {
+        let sum = checksum6(&CLIENT6, &VIP6, 17, &u);
+        u[6..8].copy_from_slice(&sum.to_be_bytes());
+        ipv6(CLIENT6, VIP6, 17, &u)
+    } else {
+        let mut pseudo = CLIENT4.octets().to_vec();
+        pseudo.extend_from_slice(&VIP4.octets());
+        pseudo.extend_from_slice(&[0, 17]);
+        pseudo.extend_from_slice(&(u.len() as u16).to_be_bytes());
+        let sum = fold(sum16(&pseudo) + sum16(&u));
+        u[6..8].copy_from_slice(&sum.to_be_bytes());
+        ipv4(CLIENT4, VIP4, 17, &u)
+    }
+}
+
+/// Sockets for the test: receivers on the VIPs in `be`, senders in `tx`.
+struct Sockets {
+    rx4: UdpSocket,
+    rx6: UdpSocket,
+    /// Raw sockets send the inner packet as the payload of an outer IP header with protocol
+    /// 4 or 41 (the kernel writes the outer header); UDP sockets send GUE.
+    raw4_4: Socket,
+    raw4_41: Socket,
+    raw6_4: Socket,
+    raw6_41: Socket,
+    gue4: UdpSocket,
+    gue6: UdpSocket,
+}
+
+impl Sockets {
+    fn open(bed: &DecapBed) -> Self {
+        let (rx4, rx6) = netns::run_in(&bed.be, || {
+            (
+                UdpSocket::bind(SocketAddr::from((VIP4, VIP_PORT))).expect("bind the v4 VIP"),
+                UdpSocket::bind(SocketAddr::from((VIP6, VIP_PORT))).expect("bind the v6 VIP"),
+            )
+        })
+        .unwrap();
+        netns::run_in(&bed.tx, || {
+            let raw =
+                |d: Domain, p: i32| Socket::new(d, Type::RAW, Some(Protocol::from(p))).unwrap();
+            Sockets {
+                rx4,
+                rx6,
+                raw4_4: raw(Domain::IPV4, 4),
+                raw4_41: raw(Domain::IPV4, 41),
+                raw6_4: raw(Domain::IPV6, 4),
+                raw6_41: raw(Domain::IPV6, 41),
+                gue4: UdpSocket::bind(SocketAddr::from((TX4, 0))).unwrap(),
+                gue6: UdpSocket::bind(SocketAddr::from((TX6, 0))).unwrap(),
+            }
+        })
+        .unwrap()
+    }
+
+    /// Sends a client's datagram to the VIP encapsulated as `kind` ("ipip 4in6", "gue 6in6",
+    /// ...) until it arrives on the VIP's socket.
+    fn deliver(&self, kind: &str, limit: Duration) -> Result<(), String> {
+        let v6_outer = kind.ends_with("in6");
+        let v6_inner = kind.contains(" 6in");
+        let payload = format!("through {kind}");
+        let packet = inner_datagram(v6_inner, payload.as_bytes());
+        let to = SockAddr::from(if v6_outer {
+            SocketAddr::from((BE6, 0))
+        } else {
+            SocketAddr::from((BE4, 0))
+        });
+        let gue_to = SocketAddr::from(if v6_outer {
+            (IpAddr::V6(BE6), DEFAULT_GUE_PORT)
+        } else {
+            (IpAddr::V4(BE4), DEFAULT_GUE_PORT)
+        });
+        let proto = if v6_inner { 41 } else { 4 };
+        let rx = if v6_inner { &self.rx6 } else { &self.rx4 };
+        deliver(rx, payload.as_bytes(), limit, || {
+            let _ = if kind.starts_with("gue") {
+                let sock = if v6_outer { &self.gue6 } else { &self.gue4 };
+                sock.send_to(&gue(proto, &packet), gue_to)
+            } else {
+                let sock = match (v6_outer, v6_inner) {
+                    (false, false) => &self.raw4_4,
+                    (false, true) => &self.raw4_41,
+                    (true, false) => &self.raw6_4,
+                    (true, true) => &self.raw6_41,
+                };
+                sock.send_to(&packet, &to)
+            };
+        })
+        .map_err(|e| format!("{kind}: {e}"))
+    }
+}
+
+const E2E_KINDS: [&str; 6] = [
+    "ipip 4in4",
+    "ipip 6in4",
+    "ipip 4in6",
+    "ipip 6in6",
+    "gue 4in4",
+    "gue 6in6",
+];
+
+#[test]
+fn lb_decap_delivers_inner_datagrams_to_the_vip_on_loopback() {
+    let mut bed = DecapBed::start(true);
+    let sockets = Sockets::open(&bed);
+    for kind in E2E_KINDS {
+        sockets
+            .deliver(kind, Duration::from_secs(10))
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    let counts = bed.stop();
+    for kind in E2E_KINDS {
+        let name = format!("decap_{}", kind.replace(' ', "_"));
+        assert!(counts[&name].as_u64() >= Some(1), "{name}: {counts}");
+    }
+    let link = netns::ip(&["-n", &bed.be, "link", "show", "dbe0"]);
+    assert!(
+        !link.contains("xdp"),
+        "lb decap left its program attached: {link}"
+    );
+}
+
+/// The control: this kernel has no ipip/sit/fou modules, so without `lb decap` nothing
+/// arrives. Without this, the test above could pass by the kernel's own tunnels.
+#[test]
+fn without_lb_decap_nothing_arrives() {
+    let bed = DecapBed::start(false);
+    let sockets = Sockets::open(&bed);
+    for kind in E2E_KINDS {
+        assert!(
+            sockets.deliver(kind, Duration::from_millis(600)).is_err(),
+            "{kind} arrived without decapsulation: does this kernel have tunnel modules?"
+        );
+    }
 }
