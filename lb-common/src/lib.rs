@@ -50,6 +50,12 @@ pub mod names {
     pub const PROG_BALANCER: &str = "lb_xdp";
     pub const PROG_PASS: &str = "lb_xdp_pass";
     pub const PROG_HC_EGRESS: &str = "lb_hc_egress";
+    /// The backends' decapsulation program (`lb decap`).
+    pub const PROG_DECAP: &str = "lb_decap";
+    pub const DECAP_ADDRS: &str = "DECAP_ADDRS";
+    pub const DECAP_STATS: &str = "DECAP_STATS";
+    /// Read-only global: the UDP port GUE packets are decapsulated on, network order.
+    pub const GLOBAL_GUE_PORT: &str = "LB_GUE_PORT";
     pub const SERVICES: &str = "SERVICES";
     pub const SERVICES_V6: &str = "SERVICES_V6";
     pub const BACKENDS: &str = "BACKENDS";
@@ -277,6 +283,115 @@ impl Reason {
     ];
 }
 
+/// The UDP destination port of GUE-encapsulated packets unless configured otherwise: Katran's.
+pub const DEFAULT_GUE_PORT: u16 = 6080;
+
+/// `IPPROTO_IPIP` and `IPPROTO_IPV6`: an IPv4 or IPv6 packet carried directly in an IP header
+/// (and, in GUE, the protocol field naming the inner packet).
+pub const PROTO_IPIP: u8 = 4;
+pub const PROTO_IPV6: u8 = 41;
+
+/// Most local addresses the decapsulation program matches outer destinations against.
+pub const DECAP_MAX_ADDRS: u32 = 64;
+
+/// Key of `DECAP_ADDRS`: one of this host's addresses, as four words in network order. IPv4
+/// addresses are stored IPv4-mapped (`::ffff:a.b.c.d`), so one map holds both families.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct DecapAddr {
+    pub words: [u32; 4],
+}
+
+impl DecapAddr {
+    /// The third word of an IPv4-mapped address, network order.
+    pub const V4_MAPPED: u32 = 0xffffu32.to_be();
+
+    /// An IPv4 address as read from a packet (network order).
+    pub const fn v4(addr: u32) -> Self {
+        DecapAddr {
+            words: [0, 0, Self::V4_MAPPED, addr],
+        }
+    }
+
+    pub fn from_ip(ip: core::net::IpAddr) -> Self {
+        match ip {
+            core::net::IpAddr::V4(v4) => Self::v4(u32::from_ne_bytes(v4.octets())),
+            core::net::IpAddr::V6(v6) => {
+                let o = v6.octets();
+                let word = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
+                DecapAddr {
+                    words: [word(0), word(4), word(8), word(12)],
+                }
+            }
+        }
+    }
+}
+
+/// What the decapsulation program did with a packet; the index into `DECAP_STATS`. Every exit
+/// of `lb_decap` is counted under exactly one of these.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DecapReason {
+    /// IPv4 in IPv4 (protocol 4), outer header removed.
+    Ipip4in4 = 0,
+    /// IPv6 in IPv4 (protocol 41).
+    Ipip6in4 = 1,
+    /// IPv4 in IPv6 (next header 4).
+    Ipip4in6 = 2,
+    /// IPv6 in IPv6 (next header 41).
+    Ipip6in6 = 3,
+    /// GUE over IPv4 carrying IPv4.
+    Gue4in4 = 4,
+    /// GUE over IPv4 carrying IPv6.
+    Gue6in4 = 5,
+    /// GUE over IPv6 carrying IPv4.
+    Gue4in6 = 6,
+    /// GUE over IPv6 carrying IPv6.
+    Gue6in6 = 7,
+    /// Not IPv4/IPv6, or an L2/L3 header too short to tell: passed untouched.
+    PassNotIp = 8,
+    /// IP but not IP-in-IP nor UDP to the GUE port (ordinary traffic): passed untouched.
+    PassNotEncap = 9,
+    /// Encapsulated, but the outer destination is not one of this host's addresses (it is
+    /// routed through, or meant for another program): passed untouched.
+    PassNotLocal = 10,
+    /// An outer IPv4 fragment: passed (the kernel reassembles; the balancer never fragments).
+    PassFragment = 11,
+    /// Outer header inconsistent or longer than the frame: dropped.
+    DropMalformedOuter = 12,
+    /// GUE header cut short, with options, a control message or an unknown inner protocol:
+    /// dropped.
+    DropMalformedGue = 13,
+    /// Inner IP header cut short, of the wrong version, or longer than the outer packet:
+    /// dropped.
+    DropMalformedInner = 14,
+    /// `bpf_xdp_adjust_head` failed, or the frame was too short afterwards: dropped.
+    DropInternal = 15,
+}
+
+impl DecapReason {
+    pub const COUNT: u32 = 16;
+    /// Every reason in index order, with its name in `lb decap`'s counters.
+    pub const ALL: [(DecapReason, &'static str); Self::COUNT as usize] = [
+        (DecapReason::Ipip4in4, "decap_ipip_4in4"),
+        (DecapReason::Ipip6in4, "decap_ipip_6in4"),
+        (DecapReason::Ipip4in6, "decap_ipip_4in6"),
+        (DecapReason::Ipip6in6, "decap_ipip_6in6"),
+        (DecapReason::Gue4in4, "decap_gue_4in4"),
+        (DecapReason::Gue6in4, "decap_gue_6in4"),
+        (DecapReason::Gue4in6, "decap_gue_4in6"),
+        (DecapReason::Gue6in6, "decap_gue_6in6"),
+        (DecapReason::PassNotIp, "pass_not_ip"),
+        (DecapReason::PassNotEncap, "pass_not_encap"),
+        (DecapReason::PassNotLocal, "pass_not_local"),
+        (DecapReason::PassFragment, "pass_fragment"),
+        (DecapReason::DropMalformedOuter, "drop_malformed_outer"),
+        (DecapReason::DropMalformedGue, "drop_malformed_gue"),
+        (DecapReason::DropMalformedInner, "drop_malformed_inner"),
+        (DecapReason::DropInternal, "drop_internal"),
+    ];
+}
+
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: each type is #[repr(C)], made only of integers and byte arrays, with explicit
@@ -291,6 +406,7 @@ mod pod {
     unsafe impl aya::Pod for super::Traffic {}
     unsafe impl aya::Pod for super::RingChunk {}
     unsafe impl aya::Pod for super::LcList {}
+    unsafe impl aya::Pod for super::DecapAddr {}
 }
 
 #[cfg(test)]
@@ -309,6 +425,7 @@ mod tests {
         assert_eq!(size_of::<LcList>(), 8 + 8 * LC_MAX_BACKENDS as usize);
         assert_eq!(size_of::<Traffic>(), 24);
         assert_eq!(size_of::<RingChunk>(), 64);
+        assert_eq!(size_of::<DecapAddr>(), 16);
     }
 
     #[test]
@@ -316,5 +433,22 @@ mod tests {
         for (i, (reason, _)) in Reason::ALL.iter().enumerate() {
             assert_eq!(*reason as usize, i);
         }
+        for (i, (reason, _)) in DecapReason::ALL.iter().enumerate() {
+            assert_eq!(*reason as usize, i);
+        }
+    }
+
+    #[test]
+    fn decap_addresses_keep_wire_order_and_map_ipv4() {
+        let v4 = DecapAddr::from_ip("10.1.2.3".parse().unwrap());
+        let bytes: [u8; 16] = unsafe { core::mem::transmute(v4.words) };
+        assert_eq!(
+            bytes,
+            [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 10, 1, 2, 3]
+        );
+        let v6 = DecapAddr::from_ip("2001:db8::7".parse().unwrap());
+        let bytes: [u8; 16] = unsafe { core::mem::transmute(v6.words) };
+        assert_eq!(bytes[..4], [0x20, 0x01, 0x0d, 0xb8]);
+        assert_eq!(bytes[15], 7);
     }
 }

@@ -8,6 +8,7 @@
     reason = "core::intrinsics::atomic_xadd for BPF's atomic add"
 )]
 
+mod decap;
 mod forward;
 mod hc;
 mod maps;
@@ -21,7 +22,7 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use aya_log_ebpf::debug;
-use lb_common::{Reason, ServiceKeyV4, ServiceKeyV6};
+use lb_common::{DecapReason, Reason, ServiceKeyV4, ServiceKeyV6};
 use parse::L3;
 
 /// Set to non-zero by the loader (`lb daemon --debug-packets`) to log each forwarding decision.
@@ -46,6 +47,18 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
 #[xdp]
 pub fn lb_xdp_pass(_ctx: XdpContext) -> u32 {
     xdp_action::XDP_PASS
+}
+
+/// On backends (`lb decap`): strips the outer IP-in-IP or GUE headers of packets the balancer
+/// encapsulated to this host and passes the inner packet to the stack (see decap.rs).
+#[xdp]
+pub fn lb_decap(ctx: XdpContext) -> u32 {
+    let reason = match decap::decap(&ctx) {
+        Ok(kind) => kind,
+        Err(reason) => reason,
+    };
+    stats::count_decap(reason);
+    decap_verdict(reason)
 }
 
 /// tc egress on the balancer's interface: steers VIP-addressed health checks (see hc.rs).
@@ -119,6 +132,28 @@ fn verdict(reason: Reason) -> u32 {
         | Reason::DropMalformedL4
         | Reason::DropNoBackend
         | Reason::DropInternal => xdp_action::XDP_DROP,
+    }
+}
+
+#[inline(always)]
+fn decap_verdict(reason: DecapReason) -> u32 {
+    match reason {
+        DecapReason::DropMalformedOuter
+        | DecapReason::DropMalformedGue
+        | DecapReason::DropMalformedInner
+        | DecapReason::DropInternal => xdp_action::XDP_DROP,
+        DecapReason::Ipip4in4
+        | DecapReason::Ipip6in4
+        | DecapReason::Ipip4in6
+        | DecapReason::Ipip6in6
+        | DecapReason::Gue4in4
+        | DecapReason::Gue6in4
+        | DecapReason::Gue4in6
+        | DecapReason::Gue6in6
+        | DecapReason::PassNotIp
+        | DecapReason::PassNotEncap
+        | DecapReason::PassNotLocal
+        | DecapReason::PassFragment => xdp_action::XDP_PASS,
     }
 }
 

@@ -7,9 +7,9 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use lb_common::{
-    Backend, DEFAULT_CONNTRACK_SIZE, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_SERVICES, FlowKeyV4,
-    FlowKeyV6, FlowState, LcList, RING_CHUNKS, Reason, RingChunk, Service, ServiceKeyV4,
-    ServiceKeyV6, Traffic,
+    Backend, DECAP_MAX_ADDRS, DEFAULT_CONNTRACK_SIZE, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_SERVICES,
+    DecapAddr, DecapReason, FlowKeyV4, FlowKeyV6, FlowState, LcList, RING_CHUNKS, Reason,
+    RingChunk, Service, ServiceKeyV4, ServiceKeyV6, Traffic,
 };
 
 /// VIP:port/proto → service. One hash lookup per packet decides "is this ours".
@@ -76,3 +76,13 @@ pub static BACKEND_STATS: PerCpuArray<Traffic> =
     PerCpuArray::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
 #[map]
 pub static REASON_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Reason::COUNT, 0);
+
+/// This host's addresses (`lb decap` fills it from the interface): an encapsulated packet is
+/// stripped only when its outer destination is one of them. A hash map of `DECAP_MAX_ADDRS`
+/// entries: a host has a handful of addresses, and only encapsulated packets are looked up.
+#[map]
+pub static DECAP_ADDRS: HashMap<DecapAddr, u32> = HashMap::with_max_entries(DECAP_MAX_ADDRS, 0);
+
+/// Per-CPU counters of the decapsulation program, by `DecapReason`.
+#[map]
+pub static DECAP_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(DecapReason::COUNT, 0);

@@ -6,13 +6,13 @@ use aya_ebpf::programs::XdpContext;
 use lb_common::{FlowKeyV4, FlowKeyV6, PROTO_TCP, PROTO_UDP, Reason};
 use network_types::{eth::EthHdr, vlan::VlanHdr};
 
-const ETH_P_IP: u16 = 0x0800;
-const ETH_P_IPV6: u16 = 0x86dd;
-const ETH_P_8021Q: u16 = 0x8100;
-const ETH_P_8021AD: u16 = 0x88a8;
+pub const ETH_P_IP: u16 = 0x0800;
+pub const ETH_P_IPV6: u16 = 0x86dd;
+pub const ETH_P_8021Q: u16 = 0x8100;
+pub const ETH_P_8021AD: u16 = 0x88a8;
 /// IPv4 "more fragments" flag and fragment offset, in the host-order `frags` field.
-const IP_MF: u16 = 0x2000;
-const IP_OFFSET: u16 = 0x1fff;
+pub const IP_MF: u16 = 0x2000;
+pub const IP_OFFSET: u16 = 0x1fff;
 
 /// The one accessor for packet bytes: a pointer to a `T` at `offset` if it lies inside the frame.
 ///
@@ -39,31 +39,30 @@ pub fn ptr_at_mut<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
 /// them as byte arrays (alignment 1), so LLVM reads an address one byte at a time and spills
 /// the bytes to the stack; word loads from the packet are fine for the verifier on x86.
 #[repr(C)]
-struct Ipv4Wire {
-    vihl: u8,
-    tos: u8,
-    tot_len: u16,
-    id: u16,
-    frags: u16,
-    ttl: u8,
-    proto: u8,
-    check: u16,
-    src: u32,
-    dst: u32,
+pub struct Ipv4Wire {
+    pub vihl: u8,
+    pub tos: u8,
+    pub tot_len: u16,
+    pub id: u16,
+    pub frags: u16,
+    pub ttl: u8,
+    pub proto: u8,
+    pub check: u16,
+    pub src: u32,
+    pub dst: u32,
 }
 
-/// The fixed IPv6 header, addresses as words (as the flow key holds them).
+/// The fixed IPv6 header, multi-byte fields as integers (network order), as `Ipv4Wire`.
 #[repr(C)]
-struct Ipv6Wire {
-    /// Version (high 4 bits) and the top of the traffic class.
-    vtc: u8,
-    _flow: [u8; 3],
-    payload_len: u16,
-    next_header: u8,
-    hop_limit: u8,
-    src: [u32; 4],
-    dst: [u32; 4],
+pub struct Ipv6Wire {
+    pub vtc_flow: u32,
+    pub payload_len: u16,
+    pub next_hdr: u8,
+    pub hop_limit: u8,
+    pub src: [u32; 4],
+    pub dst: [u32; 4],
 }
+
 const IPV6_LEN: usize = 40;
 
 /// Extension headers walked before giving up (the walk is a loop the verifier unrolls).
@@ -190,14 +189,14 @@ pub fn ipv4(ctx: &XdpContext, l3: usize) -> Result<Packet<FlowKeyV4>, Reason> {
 #[inline(always)]
 pub fn ipv6(ctx: &XdpContext, l3: usize) -> Result<Packet<FlowKeyV6>, Reason> {
     let ip: *const Ipv6Wire = ptr_at(ctx, l3).ok_or(Reason::DropMalformedIp)?;
-    if unsafe { (*ip).vtc } >> 4 != 6 {
+    if u32::from_be(unsafe { (*ip).vtc_flow }) >> 28 != 6 {
         return Err(Reason::DropMalformedIp);
     }
     let payload_len = u16::from_be(unsafe { (*ip).payload_len }) as usize;
     if ctx.data() + l3 + IPV6_LEN + payload_len > ctx.data_end() {
         return Err(Reason::DropMalformedIp);
     }
-    let mut next = unsafe { (*ip).next_header };
+    let mut next = unsafe { (*ip).next_hdr };
     // Bytes of extension headers walked so far (bounded: at most MAX_EXT_HEADERS of 2 KiB).
     let mut ext = 0usize;
     for _ in 0..MAX_EXT_HEADERS {

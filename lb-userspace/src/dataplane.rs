@@ -16,8 +16,8 @@ use aya::{
     },
 };
 use lb_common::{
-    Backend, FlowKeyV4, FlowKeyV6, FlowState, LcList, RING_CHUNK, RING_CHUNKS, RING_SIZE, Reason,
-    RingChunk, Service, ServiceKeyV4, ServiceKeyV6, Traffic, names,
+    Backend, DecapAddr, DecapReason, FlowKeyV4, FlowKeyV6, FlowState, LcList, RING_CHUNK,
+    RING_CHUNKS, RING_SIZE, Reason, RingChunk, Service, ServiceKeyV4, ServiceKeyV6, Traffic, names,
 };
 
 /// A service's key in the kernel: the map depends on the VIP's family.
@@ -452,7 +452,105 @@ impl Dataplane {
     }
 }
 
-/// Attaches an already loaded XDP program in the requested mode.
+/// The decapsulation program of a backend (`lb decap`) with its two maps. It lives in the
+/// balancer's object; the balancer's own maps are created with one entry each, since a backend
+/// never uses them (the defaults would cost it ~60 MB of kernel memory).
+pub struct Decap {
+    ebpf: Ebpf,
+    addrs: HashMap<MapData, DecapAddr, u32>,
+    stats: PerCpuArray<MapData, u64>,
+}
+
+impl Decap {
+    /// Loads the object for decapsulating GUE on UDP port `gue_port` (host order). Nothing is
+    /// attached and no address is local yet.
+    pub fn load(gue_port: u16) -> Result<Self> {
+        let port = gue_port.to_be();
+        let mut loader = EbpfLoader::new();
+        for name in [
+            names::SERVICES,
+            names::SERVICE_STATS,
+            names::RINGS,
+            names::BACKENDS,
+            names::BACKEND_STATS,
+            names::CONNTRACK,
+            names::FLOW_COUNTS,
+            names::RR_CURSORS,
+            names::LC_LISTS,
+        ] {
+            loader.map_max_entries(name, 1);
+        }
+        loader.override_global(names::GLOBAL_GUE_PORT, &port, true);
+        let mut ebpf = loader.load(XDP_OBJECT)?;
+        Ok(Decap {
+            addrs: take(&mut ebpf, names::DECAP_ADDRS)?,
+            stats: take(&mut ebpf, names::DECAP_STATS)?,
+            ebpf,
+        })
+    }
+
+    /// The verified and loaded `lb_decap` program (for attaching, and for tests).
+    pub fn program(&mut self) -> Result<&mut Xdp> {
+        let name = names::PROG_DECAP;
+        let prog: &mut Xdp = self
+            .ebpf
+            .program_mut(name)
+            .ok_or(DataplaneError::MissingProgram(name))?
+            .try_into()
+            .map_err(|source| DataplaneError::Program { name, source })?;
+        if prog.fd().is_err() {
+            prog.load()
+                .map_err(|source| DataplaneError::Program { name, source })?;
+        }
+        Ok(prog)
+    }
+
+    /// Attaches to `iface` until this value is dropped. Returns the mode used.
+    pub fn attach(&mut self, iface: &str, mode: AttachMode) -> Result<AttachMode> {
+        attach_program(self.program()?, iface, mode).map(|(mode, _)| mode)
+    }
+
+    /// Makes exactly `addrs` the local addresses: adds the new ones, removes the others.
+    pub fn set_addrs(&mut self, addrs: &[std::net::IpAddr]) -> Result<()> {
+        let err = |source| DataplaneError::Map {
+            name: names::DECAP_ADDRS,
+            source,
+        };
+        let want: Vec<DecapAddr> = addrs.iter().map(|a| DecapAddr::from_ip(*a)).collect();
+        let have: Vec<DecapAddr> = self
+            .addrs
+            .keys()
+            .collect::<std::result::Result<_, _>>()
+            .map_err(err)?;
+        for old in have.iter().filter(|a| !want.contains(a)) {
+            match self.addrs.remove(old) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(e) => return Err(err(e)),
+            }
+        }
+        for new in want.iter().filter(|a| !have.contains(a)) {
+            self.addrs.insert(new, 1, 0).map_err(err)?;
+        }
+        Ok(())
+    }
+
+    /// Packets by `DecapReason`, summed over CPUs, in index order.
+    pub fn counts(&self) -> Result<[u64; DecapReason::COUNT as usize]> {
+        let mut out = [0; DecapReason::COUNT as usize];
+        for (i, slot) in out.iter_mut().enumerate() {
+            let per_cpu = self
+                .stats
+                .get(&(i as u32), 0)
+                .map_err(|source| DataplaneError::Map {
+                    name: names::DECAP_STATS,
+                    source,
+                })?;
+            *slot = per_cpu.iter().sum();
+        }
+        Ok(out)
+    }
+}
+
 /// Attaches an already loaded XDP program in the requested mode; returns the mode used and the
 /// link's id in the program.
 pub fn attach_program(

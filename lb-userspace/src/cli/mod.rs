@@ -2,6 +2,7 @@
 
 mod client;
 mod config;
+mod decap;
 mod stats;
 mod status;
 mod wire;
@@ -57,6 +58,9 @@ pub enum Command {
     /// Packets and bytes per second per service and backend, from two snapshots an interval
     /// apart.
     Stats(stats::StatsArgs),
+    /// On a backend: strip the IPIP/GUE headers the balancer adds (--forward ipip|gue), in XDP,
+    /// for packets to IFACE's addresses; runs until SIGINT/SIGTERM and prints counters on exit.
+    Decap(decap::DecapArgs),
     /// Print a completion script for SHELL on stdout (for example
     /// `lb completions bash > /usr/share/bash-completion/completions/lb`).
     Completions {
@@ -237,6 +241,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     let request = match cli.command {
         Command::Daemon(args) => return crate::daemon::run(args, cli.api),
         Command::TestbedWire { iface } => return wire::run(&iface),
+        Command::Decap(args) => return decap::run(&args),
         Command::Reload => return config::reload(&cli.api),
         Command::Config(ConfigCommand::Dump) => return config::dump(&cli.api),
         Command::Config(ConfigCommand::Check { file }) => return config::check(&file),
@@ -518,6 +523,43 @@ mod tests {
             panic!("daemon did not parse");
         };
         assert_eq!(args.metrics, None, "metrics must be off unless asked for");
+    }
+
+    #[test]
+    fn decap_takes_katran_port_and_native_mode_by_default() {
+        let Command::Decap(args) = parse(&["decap", "--iface", "eth0"]).unwrap().command else {
+            panic!("decap did not parse");
+        };
+        assert_eq!(args.iface, "eth0");
+        assert_eq!(args.gue_port, lb_common::DEFAULT_GUE_PORT);
+        assert_eq!(args.xdp_mode, crate::dataplane::AttachMode::Native);
+        assert!(args.addrs.is_empty() && !args.json);
+        let cli = parse(&[
+            "decap",
+            "--iface",
+            "eth0",
+            "--xdp-mode",
+            "generic",
+            "--gue-port",
+            "9000",
+            "--addr",
+            "2001:db8::2",
+        ])
+        .unwrap();
+        let Command::Decap(args) = cli.command else {
+            panic!("decap did not parse");
+        };
+        assert_eq!(args.gue_port, 9000);
+        assert_eq!(args.xdp_mode, crate::dataplane::AttachMode::Generic);
+        assert_eq!(args.addrs, vec!["2001:db8::2".parse::<IpAddr>().unwrap()]);
+        for bad in [
+            &["decap"][..],
+            &["decap", "--iface", "eth0", "--gue-port", "0"],
+            &["decap", "--iface", "eth0", "--gue-port", "70000"],
+            &["decap", "--iface", "eth0", "--xdp-mode", "fast"],
+        ] {
+            assert!(parse(bad).is_err(), "{bad:?} accepted");
+        }
     }
 
     #[test]
