@@ -375,8 +375,14 @@ fn an_invalid_reload_changes_nothing() {
                 format!("{file}:14: weight 20000 is above the maximum 10000"),
             ),
             (
-                format!("{adding}\n[[service]]\naddress = \"[2001:db8::1]:80/tcp\"\n"),
-                format!("{file}:21: service [2001:db8::1]:80/tcp: IPv6 VIPs are not supported yet"),
+                format!(
+                    "{adding}\n[[service]]\naddress = \"[2001:db8::1]:80/tcp\"\n\
+                     [[service.backend]]\naddress = \"10.99.0.14\"\n"
+                ),
+                format!(
+                    "{file}:23: backend 10.99.0.14: forwarding mode dsr needs a backend of the \
+                     VIP's address family"
+                ),
             ),
             (
                 adding.replace("\"lbc0\"", "\"eth7\""),
