@@ -289,7 +289,15 @@ impl Testbed {
     fn add_ns(&mut self, name: &str) {
         netns::netns_add(name);
         self.namespaces.push(name.to_owned());
-        if !self.ipv6 {
+        if self.ipv6 {
+            // No duplicate address detection: until it ends (a second or more) a new link-local
+            // address is tentative and neighbour discovery from it waits, which stalls the
+            // first connections.
+            for conf in ["all", "default"] {
+                netns::sysctl(name, &format!("net.ipv6.conf.{conf}.accept_dad"), "0");
+                netns::sysctl(name, &format!("net.ipv6.conf.{conf}.dad_transmits"), "0");
+            }
+        } else {
             // No IPv6: router solicitations and DAD would only add noise on the segment.
             netns::sysctl(name, "net.ipv6.conf.all.disable_ipv6", "1");
             netns::sysctl(name, "net.ipv6.conf.default.disable_ipv6", "1");
