@@ -200,17 +200,7 @@ impl Dataplane {
 
     /// Verifies and loads one of the object's XDP programs into the kernel.
     pub fn program(&mut self, name: &'static str) -> Result<&mut Xdp> {
-        let prog: &mut Xdp = self
-            .ebpf
-            .program_mut(name)
-            .ok_or(DataplaneError::MissingProgram(name))?
-            .try_into()
-            .map_err(|source| DataplaneError::Program { name, source })?;
-        if prog.fd().is_err() {
-            prog.load()
-                .map_err(|source| DataplaneError::Program { name, source })?;
-        }
-        Ok(prog)
+        loaded_xdp(&mut self.ebpf, name)
     }
 
     /// Attaches the balancer to `iface`. Returns the mode actually used. The link lives as long
@@ -491,18 +481,7 @@ impl Decap {
 
     /// The verified and loaded `lb_decap` program (for attaching, and for tests).
     pub fn program(&mut self) -> Result<&mut Xdp> {
-        let name = names::PROG_DECAP;
-        let prog: &mut Xdp = self
-            .ebpf
-            .program_mut(name)
-            .ok_or(DataplaneError::MissingProgram(name))?
-            .try_into()
-            .map_err(|source| DataplaneError::Program { name, source })?;
-        if prog.fd().is_err() {
-            prog.load()
-                .map_err(|source| DataplaneError::Program { name, source })?;
-        }
-        Ok(prog)
+        loaded_xdp(&mut self.ebpf, names::PROG_DECAP)
     }
 
     /// Attaches to `iface` until this value is dropped. Returns the mode used.
@@ -549,6 +528,20 @@ impl Decap {
         }
         Ok(out)
     }
+}
+
+/// The object's XDP program `name`, verified and loaded into the kernel (once).
+fn loaded_xdp<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Xdp> {
+    let prog: &mut Xdp = ebpf
+        .program_mut(name)
+        .ok_or(DataplaneError::MissingProgram(name))?
+        .try_into()
+        .map_err(|source| DataplaneError::Program { name, source })?;
+    if prog.fd().is_err() {
+        prog.load()
+            .map_err(|source| DataplaneError::Program { name, source })?;
+    }
+    Ok(prog)
 }
 
 /// Attaches an already loaded XDP program in the requested mode; returns the mode used and the
