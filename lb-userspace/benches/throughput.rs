@@ -1084,6 +1084,9 @@ struct HttpResult {
     errors: web::Errors,
     /// CPU time per answered request: wrk, this process (the responders) and ksoftirqd.
     cpu_us: Vec<f64>,
+    /// CPUs' worth of time used by wrk, and by this process (the responders), during a run.
+    wrk_cpus: Vec<f64>,
+    responder_cpus: Vec<f64>,
 }
 
 /// Requests per second of real HTTP: wrk from the client namespace to the backends'
@@ -1108,6 +1111,7 @@ fn http_section(bed: &Bed, s: &Settings, report: &mut Report) {
         },
     ];
     let (direct, lb) = (0, 1);
+    let started = Instant::now();
     // (request header, key, title)
     let kinds = [
         (
@@ -1137,12 +1141,14 @@ fn http_section(bed: &Bed, s: &Settings, report: &mut Report) {
     // responders (this process) and softirq work deferred to ksoftirqd. Softirq work done in
     // those processes' context is in their time already.
     let own_cpu = || {
-        threads::rusage(libc::RUSAGE_SELF)
-            + threads::rusage(libc::RUSAGE_CHILDREN)
-            + ksoftirqds
+        [
+            threads::rusage(libc::RUSAGE_CHILDREN),
+            threads::rusage(libc::RUSAGE_SELF),
+            ksoftirqds
                 .iter()
                 .filter_map(|&pid| threads::cpu_time(pid))
-                .sum::<Duration>()
+                .sum::<Duration>(),
+        ]
     };
     let mut others = Vec::new();
     let mut results: Vec<Vec<HttpResult>> = kinds
@@ -1163,7 +1169,10 @@ fn http_section(bed: &Bed, s: &Settings, report: &mut Report) {
                 let o0 = own_cpu();
                 let t0 = Instant::now();
                 let run = web::run(&bed.tb.client, p.addr, load, &script);
-                let own = own_cpu().saturating_sub(o0);
+                let o1 = own_cpu();
+                let [wrk_cpu, responders_cpu, ksoftirqd_cpu] =
+                    [0, 1, 2].map(|j| o1[j].saturating_sub(o0[j]));
+                let own = wrk_cpu + responders_cpu + ksoftirqd_cpu;
                 let machine = cpu::Stat::read().busy_since(&c0);
                 let interval = t0.elapsed();
                 check_stop();
@@ -1181,6 +1190,9 @@ fn http_section(bed: &Bed, s: &Settings, report: &mut Report) {
                 r.p50_ms.push(run.p50_us / 1e3);
                 r.p99_ms.push(run.p99_us / 1e3);
                 r.errors.add(&run.errors);
+                let cpus = |d: Duration| d.as_secs_f64() / interval.as_secs_f64().max(1e-9);
+                r.wrk_cpus.push(cpus(wrk_cpu));
+                r.responder_cpus.push(cpus(responders_cpu));
                 r.cpu_us
                     .push(own.as_secs_f64() * 1e6 / answered.max(1) as f64);
                 others.push(
@@ -1199,12 +1211,12 @@ fn http_section(bed: &Bed, s: &Settings, report: &mut Report) {
         s.http_seconds, s.http_rounds
     );
     println!(
-        "{:<46} {:>8} {:>6} {:>6} {:>6} {:>6} {:>6} {:>7} {:>7} {:>6}",
-        "", "req/s", "vs lb", "vs", "p50", "p99", "errors", "CPU", "minus", "vs lb"
+        "{:<46} {:>8} {:>6} {:>6} {:>6} {:>6} {:>6} {:>7} {:>7} {:>6} {:>9}",
+        "", "req/s", "vs lb", "vs", "p50", "p99", "errors", "CPU", "minus", "vs lb", "CPUs used"
     );
     println!(
-        "{:<46} {:>8} {:>6} {:>6} {:>6} {:>6} {:>6} {:>7} {:>7} {:>6}",
-        "", "", "", "direct", "ms", "ms", "", "us/req", "direct", ""
+        "{:<46} {:>8} {:>6} {:>6} {:>6} {:>6} {:>6} {:>7} {:>7} {:>6} {:>9}",
+        "", "", "", "direct", "ms", "ms", "", "us/req", "direct", "", "wrk+srv"
     );
     let method = |kind: &str| {
         format!(
@@ -1240,7 +1252,7 @@ fn http_section(bed: &Bed, s: &Settings, report: &mut Report) {
             let cost_ratio = (i != direct && own[lb] > 0.0).then(|| own[i] / own[lb]);
             let (p50, p99) = (med(&r.p50_ms), med(&r.p99_ms));
             println!(
-                "{:<46} {:>8.0} {:>5.2}x {:>5.2}x {:>6.2} {:>6.2} {:>6} {:>7.1} {:>7} {:>6}{}",
+                "{:<46} {:>8.0} {:>5.2}x {:>5.2}x {:>6.2} {:>6.2} {:>6} {:>7.1} {:>7} {:>6} {:>9}{}",
                 p.name,
                 rps[i],
                 vs_lb,
@@ -1255,6 +1267,7 @@ fn http_section(bed: &Bed, s: &Settings, report: &mut Report) {
                     format!("{:.1}", own[i])
                 },
                 cost_ratio.map_or_else(|| "-".to_owned(), |c| format!("{c:.2}x")),
+                format!("{:.2}+{:.2}", med(&r.wrk_cpus), med(&r.responder_cpus)),
                 if r.errors.total() > 0 {
                     format!("  ({})", r.errors.describe())
                 } else {
@@ -1310,15 +1323,17 @@ fn http_section(bed: &Bed, s: &Settings, report: &mut Report) {
     println!(
         "(vs lb / vs direct: requests per second over the balancer's / the direct path's. CPU: \
          wrk + the responders + ksoftirqd per answered request; minus direct: what the middlebox \
-         adds, and that as a multiple of what the balancer adds. wrk, the responders and every \
+         adds, and that as a multiple of what the balancer adds; CPUs used: by wrk and by the \
+         responders, each with the softirq work (every hop's) that ran in its context. wrk, the responders and every \
          hop's softirq work share the machine's {ncpu:.0} CPUs, so a rate is the whole machine's, \
          not the balancer's capacity. Other work took a median {others:.2} CPUs during the \
-         runs{})",
+         runs{}. The HTTP runs took {:.0} s.)",
         if others > 0.25 {
             ": figures are noisier for it"
         } else {
             ""
-        }
+        },
+        started.elapsed().as_secs_f64()
     );
     report.figure(
         "http: other load on the machine during the runs",
