@@ -146,8 +146,8 @@ impl Settings {
                 ladder: &[0.25, 0.5, 0.75, 0.9, 1.0],
                 cpu_rounds: 5,
                 cpu_trial: Duration::from_secs(2),
-                http_seconds: 3,
-                http_rounds: 3,
+                http_seconds: 2,
+                http_rounds: 5,
             }
         }
     }
