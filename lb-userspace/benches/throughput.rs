@@ -18,7 +18,13 @@
 //! 1. offered vs delivered rate at several offered rates, and the highest loss-free rate;
 //! 2. CPU time per delivered packet at one fixed rate that every path carries without loss,
 //!    minus the same for the direct path: each middlebox's own cost, as a ratio to the
-//!    balancer's.
+//!    balancer's;
+//! 3. requests per second of real HTTP (`wrk` in the client namespace, tiny HTTP responders
+//!    on the backends, port 8080): through the balancer (to the VIP), through the nftables
+//!    DNAT host (to its service address 10.200.0.20, which the client reaches from a second
+//!    address, 10.99.0.6, that the backends route back through the NAT host so it can undo
+//!    the DNAT), and straight to b1 (the ceiling); over keep-alive connections, and with
+//!    `Connection: close` (a new connection, so a new flow, per request).
 //!
 //! Setup problems fail loudly (not root, a missing tool, nothing delivered); the namespaces go
 //! on drop, also on a panic or Ctrl-C (a killed run's are swept by the next one).
@@ -41,8 +47,10 @@ mod hosts;
 mod progs;
 #[path = "throughput/threads.rs"]
 mod threads;
+#[path = "throughput/web.rs"]
+mod web;
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -58,6 +66,19 @@ const PORT: u16 = 80;
 const NAT_IP: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 3);
 const FWD_IP: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 4);
 const KFWD_IP: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 5);
+/// HTTP: the port of the backends' responders and of the balancer's TCP service on the VIP.
+const HTTP_PORT: u16 = 8080;
+/// HTTP: the NAT host's service address (DNAT to the backends); the client routes it through
+/// the NAT host.
+const NAT_HTTP_ADDR: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 20);
+/// HTTP: the client's source address towards the NAT host's service. The backends route it
+/// through the NAT host, so their answers come back through the DNAT (the client's own address
+/// they reach directly: the balancer's DSR answers and the direct path's).
+const CLIENT_NAT_SRC: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 6);
+/// HTTP: worker threads of the responders' runtime (all backends share it), and wrk's load.
+const HTTP_WORKERS: usize = 1;
+const WRK_THREADS: u32 = 1;
+const WRK_CONNECTIONS: u32 = 16;
 /// 4 source addresses × 16,384 ports. Source addresses on the test bed's subnet, outside the
 /// hosts' (10.99.0.1-5, .11-13).
 const FLOWS: Flows = Flows {
@@ -103,6 +124,9 @@ struct Settings {
     ladder: &'static [f64],
     cpu_rounds: usize,
     cpu_trial: Duration,
+    /// Length of each wrk run (whole seconds) and rounds of all HTTP runs.
+    http_seconds: u32,
+    http_rounds: usize,
 }
 
 impl Settings {
@@ -113,6 +137,8 @@ impl Settings {
                 ladder: &[0.5, 0.9],
                 cpu_rounds: 1,
                 cpu_trial: Duration::from_millis(800),
+                http_seconds: 2,
+                http_rounds: 1,
             }
         } else {
             Settings {
@@ -120,6 +146,8 @@ impl Settings {
                 ladder: &[0.25, 0.5, 0.75, 0.9, 1.0],
                 cpu_rounds: 5,
                 cpu_trial: Duration::from_secs(2),
+                http_seconds: 2,
+                http_rounds: 5,
             }
         }
     }
@@ -191,9 +219,11 @@ impl Trial {
     }
 }
 
-/// The test bed with the benchmark's hosts and programs. Fields drop in order: the programs
-/// (their XDP links) first, the test bed (its namespaces and daemon) last.
+/// The test bed with the benchmark's hosts and programs. Fields drop in order: the HTTP
+/// responders and the programs (their XDP links) first, the test bed (its namespaces and
+/// daemon) last.
 struct Bed {
+    web: web::Responders,
     progs: Progs,
     fwd: Host,
     kfwd: Host,
@@ -212,28 +242,53 @@ struct Bed {
 impl Bed {
     fn start() -> Bed {
         let tb = Testbed::builder().backends(3).start();
-        let service = format!("{VIP}:{PORT}/udp");
-        tb.lb_ok(&[
-            "service",
-            "add",
-            &service,
-            "--hc-interval",
-            "500ms",
-            "--hc-timeout",
-            "500ms",
-        ]);
+        let web = web::Responders::start(
+            &tb.backends
+                .iter()
+                .map(|b| (b.ns.clone(), b.name.clone()))
+                .collect::<Vec<_>>(),
+            HTTP_PORT,
+            HTTP_WORKERS,
+        );
+        // The UDP service of the packet trials and the TCP service of the HTTP runs.
+        let services = [
+            format!("{VIP}:{PORT}/udp"),
+            format!("{VIP}:{HTTP_PORT}/tcp"),
+        ];
         let names: Vec<&str> = tb.backends.iter().map(|b| b.name.as_str()).collect();
-        for b in &names {
-            tb.lb_ok(&["backend", "add", &service, &tb.ip_of(b)]);
+        for service in &services {
+            tb.lb_ok(&[
+                "service",
+                "add",
+                service,
+                "--hc-interval",
+                "500ms",
+                "--hc-timeout",
+                "500ms",
+            ]);
+            for b in &names {
+                tb.lb_ok(&["backend", "add", service, &tb.ip_of(b)]);
+            }
         }
-        tb.wait_in_table_of(&service, &names, true, Duration::from_secs(15));
+        for service in &services {
+            tb.wait_in_table_of(service, &names, true, Duration::from_secs(15));
+        }
 
         let backends: Vec<(Ipv4Addr, String)> = tb
             .backends
             .iter()
             .map(|b| (b.ip, mac_string(&mac_of(&b.ns, "eth0"))))
             .collect();
-        let nat = Host::nat(&tb, NAT_IP, VIP, PORT, &backends);
+        let nat = Host::nat(
+            &tb,
+            NAT_IP,
+            VIP,
+            PORT,
+            (NAT_HTTP_ADDR, HTTP_PORT),
+            &backends,
+        );
+        let client_mac = mac_of(&tb.client, "eth0");
+        http_routes(&tb, &nat, client_mac);
         let kfwd = Host::router(&tb, KFWD_IP, VIP, backends[0].0, &backends[0].1);
         let fwd = Host::add(&tb, "fwd", FWD_IP);
 
@@ -288,8 +343,8 @@ impl Bed {
             .max(1);
         // The last CPU: CPU 0 usually takes more of the machine's own interrupts.
         let cpu = ncpu - 1;
-        let client_mac = mac_of(&tb.client, "eth0");
         Bed {
+            web,
             progs,
             fwd,
             kfwd,
@@ -466,6 +521,51 @@ impl Bed {
     }
 }
 
+/// Routes for the HTTP runs through the NAT host. The client reaches the NAT host's service
+/// address from a second address of its own, and the backends send what they answer to that
+/// address back through the NAT host, which undoes the DNAT (a DNAT box must see both ways of
+/// a connection). The client's own address stays on-link for the backends: the balancer's
+/// DSR answers and the direct path's go straight back.
+fn http_routes(tb: &Testbed, nat: &Host, client_mac: [u8; 6]) {
+    let client = tb.client.as_str();
+    netns::ip(&[
+        "-n",
+        client,
+        "addr",
+        "add",
+        &format!("{CLIENT_NAT_SRC}/32"),
+        "dev",
+        "eth0",
+    ]);
+    netns::ip(&[
+        "-n",
+        client,
+        "route",
+        "add",
+        &format!("{NAT_HTTP_ADDR}/32"),
+        "via",
+        &NAT_IP.to_string(),
+        "src",
+        &CLIENT_NAT_SRC.to_string(),
+    ]);
+    // Connection: close runs open tens of thousands of connections: all the ports, and a port
+    // in TIME_WAIT may be reused (a new connection's timestamps are newer).
+    netns::sysctl(client, "net.ipv4.ip_local_port_range", "1024 65535");
+    netns::sysctl(client, "net.ipv4.tcp_tw_reuse", "1");
+    nat.neighbours(&[(CLIENT_NAT_SRC, mac_string(&client_mac))]);
+    for b in &tb.backends {
+        netns::ip(&[
+            "-n",
+            &b.ns,
+            "route",
+            "add",
+            &format!("{CLIENT_NAT_SRC}/32"),
+            "via",
+            &NAT_IP.to_string(),
+        ]);
+    }
+}
+
 /// Drop and error counters of every interface in `namespaces`, keyed "ns-role/dev counter".
 fn drop_counters(namespaces: &[String]) -> std::collections::BTreeMap<String, u64> {
     let mut out = std::collections::BTreeMap::new();
@@ -553,6 +653,10 @@ fn preflight() {
             eprintln!("throughput benchmark: `{tool}` is missing; scripts/setup.sh installs it");
             std::process::exit(1);
         }
+    }
+    if !web::present() {
+        eprintln!("throughput benchmark: `wrk` is missing; scripts/setup.sh installs it");
+        std::process::exit(1);
     }
 }
 
@@ -945,6 +1049,9 @@ fn main() {
         "/proc/stat busy time minus the benchmark's own, median over trials",
     );
 
+    // 3. Requests per second of real HTTP.
+    http_section(&bed, &s, &mut report);
+
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/lb-bench");
     std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
     let file = dir.join("throughput.json");
@@ -959,4 +1066,281 @@ fn main() {
         started.elapsed().as_secs_f64()
     );
     drop(bed);
+}
+
+/// One way for HTTP through the test bed.
+struct HttpPath {
+    name: &'static str,
+    key: &'static str,
+    addr: SocketAddr,
+}
+
+/// What the runs of one path with one kind of connection gave.
+#[derive(Default)]
+struct HttpResult {
+    rps: Vec<f64>,
+    p50_ms: Vec<f64>,
+    p99_ms: Vec<f64>,
+    errors: web::Errors,
+    /// CPU time per answered request: wrk, this process (the responders) and ksoftirqd.
+    cpu_us: Vec<f64>,
+    /// CPUs' worth of time used by wrk, and by this process (the responders), during a run.
+    wrk_cpus: Vec<f64>,
+    responder_cpus: Vec<f64>,
+}
+
+/// Requests per second of real HTTP: wrk from the client namespace to the backends'
+/// responders, straight to b1, through the balancer and through the NAT host, over keep-alive
+/// connections and with a new connection per request; runs interleaved, median of the rounds.
+fn http_section(bed: &Bed, s: &Settings, report: &mut Report) {
+    let paths = [
+        HttpPath {
+            name: "direct to backend b1 (the ceiling)",
+            key: "direct",
+            addr: SocketAddr::from((bed.tb.backends[0].ip, HTTP_PORT)),
+        },
+        HttpPath {
+            name: "lb: the balancer (XDP, L2 DSR)",
+            key: "lb",
+            addr: SocketAddr::from((VIP, HTTP_PORT)),
+        },
+        HttpPath {
+            name: "nftables DNAT + conntrack",
+            key: "nft_dnat",
+            addr: SocketAddr::from((NAT_HTTP_ADDR, HTTP_PORT)),
+        },
+    ];
+    let (direct, lb) = (0, 1);
+    let started = Instant::now();
+    // (request header, key, title)
+    let kinds = [
+        (
+            false,
+            "keep-alive",
+            format!("keep-alive ({WRK_CONNECTIONS} connections held open: no new flows)"),
+        ),
+        (
+            true,
+            "connection-close",
+            "Connection: close (a new TCP connection, so a new flow, per request)".to_owned(),
+        ),
+    ];
+    for p in &paths {
+        common::http::get_in(&bed.tb.client, p.addr).unwrap_or_else(|e| {
+            panic!(
+                "HTTP: a GET of http://{}/ from the client ({}) failed: {e:#}",
+                p.addr, p.name
+            )
+        });
+    }
+    let script = web::write_script(&bed.tb.dir);
+    // SAFETY: sysconf has no preconditions.
+    let ncpu = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) }.max(1) as f64;
+    let ksoftirqds: Vec<i32> = (0..ncpu as usize).filter_map(threads::ksoftirqd).collect();
+    // Everything the benchmark runs for HTTP: wrk (a child, counted once reaped), the
+    // responders (this process) and softirq work deferred to ksoftirqd. Softirq work done in
+    // those processes' context is in their time already.
+    let own_cpu = || {
+        [
+            threads::rusage(libc::RUSAGE_CHILDREN),
+            threads::rusage(libc::RUSAGE_SELF),
+            ksoftirqds
+                .iter()
+                .filter_map(|&pid| threads::cpu_time(pid))
+                .sum::<Duration>(),
+        ]
+    };
+    let mut others = Vec::new();
+    let mut results: Vec<Vec<HttpResult>> = kinds
+        .iter()
+        .map(|_| paths.iter().map(|_| HttpResult::default()).collect())
+        .collect();
+    for _round in 0..s.http_rounds {
+        for (k, (close, ..)) in kinds.iter().enumerate() {
+            for (i, p) in paths.iter().enumerate() {
+                let load = web::Load {
+                    threads: WRK_THREADS,
+                    connections: WRK_CONNECTIONS,
+                    seconds: s.http_seconds,
+                    close: *close,
+                };
+                let a0 = bed.web.answered();
+                let c0 = cpu::Stat::read();
+                let o0 = own_cpu();
+                let t0 = Instant::now();
+                let run = web::run(&bed.tb.client, p.addr, load, &script);
+                let o1 = own_cpu();
+                let [wrk_cpu, responders_cpu, ksoftirqd_cpu] =
+                    [0, 1, 2].map(|j| o1[j].saturating_sub(o0[j]));
+                let own = wrk_cpu + responders_cpu + ksoftirqd_cpu;
+                let machine = cpu::Stat::read().busy_since(&c0);
+                let interval = t0.elapsed();
+                check_stop();
+                let answered = bed.web.answered() - a0;
+                assert!(
+                    answered >= run.requests,
+                    "HTTP {}: wrk counted {} responses but the responders answered {answered}: \
+                     something else answered",
+                    p.key,
+                    run.requests
+                );
+                assert!(run.requests > 0, "HTTP {}: no request was answered", p.key);
+                let r = &mut results[k][i];
+                r.rps.push(run.rps());
+                r.p50_ms.push(run.p50_us / 1e3);
+                r.p99_ms.push(run.p99_us / 1e3);
+                r.errors.add(&run.errors);
+                let cpus = |d: Duration| d.as_secs_f64() / interval.as_secs_f64().max(1e-9);
+                r.wrk_cpus.push(cpus(wrk_cpu));
+                r.responder_cpus.push(cpus(responders_cpu));
+                r.cpu_us
+                    .push(own.as_secs_f64() * 1e6 / answered.max(1) as f64);
+                others.push(
+                    (machine.as_secs_f64() - own.as_secs_f64()).max(0.0)
+                        / interval.as_secs_f64().max(1e-9),
+                );
+            }
+        }
+    }
+
+    println!(
+        "\nHTTP requests per second: wrk -t{WRK_THREADS} -c{WRK_CONNECTIONS} from the client, \
+         {} s runs, median of {} interleaved round(s); tiny HTTP/1.1 responders on the backends \
+         (one tokio runtime, {HTTP_WORKERS} thread(s), all backends); b1 alone for the ceiling, \
+         b1-b3 through lb and DNAT",
+        s.http_seconds, s.http_rounds
+    );
+    println!(
+        "{:<46} {:>8} {:>6} {:>6} {:>6} {:>6} {:>6} {:>7} {:>7} {:>6} {:>9}",
+        "", "req/s", "vs lb", "vs", "p50", "p99", "errors", "CPU", "minus", "vs lb", "CPUs used"
+    );
+    println!(
+        "{:<46} {:>8} {:>6} {:>6} {:>6} {:>6} {:>6} {:>7} {:>7} {:>6} {:>9}",
+        "", "", "", "direct", "ms", "ms", "", "us/req", "direct", "", "wrk+srv"
+    );
+    let method = |kind: &str| {
+        format!(
+            "wrk -t{WRK_THREADS} -c{WRK_CONNECTIONS} -d{}s{} from the client namespace, \
+             median of {} interleaved round(s); tiny HTTP/1.1 responders (tokio, {HTTP_WORKERS} \
+             thread(s)) on the backends; wrk, responders and the path share the machine's CPUs",
+            s.http_seconds,
+            if kind == "keep-alive" {
+                ""
+            } else {
+                " -H 'Connection: close'"
+            },
+            s.http_rounds
+        )
+    };
+    let method_cpu = |kind: &str| {
+        format!(
+            "CPU time of wrk, of the benchmark's process (the responders) and of ksoftirqd per \
+             answered request (scheduler clocks; softirq work runs in those contexts); {}",
+            method(kind)
+        )
+    };
+    let med = |v: &[f64]| median(&mut v.to_vec());
+    for (k, (_, kind, title)) in kinds.iter().enumerate() {
+        println!("{title}");
+        let rps: Vec<f64> = results[k].iter().map(|r| med(&r.rps)).collect();
+        let cpu: Vec<f64> = results[k].iter().map(|r| med(&r.cpu_us)).collect();
+        let own: Vec<f64> = cpu.iter().map(|c| c - cpu[direct]).collect();
+        for (i, p) in paths.iter().enumerate() {
+            let r = &results[k][i];
+            let vs_lb = rps[i] / rps[lb].max(1e-9);
+            let vs_direct = rps[i] / rps[direct].max(1e-9);
+            let cost_ratio = (i != direct && own[lb] > 0.0).then(|| own[i] / own[lb]);
+            let (p50, p99) = (med(&r.p50_ms), med(&r.p99_ms));
+            println!(
+                "{:<46} {:>8.0} {:>5.2}x {:>5.2}x {:>6.2} {:>6.2} {:>6} {:>7.1} {:>7} {:>6} {:>9}{}",
+                p.name,
+                rps[i],
+                vs_lb,
+                vs_direct,
+                p50,
+                p99,
+                r.errors.total(),
+                cpu[i],
+                if i == direct {
+                    "-".to_owned()
+                } else {
+                    format!("{:.1}", own[i])
+                },
+                cost_ratio.map_or_else(|| "-".to_owned(), |c| format!("{c:.2}x")),
+                format!("{:.2}+{:.2}", med(&r.wrk_cpus), med(&r.responder_cpus)),
+                if r.errors.total() > 0 {
+                    format!("  ({})", r.errors.describe())
+                } else {
+                    String::new()
+                }
+            );
+            let name = |what: &str| format!("http: {}, {kind}, {what}", p.key);
+            report.figure(
+                &name("requests per second"),
+                rps[i],
+                "requests/s",
+                Some(vs_lb),
+                &method(kind),
+            );
+            report.figure(&name("latency p50"), p50, "ms", None, &method(kind));
+            report.figure(&name("latency p99"), p99, "ms", None, &method(kind));
+            report.figure(
+                &name("errors"),
+                r.errors.total() as f64,
+                "errors",
+                None,
+                &format!("{}; summed over the rounds", method(kind)),
+            );
+            report.figure(
+                &name("CPU per request"),
+                cpu[i],
+                "us/request",
+                None,
+                &method_cpu(kind),
+            );
+            if i != direct {
+                report.figure(
+                    &name("share of the direct ceiling"),
+                    vs_direct,
+                    "ratio",
+                    None,
+                    &format!(
+                        "requests per second over those of the direct path; {}",
+                        method(kind)
+                    ),
+                );
+                report.figure(
+                    &name("CPU per request, minus direct"),
+                    own[i],
+                    "us/request",
+                    cost_ratio,
+                    &method_cpu(kind),
+                );
+            }
+        }
+    }
+    let others = median(&mut others);
+    println!(
+        "(vs lb / vs direct: requests per second over the balancer's / the direct path's. CPU: \
+         wrk + the responders + ksoftirqd per answered request; minus direct: what the middlebox \
+         adds, and that as a multiple of what the balancer adds; CPUs used: by wrk and by the \
+         responders, each with the softirq work (every hop's) that ran in its context. wrk, the responders and every \
+         hop's softirq work share the machine's {ncpu:.0} CPUs, so a rate is the whole machine's, \
+         not the balancer's capacity. Other work took a median {others:.2} CPUs during the \
+         runs{}. The HTTP runs took {:.0} s.)",
+        if others > 0.25 {
+            ": figures are noisier for it"
+        } else {
+            ""
+        },
+        started.elapsed().as_secs_f64()
+    );
+    report.figure(
+        "http: other load on the machine during the runs",
+        others,
+        "CPUs",
+        None,
+        "/proc/stat busy time minus wrk's, the benchmark process's and ksoftirqd's, median over \
+         runs",
+    );
 }

@@ -72,6 +72,12 @@ impl Host {
         // Packets leave through the interface they came in on: no ICMP redirect for each.
         netns::sysctl(ns, "net.ipv4.conf.all.send_redirects", "0");
         netns::sysctl(ns, "net.ipv4.conf.eth0.send_redirects", "0");
+        self.neighbours(neighbours);
+    }
+
+    /// Permanent neighbour entries (address, MAC) on eth0.
+    pub fn neighbours(&self, neighbours: &[(Ipv4Addr, String)]) {
+        let ns = self.ns.as_str();
         for (addr, mac) in neighbours {
             netns::ip(&[
                 "-n",
@@ -89,14 +95,17 @@ impl Host {
         }
     }
 
-    /// A NAT host: nftables DNAT of `vip:port/udp` to `backends`, the way kube-proxy's nftables
-    /// mode does it (a random endpoint for each new connection; conntrack keeps the rest of the
-    /// flow on it), and IPv4 forwarding. `backends` are (address, MAC).
+    /// A NAT host: nftables DNAT of `vip:port/udp`, and of `http` (address, port) over TCP, to
+    /// `backends` (same port), the way kube-proxy's nftables mode does it (a random endpoint
+    /// for each new connection; conntrack keeps the rest of the flow on it), and IPv4
+    /// forwarding. `backends` are (address, MAC). The backends' answers to a TCP client must
+    /// be routed back through this host, which undoes the DNAT.
     pub fn nat(
         tb: &Testbed,
         ip: Ipv4Addr,
         vip: Ipv4Addr,
         port: u16,
+        http: (Ipv4Addr, u16),
         backends: &[(Ipv4Addr, String)],
     ) -> Host {
         let host = Host::add(tb, "nat", ip);
@@ -107,15 +116,17 @@ impl Host {
             .enumerate()
             .map(|(i, (addr, _))| format!("{i} : {addr}"))
             .collect();
+        let (http_addr, http_port) = http;
         let rules = format!(
             "table ip lbbench {{\n\
              \tchain prerouting {{\n\
              \t\ttype nat hook prerouting priority dstnat; policy accept;\n\
-             \t\tip daddr {vip} udp dport {port} dnat to numgen random mod {} map {{ {} }}\n\
+             \t\tip daddr {vip} udp dport {port} dnat to numgen random mod {n} map {{ {map} }}\n\
+             \t\tip daddr {http_addr} tcp dport {http_port} dnat to numgen random mod {n} map {{ {map} }}\n\
              \t}}\n\
              }}\n",
-            backends.len(),
-            map.join(", ")
+            n = backends.len(),
+            map = map.join(", ")
         );
         let file = tb.dir.join("nat.nft");
         std::fs::write(&file, &rules).unwrap_or_else(|e| panic!("{}: {e}", file.display()));

@@ -94,3 +94,16 @@ fn thread_clock(clock: libc::clockid_t) -> Option<Duration> {
     }
     Some(Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32))
 }
+
+/// CPU time (user + system) of this process (`libc::RUSAGE_SELF`: all its threads, with the
+/// softirq work done in their context) or of its reaped children (`libc::RUSAGE_CHILDREN`).
+pub fn rusage(who: libc::c_int) -> Duration {
+    // SAFETY: a zeroed rusage is a valid out-buffer; getrusage only writes it.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: out-pointer to a local.
+    if unsafe { libc::getrusage(who, &mut ru) } != 0 {
+        return Duration::ZERO;
+    }
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, (t.tv_usec as u32) * 1000);
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}
