@@ -4,8 +4,9 @@
 //! The responders are one tokio runtime in the benchmark's own process with a listener in
 //! every backend's namespace (a socket stays in the namespace it was made in, whichever
 //! thread then serves it). The test bed's own servers (`tests/common/http.rs`) start a thread
-//! per connection and poll their listener every 5 ms: made for correctness, not rates (wrk
-//! measured them far below these, see `docs/PERFORMANCE.md`).
+//! per connection and poll their listener every 5 ms: made for correctness, not rates (with
+//! `Connection: close` they answered about half as many requests as these; see
+//! `docs/PERFORMANCE.md`).
 
 use std::net::SocketAddr;
 use std::path::Path;
