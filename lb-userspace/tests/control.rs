@@ -11,8 +11,6 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use aya::{TestRun as _, TestRunOptions};
-use lb_common::names;
 use lb_userspace::{
     api::{
         CheckKind, Forward, HealthCheck, Request, Response, Scheduler, ServiceAddr, Status,
@@ -22,19 +20,13 @@ use lb_userspace::{
     dataplane::{Dataplane, Sizing},
     neighbour::parse_mac,
 };
-use packet::Frame;
+use packet::{Frame, backend_mac, through_balancer};
 
-const XDP_TX: u32 = 3;
-const XDP_DROP: u32 = 1;
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 10);
 const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 1);
 
 fn backend_ip(n: u8) -> IpAddr {
     IpAddr::V4(Ipv4Addr::new(10, 99, 0, 10 + n))
-}
-
-fn backend_mac(n: u8) -> [u8; 6] {
-    [0x02, 0xbe, 0, 0, 0, n]
 }
 
 /// Records the probes the control loop starts; the test plays their results.
@@ -553,27 +545,9 @@ impl Bed {
     /// Sends one packet of flow `sport` with TCP `flags`.
     fn send_flags(&mut self, sport: u16, flags: u8) -> Option<u8> {
         let frame = Frame::tcp(CLIENT, sport, VIP, 80).tcp_flags(flags).build();
-        let mut out = vec![0u8; frame.len()];
-        let prog = self
-            .control
-            .dataplane()
-            .program(names::PROG_BALANCER)
-            .unwrap();
-        let r = prog
-            .test_run(TestRunOptions {
-                data_in: Some(&frame),
-                data_out: Some(&mut out),
-                ..TestRunOptions::default()
-            })
-            .unwrap();
-        match r.return_value {
-            XDP_TX => Some(
-                (1..=9)
-                    .find(|n| out[0..6] == backend_mac(*n))
-                    .expect("a backend MAC"),
-            ),
-            XDP_DROP => None,
-            v => panic!("verdict {v}"),
+        match through_balancer(self.control.dataplane(), &frame) {
+            Some(0) => panic!("passed to the kernel"),
+            other => other,
         }
     }
 

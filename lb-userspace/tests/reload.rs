@@ -14,8 +14,6 @@ use std::{
     time::Duration,
 };
 
-use aya::{TestRun as _, TestRunOptions};
-use lb_common::names;
 use lb_userspace::{
     api::{HealthCheck, Request, Response, ServiceAddr, Status},
     daemon::{
@@ -24,21 +22,14 @@ use lb_userspace::{
     },
     dataplane::{Dataplane, Sizing},
 };
-use packet::Frame;
+use packet::{Frame, backend_mac, through_balancer};
 
-const XDP_TX: u32 = 3;
-const XDP_DROP: u32 = 1;
-const XDP_PASS: u32 = 2;
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 10);
 const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 1);
 const SERVICE: &str = "10.200.0.10:80/tcp";
 
 fn backend_ip(n: u8) -> Ipv4Addr {
     Ipv4Addr::new(10, 99, 0, 10 + n)
-}
-
-fn backend_mac(n: u8) -> [u8; 6] {
-    [0x02, 0xbe, 0, 0, 0, n]
 }
 
 /// Records the probes running now, with their settings; the test plays their results.
@@ -194,29 +185,7 @@ impl Bed {
     /// `None` if dropped, `Some(0)` if passed to the kernel (no such service).
     fn send_to(&mut self, vip: Ipv4Addr, port: u16, sport: u16) -> Option<u8> {
         let frame = Frame::tcp(CLIENT, sport, vip, port).build();
-        let mut out = vec![0u8; frame.len()];
-        let prog = self
-            .control
-            .dataplane()
-            .program(names::PROG_BALANCER)
-            .unwrap();
-        let r = prog
-            .test_run(TestRunOptions {
-                data_in: Some(&frame),
-                data_out: Some(&mut out),
-                ..TestRunOptions::default()
-            })
-            .unwrap();
-        match r.return_value {
-            XDP_TX => Some(
-                (1..=9)
-                    .find(|n| out[0..6] == backend_mac(*n))
-                    .expect("a backend MAC"),
-            ),
-            XDP_DROP => None,
-            XDP_PASS => Some(0),
-            v => panic!("verdict {v}"),
-        }
+        through_balancer(self.control.dataplane(), &frame)
     }
 
     fn send(&mut self, sport: u16) -> Option<u8> {

@@ -239,3 +239,35 @@ impl Frame6 {
         f
     }
 }
+
+/// The MAC the control-level tests give backend number `n` (in the neighbour table).
+pub fn backend_mac(n: u8) -> [u8; 6] {
+    [0x02, 0xbe, 0, 0, 0, n]
+}
+
+/// Runs `frame` through the loaded balancer once: `Some(n)` when it went to backend number `n`
+/// (by `backend_mac`), `None` when dropped, `Some(0)` when passed to the kernel.
+pub fn through_balancer(dp: &mut lb_userspace::dataplane::Dataplane, frame: &[u8]) -> Option<u8> {
+    use aya::TestRun as _;
+    let mut out = vec![0u8; frame.len()];
+    let prog = dp
+        .program(lb_common::names::PROG_BALANCER)
+        .expect("the balancer loads");
+    let r = prog
+        .test_run(aya::TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            ..aya::TestRunOptions::default()
+        })
+        .expect("BPF_PROG_TEST_RUN");
+    match r.return_value {
+        3 => Some(
+            (1..=9)
+                .find(|n| out[0..6] == backend_mac(*n))
+                .expect("a backend MAC"),
+        ),
+        1 => None,
+        2 => Some(0),
+        v => panic!("verdict {v}"),
+    }
+}
