@@ -17,10 +17,9 @@ use lb_userspace::{
         StatusRange,
     },
     daemon::{Control, ProbeKey, Prober},
-    dataplane::{Dataplane, Sizing},
     neighbour::parse_mac,
 };
-use packet::{Frame, backend_mac, through_balancer};
+use packet::{Frame, backend_mac, small_dataplane, through_balancer};
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 10);
 const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 1);
@@ -82,15 +81,7 @@ impl Bed {
         for n in 1..=with_mac {
             add_neighbour(n);
         }
-        let dp = Dataplane::load(
-            Sizing {
-                max_services: 4,
-                max_backends: 16,
-                conntrack_size: 4096,
-            },
-            false,
-        )
-        .expect("load");
+        let dp = small_dataplane();
         let probes = FakeProber::default();
         let mut control = Control::new(dp, "lbc0".into(), probes.clone());
         let service: ServiceAddr = format!("{VIP}:80/tcp").parse().unwrap();

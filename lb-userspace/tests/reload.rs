@@ -22,7 +22,7 @@ use lb_userspace::{
     },
     dataplane::{Dataplane, Sizing},
 };
-use packet::{Frame, backend_mac, through_balancer};
+use packet::{Frame, backend_mac, small_dataplane, through_balancer};
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 10);
 const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 1);
@@ -111,15 +111,7 @@ impl Bed {
                 backend_ip(n)
             ));
         }
-        let dp = Dataplane::load(
-            Sizing {
-                max_services: 4,
-                max_backends: 16,
-                conntrack_size: 4096,
-            },
-            false,
-        )
-        .expect("load");
+        let dp = small_dataplane();
         let probes = FakeProber::default();
         let mut control = Control::new(dp, "lbc0".into(), probes.clone());
         let dir = std::env::temp_dir().join(format!("lb-reload-{}-{name}", std::process::id()));

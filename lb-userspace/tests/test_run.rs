@@ -75,6 +75,18 @@ impl Harness {
     }
 
     fn service_sched(&mut self, id: u32, ring: u32, port: u16, proto: u8, ids: &[u32], sched: u8) {
+        let key = ServiceKey::V4(ServiceKeyV4 {
+            addr: u32::from_ne_bytes(VIP.octets()),
+            port: port.to_be(),
+            proto,
+            _pad: 0,
+        });
+        self.install(key, id, ring, ids, sched);
+    }
+
+    /// Writes ring table `ring` filled round-robin with `ids` (empty: no backend) and points
+    /// service `key` (id `id`) at it.
+    fn install(&mut self, key: ServiceKey, id: u32, ring: u32, ids: &[u32], sched: u8) {
         let table: Vec<u32> = (0..RING_SIZE as usize)
             .map(|i| {
                 if ids.is_empty() {
@@ -85,23 +97,14 @@ impl Harness {
             })
             .collect();
         self.dp.write_ring(ring, &table).unwrap();
-        self.dp
-            .set_service(
-                ServiceKey::V4(ServiceKeyV4 {
-                    addr: u32::from_ne_bytes(VIP.octets()),
-                    port: port.to_be(),
-                    proto,
-                    _pad: 0,
-                }),
-                Service {
-                    id,
-                    ring,
-                    forward: lb_common::FORWARD_DSR,
-                    scheduler: sched,
-                    _pad: [0; 2],
-                },
-            )
-            .unwrap();
+        let service = Service {
+            id,
+            ring,
+            forward: lb_common::FORWARD_DSR,
+            scheduler: sched,
+            _pad: [0; 2],
+        };
+        self.dp.set_service(key, service).unwrap();
     }
 
     fn run(&mut self, frame: &[u8]) -> (u32, Vec<u8>) {
@@ -546,27 +549,13 @@ const CLIENT6: std::net::Ipv6Addr = std::net::Ipv6Addr::new(0xfd00, 0x99, 0, 0, 
 impl Harness {
     /// An IPv6 service on VIP6:port/proto using ring table `ring` filled with `ids`.
     fn service6(&mut self, id: u32, ring: u32, port: u16, proto: u8, ids: &[u32]) {
-        let table: Vec<u32> = (0..RING_SIZE as usize)
-            .map(|i| ids[i % ids.len()])
-            .collect();
-        self.dp.write_ring(ring, &table).unwrap();
-        self.dp
-            .set_service(
-                ServiceKey::V6(lb_common::ServiceKeyV6 {
-                    addr: ipv6_words(&VIP6),
-                    port: port.to_be(),
-                    proto,
-                    _pad: 0,
-                }),
-                Service {
-                    id,
-                    ring,
-                    forward: lb_common::FORWARD_DSR,
-                    scheduler: lb_common::SCHED_MAGLEV,
-                    _pad: [0; 2],
-                },
-            )
-            .unwrap();
+        let key = ServiceKey::V6(lb_common::ServiceKeyV6 {
+            addr: ipv6_words(&VIP6),
+            port: port.to_be(),
+            proto,
+            _pad: 0,
+        });
+        self.install(key, id, ring, ids, lb_common::SCHED_MAGLEV);
     }
 }
 

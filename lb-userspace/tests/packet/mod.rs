@@ -1,4 +1,5 @@
-//! A small typed builder for the Ethernet/IPv4/TCP/UDP frames the test_run tests feed in.
+//! A small typed builder for the Ethernet/IPv4/IPv6/TCP/UDP frames the tests feed to the
+//! loaded program, and helpers to load the balancer small and run a frame through it.
 #![allow(
     dead_code,
     reason = "each test crate that includes this module uses part of it"
@@ -238,6 +239,20 @@ impl Frame6 {
         f.extend_from_slice(payload);
         f
     }
+}
+
+/// A balancer with small maps, loaded but not attached, for tests that drive it through
+/// `BPF_PROG_TEST_RUN`.
+pub fn small_dataplane() -> lb_userspace::dataplane::Dataplane {
+    lb_userspace::dataplane::Dataplane::load(
+        lb_userspace::dataplane::Sizing {
+            max_services: 4,
+            max_backends: 16,
+            conntrack_size: 4096,
+        },
+        false,
+    )
+    .expect("load the XDP object")
 }
 
 /// The MAC the control-level tests give backend number `n` (in the neighbour table).
