@@ -69,6 +69,13 @@ pub mod names {
     pub const RR_CURSORS: &str = "RR_CURSORS";
     pub const LC_LISTS: &str = "LC_LISTS";
     pub const CLOCK: &str = "CLOCK";
+    pub const CONFIG: &str = "CONFIG";
+    pub const NAT_FLOWS: &str = "NAT_FLOWS";
+    pub const NAT_FLOWS_V6: &str = "NAT_FLOWS_V6";
+    pub const NAT_REPLIES: &str = "NAT_REPLIES";
+    pub const NAT_REPLIES_V6: &str = "NAT_REPLIES_V6";
+    /// Devmap of the interfaces the balancer is attached to, keyed by ifindex (XDP_REDIRECT).
+    pub const TX_PORTS: &str = "TX_PORTS";
     /// Read-only global: non-zero turns on per-packet aya-log diagnostics.
     pub const GLOBAL_DEBUG: &str = "LB_DEBUG";
 }
@@ -105,7 +112,24 @@ pub struct ServiceKeyV6 {
 }
 
 /// Forwarding modes (`Service::forward`).
+/// L2 direct server return: only the Ethernet addresses change.
 pub const FORWARD_DSR: u8 = 0;
+/// IP-in-IP to the backend (4in4, 6in6, 4in6, 6in4); the next hop comes from the kernel's FIB.
+pub const FORWARD_IPIP: u8 = 1;
+/// The same inner packet in UDP (GUE, header-less variant 1) to `DataplaneConfig::gue_port`.
+pub const FORWARD_GUE: u8 = 2;
+/// Destination NAT to the backend's address and port; the client's address is kept, so the
+/// backend's route back must go through the balancer, which reverses it (`NAT_REPLIES`).
+pub const FORWARD_NAT: u8 = 3;
+/// Destination and source NAT: the source becomes the balancer's SNAT address with a port from
+/// the pool, so backends need no route through the balancer.
+pub const FORWARD_FULLNAT: u8 = 4;
+
+/// `Service::flags`: fragments to this VIP and protocol are forwarded, every fragment of a
+/// datagram to the same backend (all packets of the service are placed by the client address,
+/// so the scheduler must be source-hash). The service map then also holds the service under
+/// port 0, the key a fragment without ports is looked up by.
+pub const SERVICE_F_FRAGMENTS: u8 = 1;
 
 /// Schedulers (`Service::scheduler`): how a new flow picks its backend.
 /// Weighted Maglev over the 5-tuple hash.
@@ -131,7 +155,9 @@ pub struct Service {
     pub forward: u8,
     /// One of the `SCHED_*` constants.
     pub scheduler: u8,
-    pub _pad: [u8; 2],
+    /// `SERVICE_F_*` bits.
+    pub flags: u8,
+    pub _pad: u8,
 }
 
 /// Most backends a least-connections service can have in its table: the program compares
@@ -151,7 +177,8 @@ pub struct LcList {
     pub weights: [u32; LC_MAX_BACKENDS as usize],
 }
 
-/// The backend may keep established flows (it exists, is healthy and its MAC is known).
+/// The backend may keep established flows (it exists, is healthy and, for L2 DSR, its MAC is
+/// known).
 /// Draining backends keep this flag; removed or failed ones lose it.
 pub const BACKEND_F_ALIVE: u8 = 1;
 
@@ -165,9 +192,9 @@ pub const AF_INET6: u8 = 10;
 pub struct Backend {
     /// Address, network order; IPv4 uses the first 4 bytes.
     pub addr: [u8; 16],
-    /// Next-hop MAC for L2 direct server return.
+    /// Next-hop MAC for L2 direct server return (unused by the routed modes).
     pub mac: [u8; 6],
-    /// Port, network order.
+    /// Port, network order: where NAT modes send the flow (the service port unless mapped).
     pub port: u16,
     /// Bumped each time the id is given to a new backend, so a connection-table entry made for
     /// an earlier holder of the id is recognised as stale.
@@ -212,7 +239,7 @@ pub struct FlowKeyV6 {
 }
 
 /// The flow has seen a TCP FIN or RST: it no longer counts as active.
-pub const FLOW_F_CLOSED: u32 = 1;
+pub const FLOW_F_CLOSED: u16 = 1;
 
 /// Value of the connection table: the backend a flow was given.
 #[repr(C)]
@@ -225,6 +252,78 @@ pub struct FlowState {
     /// tick.
     pub last_seen: u32,
     /// `FLOW_F_*` bits.
+    pub flags: u16,
+    /// fullnat: the SNAT source port the flow was given, network order (0 otherwise).
+    pub nat_port: u16,
+}
+
+/// Value of `NAT_REPLIES`, keyed by the 5-tuple of the backend's replies (source = backend
+/// address and port; destination = the client, or the SNAT address and port for fullnat):
+/// what to write back so the client sees the VIP. Addresses and ports in network order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NatReplyV4 {
+    pub client: u32,
+    pub vip: u32,
+    pub client_port: u16,
+    pub vip_port: u16,
+    /// Backend id and generation of the forward entry this one pairs with (the sweep removes
+    /// a reply entry whose forward entry has moved to another backend).
+    pub backend: u32,
+    pub generation: u32,
+    /// As `FlowState::last_seen`, for replies.
+    pub last_seen: u32,
+    /// `FLOW_F_CLOSED` once a reply carried FIN or RST.
+    pub flags: u16,
+    pub _pad: u16,
+}
+
+/// `NatReplyV4` for IPv6.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NatReplyV6 {
+    pub client: [u32; 4],
+    pub vip: [u32; 4],
+    pub client_port: u16,
+    pub vip_port: u16,
+    pub backend: u32,
+    pub generation: u32,
+    pub last_seen: u32,
+    pub flags: u16,
+    pub _pad: u16,
+}
+
+/// Default size of each NAT map (forward flows and replies, per family). Plain hash maps, not
+/// LRU: an entry still in use must never be evicted, or a connection would silently get a new
+/// port; the daemon expires idle and closed entries instead.
+pub const DEFAULT_NAT_SIZE: u32 = 1 << 18;
+
+/// `DataplaneConfig::flags`: some service uses nat or fullnat, so packets to no VIP are looked
+/// up in `NAT_REPLIES` (skipped otherwise: one hash lookup per passed packet saved).
+pub const CONFIG_F_NAT: u32 = 1;
+
+/// The single value of the `CONFIG` array: settings of the routed modes, written by the daemon.
+/// Addresses and ports network order unless said otherwise.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DataplaneConfig {
+    /// Outer IPv4 source of ipip/gue packets.
+    pub encap_src4: u32,
+    /// Outer IPv6 source of ipip/gue packets.
+    pub encap_src6: [u32; 4],
+    /// How many low bits of the outer source address come from the flow hash (0: the source
+    /// is fixed), so backends' RSS spreads flows over queues, as Katran does.
+    pub encap_src_hash_bits: u8,
+    pub _pad0: u8,
+    /// UDP destination port of GUE packets.
+    pub gue_port: u16,
+    /// fullnat's source addresses.
+    pub snat4: u32,
+    pub snat6: [u32; 4],
+    /// fullnat's source port pool, host order, inclusive.
+    pub snat_port_min: u16,
+    pub snat_port_max: u16,
+    /// `CONFIG_F_*` bits.
     pub flags: u32,
 }
 
@@ -262,12 +361,34 @@ pub enum Reason {
     DropMalformedL4 = 7,
     /// To a service that has no usable backend: dropped.
     DropNoBackend = 8,
-    /// A map lookup that cannot fail did (inconsistent maps): dropped.
+    /// A map lookup that cannot fail did (inconsistent maps), or a helper failed: dropped.
     DropInternal = 9,
+    /// Encapsulated or translated, but the next hop's MAC is not known yet or it is through an
+    /// interface the balancer is not attached to: passed to the kernel, which forwards it (and
+    /// resolves the neighbour for the next packets).
+    PassToKernel = 10,
+    /// The kernel's FIB has no route to the backend (or the client), or forwarding is off on
+    /// the interface: dropped.
+    DropNoRoute = 11,
+    /// Too big for the egress MTU once encapsulated: an ICMP "fragmentation needed" or ICMPv6
+    /// "packet too big" went back to the client instead.
+    IcmpTooBig = 12,
+    /// Too big once encapsulated and the IPv4 "don't fragment" bit is clear: dropped (the
+    /// balancer never fragments).
+    DropTooBig = 13,
+    /// An ICMP error about a packet sent from a VIP, forwarded to the backend owning the flow.
+    IcmpForwarded = 14,
+    /// An ICMP error about a VIP's packet whose flow the balancer does not know: passed.
+    PassIcmpNoFlow = 15,
+    /// A backend's reply in a nat/fullnat flow, translated back and sent to the client.
+    NatReply = 16,
+    /// No SNAT port free in the pool (or a nat flow's reply 5-tuple is held by another flow):
+    /// dropped, never sent with a wrong translation.
+    DropNatNoPort = 17,
 }
 
 impl Reason {
-    pub const COUNT: u32 = 10;
+    pub const COUNT: u32 = 18;
     /// Every reason in index order, with its name in metrics and `lb status`.
     pub const ALL: [(Reason, &'static str); Self::COUNT as usize] = [
         (Reason::Forwarded, "forwarded"),
@@ -280,6 +401,14 @@ impl Reason {
         (Reason::DropMalformedL4, "drop_malformed_l4"),
         (Reason::DropNoBackend, "drop_no_backend"),
         (Reason::DropInternal, "drop_internal"),
+        (Reason::PassToKernel, "pass_to_kernel"),
+        (Reason::DropNoRoute, "drop_no_route"),
+        (Reason::IcmpTooBig, "icmp_too_big"),
+        (Reason::DropTooBig, "drop_too_big"),
+        (Reason::IcmpForwarded, "icmp_forwarded"),
+        (Reason::PassIcmpNoFlow, "pass_icmp_no_flow"),
+        (Reason::NatReply, "nat_reply"),
+        (Reason::DropNatNoPort, "drop_nat_no_port"),
     ];
 }
 
@@ -407,6 +536,9 @@ mod pod {
     unsafe impl aya::Pod for super::RingChunk {}
     unsafe impl aya::Pod for super::LcList {}
     unsafe impl aya::Pod for super::DecapAddr {}
+    unsafe impl aya::Pod for super::NatReplyV4 {}
+    unsafe impl aya::Pod for super::NatReplyV6 {}
+    unsafe impl aya::Pod for super::DataplaneConfig {}
 }
 
 #[cfg(test)]
@@ -426,6 +558,9 @@ mod tests {
         assert_eq!(size_of::<Traffic>(), 24);
         assert_eq!(size_of::<RingChunk>(), 64);
         assert_eq!(size_of::<DecapAddr>(), 16);
+        assert_eq!(size_of::<NatReplyV4>(), 28);
+        assert_eq!(size_of::<NatReplyV6>(), 52);
+        assert_eq!(size_of::<DataplaneConfig>(), 52);
     }
 
     #[test]

@@ -22,7 +22,8 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use aya_log_ebpf::debug;
-use lb_common::{DecapReason, Reason, ServiceKeyV4, ServiceKeyV6};
+use forward::route::Sent;
+use lb_common::{DecapReason, FORWARD_DSR, Reason, ServiceKeyV4, ServiceKeyV6};
 use parse::L3;
 
 /// Set to non-zero by the loader (`lb daemon --debug-packets`) to log each forwarding decision.
@@ -31,15 +32,15 @@ use parse::L3;
 #[unsafe(no_mangle)]
 static LB_DEBUG: u32 = 0;
 
-/// The balancer: L2 direct server return for IPv4 TCP/UDP services.
+/// The balancer: TCP/UDP services on IPv4 and IPv6 VIPs, forwarded by each service's mode.
 #[xdp]
 pub fn lb_xdp(ctx: XdpContext) -> u32 {
-    let reason = match balance(&ctx) {
-        Ok(()) => Reason::Forwarded,
-        Err(reason) => reason,
-    };
+    let Sent { reason, action } = balance(&ctx).unwrap_or_else(|reason| Sent {
+        reason,
+        action: verdict(reason),
+    });
     stats::count_reason(reason);
-    verdict(reason)
+    action
 }
 
 /// Stands in for the wire on the far end of a veth: frames sent into a veth with XDP_TX are only
@@ -68,7 +69,7 @@ pub fn lb_hc_egress(ctx: TcContext) -> i32 {
 }
 
 #[inline(always)]
-fn balance(ctx: &XdpContext) -> Result<(), Reason> {
+fn balance(ctx: &XdpContext) -> Result<Sent, Reason> {
     // SAFETY (service lookups): the value is copied out at once; userspace replaces entries
     // whole.
     let (service, backend) = match parse::l2(ctx)? {
@@ -101,7 +102,16 @@ fn balance(ctx: &XdpContext) -> Result<(), Reason> {
             )
         }
     };
-    forward::dsr::rewrite(ctx, &backend.mac)?;
+    let sent = match service.forward {
+        FORWARD_DSR => {
+            forward::dsr::rewrite(ctx, &backend.mac)?;
+            Sent {
+                reason: Reason::Forwarded,
+                action: xdp_action::XDP_TX,
+            }
+        }
+        _ => return Err(Reason::DropInternal),
+    };
 
     let len = (ctx.data_end() - ctx.data()) as u64;
     stats::count_traffic(&maps::SERVICE_STATS, service.id, len, backend.placed);
@@ -116,13 +126,18 @@ fn balance(ctx: &XdpContext) -> Result<(), Reason> {
             u8::from(backend.placed)
         );
     }
-    Ok(())
+    Ok(sent)
 }
 
 #[inline(always)]
 fn verdict(reason: Reason) -> u32 {
     match reason {
-        Reason::Forwarded => xdp_action::XDP_TX,
+        // Sent packets carry their own action (`Sent`); these arms are for completeness.
+        Reason::Forwarded | Reason::IcmpTooBig | Reason::IcmpForwarded | Reason::NatReply => {
+            xdp_action::XDP_TX
+        }
+        Reason::PassToKernel | Reason::PassIcmpNoFlow => xdp_action::XDP_PASS,
+        Reason::DropNoRoute | Reason::DropTooBig | Reason::DropNatNoPort => xdp_action::XDP_DROP,
         Reason::PassNotIp
         | Reason::PassNotTcpUdp
         | Reason::PassNotVip

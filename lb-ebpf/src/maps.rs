@@ -4,12 +4,13 @@
 use aya_ebpf::{
     bindings::BPF_F_MMAPABLE,
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
 };
 use lb_common::{
     Backend, DECAP_MAX_ADDRS, DEFAULT_CONNTRACK_SIZE, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_SERVICES,
-    DecapAddr, DecapReason, FlowKeyV4, FlowKeyV6, FlowState, LcList, RING_CHUNKS, Reason,
-    RingChunk, Service, ServiceKeyV4, ServiceKeyV6, Traffic,
+    DEFAULT_NAT_SIZE, DataplaneConfig, DecapAddr, DecapReason, FlowKeyV4, FlowKeyV6, FlowState,
+    LcList, NatReplyV4, NatReplyV6, RING_CHUNKS, Reason, RingChunk, Service, ServiceKeyV4,
+    ServiceKeyV6, Traffic,
 };
 
 /// VIP:port/proto → service. One hash lookup per packet decides "is this ours".
@@ -66,6 +67,33 @@ pub static LC_LISTS: Array<LcList> = Array::with_max_entries(DEFAULT_MAX_SERVICE
 /// second: an inlined array read instead of a clock helper call on every packet.
 #[map]
 pub static CLOCK: Array<u32> = Array::with_max_entries(1, 0);
+
+/// Settings of the routed modes (encapsulation sources, GUE port, SNAT addresses and pool),
+/// one value written by the daemon.
+#[map]
+pub static CONFIG: Array<DataplaneConfig> = Array::with_max_entries(1, 0);
+
+/// nat/fullnat flows: client 5-tuple → backend and SNAT port. Not LRU (see `DEFAULT_NAT_SIZE`):
+/// the daemon removes closed and idle entries.
+#[map]
+pub static NAT_FLOWS: HashMap<FlowKeyV4, FlowState> =
+    HashMap::with_max_entries(DEFAULT_NAT_SIZE, 0);
+#[map]
+pub static NAT_FLOWS_V6: HashMap<FlowKeyV6, FlowState> =
+    HashMap::with_max_entries(DEFAULT_NAT_SIZE, 0);
+
+/// nat/fullnat replies: the backend's 5-tuple → the client and VIP to write back.
+#[map]
+pub static NAT_REPLIES: HashMap<FlowKeyV4, NatReplyV4> =
+    HashMap::with_max_entries(DEFAULT_NAT_SIZE, 0);
+#[map]
+pub static NAT_REPLIES_V6: HashMap<FlowKeyV6, NatReplyV6> =
+    HashMap::with_max_entries(DEFAULT_NAT_SIZE, 0);
+
+/// The interfaces the balancer is attached to, by ifindex: a packet whose next hop is through
+/// another of them leaves with XDP_REDIRECT (one through the ingress interface uses XDP_TX).
+#[map]
+pub static TX_PORTS: DevMapHash = DevMapHash::with_max_entries(64, 0);
 
 /// Per-CPU counters (written on every packet, so never shared between CPUs).
 #[map]

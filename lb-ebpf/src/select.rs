@@ -18,7 +18,9 @@ use crate::{
 };
 
 /// The chosen backend: its id (for counters) and its MAC (all DSR needs). Only these are
-/// copied out of the map, not the whole entry.
+/// copied out of the map, not the whole entry (the routed modes look the id up again; a
+/// reference to the entry kept in the `Result` was split by LLVM into 32-bit halves the
+/// verifier refuses).
 pub struct Chosen {
     pub id: u32,
     pub mac: [u8; 6],
@@ -99,6 +101,7 @@ pub fn backend_for<K: FlowKey>(
         generation: backend.generation,
         last_seen: now,
         flags: if closed { FLOW_F_CLOSED } else { 0 },
+        nat_port: 0,
     };
     // A failed insert only costs a new choice on the next packet, so it is not an error.
     if conntrack.insert(pkt.flow, state, 0).is_ok() && !closed {

@@ -188,7 +188,8 @@ fn balancer(services: u32, backends: u32, conntrack: u32) -> Dataplane {
                     ring: s,
                     forward: FORWARD_DSR,
                     scheduler: lb_common::SCHED_MAGLEV,
-                    _pad: [0; 2],
+                    flags: 0,
+                    _pad: 0,
                 },
             )
             .expect("service");

@@ -637,6 +637,7 @@ fn lookup_batch<K: aya::Pod>(map_fd: i32) -> std::io::Result<Vec<(K, FlowState)>
             generation: 0,
             last_seen: 0,
             flags: 0,
+            nat_port: 0,
         };
         CHUNK
     ];

@@ -102,7 +102,8 @@ impl Harness {
             ring,
             forward: lb_common::FORWARD_DSR,
             scheduler: sched,
-            _pad: [0; 2],
+            flags: 0,
+            _pad: 0,
         };
         self.dp.set_service(key, service).unwrap();
     }

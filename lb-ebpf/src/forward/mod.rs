@@ -1,2 +1,3 @@
-//! One module per forwarding mode.
+//! One module per forwarding mode, and the routing they share.
 pub mod dsr;
+pub mod route;

@@ -1182,7 +1182,8 @@ fn kernel_service(id: u32, ring: u32, scheduler: Scheduler) -> lb_common::Servic
         ring,
         forward: FORWARD_DSR,
         scheduler: scheduler.kernel(),
-        _pad: [0; 2],
+        flags: 0,
+        _pad: 0,
     }
 }
 
