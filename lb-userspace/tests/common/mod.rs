@@ -11,6 +11,16 @@
 //! rewrites MACs and sends SYNs and data back out the same port (L2 direct server return); the
 //! backends hold the VIP on `lo` and answer the client directly.
 //!
+//! Other layouts (`Layout`) put the backends on a second subnet, 10.98.0.0/24 (fd00:98::/64):
+//! behind a router namespace for the encapsulating modes (each backend runs `lb decap`), or
+//! reached by the balancer itself for NAT, through its one interface or a second one:
+//!
+//! ```text
+//!   Routed:     client, lb, rt(10.99.0.254) on br0;  rt(10.98.0.254), b1..bN on br1
+//!   NatOneArm:  client, lb(10.99.0.2 + 10.98.0.2), b1..bN on br0; backends route via lb
+//!   NatTwoArm:  client, lb eth0 on br0;  lb eth1 (10.98.0.2), b1..bN on br1
+//! ```
+//!
 //! Namespaces are called `lbt<pid>x<n>-<role>`, so tests run in parallel and a later run can
 //! sweep what a killed run left behind. Everything is removed on Drop, also when the test
 //! panics; the daemon's log is printed then.
@@ -21,6 +31,7 @@
 
 pub mod http;
 pub mod netns;
+pub mod sink;
 pub mod stream;
 pub mod udp;
 
@@ -46,10 +57,32 @@ pub const VIP: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 10);
 pub const VIP6: std::net::Ipv6Addr = std::net::Ipv6Addr::new(0xfd00, 0x200, 0, 0, 0, 0, 0, 0x10);
 pub const SERVICE6: &str = "[fd00:200::10]:80/tcp";
 
-/// The IPv6 address of the host whose IPv4 address is 10.99.0.N: fd00:99::N (hex digits of N).
+/// The IPv6 address of the host whose IPv4 address is 10.S.0.N: fd00:S::N, S's decimal digits
+/// read as hex (10.99.0.2 → fd00:99::2, 10.98.0.11 → fd00:98::b).
 pub fn v6_of(v4: Ipv4Addr) -> std::net::Ipv6Addr {
-    std::net::Ipv6Addr::new(0xfd00, 0x99, 0, 0, 0, 0, 0, u16::from(v4.octets()[3]))
+    let o = v4.octets();
+    let subnet = u16::from_str_radix(&o[1].to_string(), 16).expect("decimal digits are hex");
+    std::net::Ipv6Addr::new(0xfd00, subnet, 0, 0, 0, 0, 0, u16::from(o[3]))
 }
+
+/// Where the backends sit (see the module documentation).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Layout {
+    /// One segment with the client and the balancer (L2 DSR).
+    L2,
+    /// Another subnet behind a router; backends run `lb decap` (ipip, gue).
+    Routed,
+    /// Another subnet on the balancer's one interface; backends route through it (nat).
+    NatOneArm,
+    /// Another subnet on the balancer's second interface (nat, fullnat with two interfaces).
+    NatTwoArm,
+}
+
+/// The router of `Layout::Routed` on the client side, and the backends' gateway there.
+pub const ROUTER_IP: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 254);
+pub const ROUTER_BACK_IP: Ipv4Addr = Ipv4Addr::new(10, 98, 0, 254);
+/// The balancer's address on the backends' subnet (NAT layouts).
+pub const LB_BACK_IP: Ipv4Addr = Ipv4Addr::new(10, 98, 0, 2);
 pub const PORT: u16 = 80;
 /// The service every test balances.
 pub const SERVICE: &str = "10.200.0.10:80/tcp";
@@ -71,10 +104,21 @@ const DAEMON_READY: Duration = Duration::from_secs(30);
 static NEXT_ID: AtomicU32 = AtomicU32::new(0);
 static PREFLIGHT: Once = Once::new();
 
-/// The address of backend number `i` (1-based).
+/// The address of backend number `i` (1-based) on the client's segment (`Layout::L2`).
 pub fn backend_ip(i: usize) -> Ipv4Addr {
     let last = u8::try_from(10 + i).expect("at most 245 backends");
     Ipv4Addr::new(10, 99, 0, last)
+}
+
+/// The address of backend number `i` in `layout`.
+pub fn backend_ip_in(layout: Layout, i: usize) -> Ipv4Addr {
+    let ip = backend_ip(i);
+    if layout == Layout::L2 {
+        ip
+    } else {
+        let o = ip.octets();
+        Ipv4Addr::new(10, 98, 0, o[3])
+    }
 }
 
 pub fn vip_addr() -> SocketAddr {
@@ -133,9 +177,16 @@ pub struct TestbedBuilder {
     daemon_args: Vec<String>,
     pinned: bool,
     ipv6: bool,
+    layout: Layout,
 }
 
 impl TestbedBuilder {
+    /// Where the backends sit (`Layout::L2` by default).
+    pub fn layout(mut self, layout: Layout) -> Self {
+        self.layout = layout;
+        self
+    }
+
     /// Dual stack: every host also gets fd00:99::N/64, the backends hold VIP6 too, and the
     /// client routes fd00:200::/64 through the balancer.
     pub fn ipv6(mut self) -> Self {
@@ -197,6 +248,9 @@ impl TestbedBuilder {
             daemon_args: self.daemon_args,
             bpffs: None,
             ipv6: self.ipv6,
+            layout: self.layout,
+            decaps: Vec::new(),
+            wire2: None,
         };
         // Built in place: if any step panics, Drop removes what exists so far.
         if self.pinned {
@@ -232,6 +286,11 @@ pub struct Testbed {
     bpffs: Option<PathBuf>,
     /// Dual stack (see `TestbedBuilder::ipv6`).
     ipv6: bool,
+    pub layout: Layout,
+    /// `lb decap` on each backend (`Layout::Routed`).
+    decaps: Vec<Child>,
+    /// The wire program on the bridge port facing the balancer's second interface.
+    wire2: Option<Child>,
 }
 
 impl Testbed {
@@ -243,6 +302,7 @@ impl Testbed {
             daemon_args: Vec::new(),
             pinned: false,
             ipv6: false,
+            layout: Layout::L2,
         }
     }
 
@@ -309,25 +369,61 @@ impl Testbed {
     /// `port` (in namespace sw).
     fn add_host(&mut self, ns: &str, port: &str, addr: Ipv4Addr) {
         self.add_ns(ns);
+        self.add_link(ns, "eth0", port, "br0", addr);
+    }
+
+    /// Plugs `dev` = `addr`/24 of namespace `ns` into `bridge` (in namespace sw) through `port`.
+    fn add_link(&mut self, ns: &str, dev: &str, port: &str, bridge: &str, addr: Ipv4Addr) {
         let sw = self.sw.clone();
         netns::ip(&[
-            "-n", &sw, "link", "add", port, "type", "veth", "peer", "name", "eth0", "netns", ns,
+            "-n", &sw, "link", "add", port, "type", "veth", "peer", "name", dev, "netns", ns,
         ]);
-        netns::ip(&["-n", &sw, "link", "set", port, "master", "br0", "up"]);
+        netns::ip(&["-n", &sw, "link", "set", port, "master", bridge, "up"]);
+        self.add_addr(ns, dev, addr);
+        netns::ip(&["-n", ns, "link", "set", dev, "up"]);
+    }
+
+    /// `addr`/24 (and its IPv6 twin on a dual-stack testbed) on `dev`.
+    fn add_addr(&self, ns: &str, dev: &str, addr: Ipv4Addr) {
+        netns::ip(&["-n", ns, "addr", "add", &format!("{addr}/24"), "dev", dev]);
+        if self.ipv6 {
+            let v6 = format!("{}/64", v6_of(addr));
+            netns::ip(&["-n", ns, "-6", "addr", "add", &v6, "dev", dev, "nodad"]);
+        }
+    }
+
+    /// A default route via `gw` (both families on a dual-stack testbed).
+    fn default_via(&self, ns: &str, gw: Ipv4Addr) {
+        netns::ip(&["-n", ns, "route", "add", "default", "via", &gw.to_string()]);
+        if self.ipv6 {
+            let gw6 = v6_of(gw).to_string();
+            netns::ip(&["-n", ns, "-6", "route", "add", "default", "via", &gw6]);
+        }
+    }
+
+    /// A route to the backends' subnet via `gw`.
+    fn backends_via(&self, ns: &str, gw: Ipv4Addr) {
         netns::ip(&[
             "-n",
             ns,
-            "addr",
+            "route",
             "add",
-            &format!("{addr}/24"),
-            "dev",
-            "eth0",
+            "10.98.0.0/24",
+            "via",
+            &gw.to_string(),
         ]);
         if self.ipv6 {
-            let v6 = format!("{}/64", v6_of(addr));
-            netns::ip(&["-n", ns, "-6", "addr", "add", &v6, "dev", "eth0", "nodad"]);
+            let gw6 = v6_of(gw).to_string();
+            netns::ip(&["-n", ns, "-6", "route", "add", "fd00:98::/64", "via", &gw6]);
         }
-        netns::ip(&["-n", ns, "link", "set", "eth0", "up"]);
+    }
+
+    fn forwarding_on(ns: &str) {
+        netns::sysctl(ns, "net.ipv4.ip_forward", "1");
+        netns::sysctl(ns, "net.ipv6.conf.all.forwarding", "1");
+        for dev in ["all", "default"] {
+            netns::sysctl(ns, &format!("net.ipv4.conf.{dev}.rp_filter"), "0");
+        }
     }
 
     /// Partial TX checksums do not survive XDP_TX (ENVIRONMENT.md): hosts whose packets cross
@@ -373,23 +469,67 @@ impl Testbed {
 
         let lb = self.lb.clone();
         self.add_host(&lb, "plb", LB_IP);
+        // The client's segment is br0; the backends' is br0 too or br1 (see Layout).
+        let backend_bridge = match self.layout {
+            Layout::L2 | Layout::NatOneArm => "br0",
+            Layout::Routed | Layout::NatTwoArm => {
+                netns::ip(&["-n", &sw, "link", "add", "br1", "type", "bridge"]);
+                netns::ip(&["-n", &sw, "link", "set", "br1", "up"]);
+                "br1"
+            }
+        };
+        let gateway = match self.layout {
+            Layout::L2 => None,
+            Layout::Routed => {
+                let rt = format!("{}-rt", self.id);
+                self.add_host(&rt, "prt", ROUTER_IP);
+                self.add_link(&rt, "eth1", "prt1", "br1", ROUTER_BACK_IP);
+                Self::forwarding_on(&rt);
+                self.backends_via(&lb, ROUTER_IP);
+                Some(ROUTER_BACK_IP)
+            }
+            Layout::NatOneArm => {
+                self.add_addr(&lb, "eth0", LB_BACK_IP);
+                Some(LB_BACK_IP)
+            }
+            Layout::NatTwoArm => {
+                self.add_link(&lb, "eth1", "plb1", "br1", LB_BACK_IP);
+                Some(LB_BACK_IP)
+            }
+        };
+        if self.layout != Layout::L2 {
+            Self::forwarding_on(&lb);
+        }
 
         for i in 1..=backends {
             let name = format!("b{i}");
             let ns = format!("{}-{name}", self.id);
-            let ip = backend_ip(i);
-            self.add_host(&ns, &format!("p{name}"), ip);
+            let ip = backend_ip_in(self.layout, i);
+            self.add_ns(&ns);
+            self.add_link(&ns, "eth0", &format!("p{name}"), backend_bridge, ip);
             Self::tx_checksum_off(&ns);
-            netns::ip(&["-n", &ns, "addr", "add", &format!("{VIP}/32"), "dev", "lo"]);
-            if self.ipv6 {
-                let vip6 = format!("{VIP6}/128");
-                netns::ip(&["-n", &ns, "-6", "addr", "add", &vip6, "dev", "lo"]);
+            if let Some(gw) = gateway {
+                self.default_via(&ns, gw);
             }
-            // The usual DSR backend settings: never answer ARP for the VIP held on lo, and
-            // never use it as the source of ARP requests.
-            for dev in ["all", "eth0"] {
-                netns::sysctl(&ns, &format!("net.ipv4.conf.{dev}.arp_ignore"), "1");
-                netns::sysctl(&ns, &format!("net.ipv4.conf.{dev}.arp_announce"), "2");
+            if matches!(self.layout, Layout::L2 | Layout::Routed) {
+                netns::ip(&["-n", &ns, "addr", "add", &format!("{VIP}/32"), "dev", "lo"]);
+                if self.ipv6 {
+                    let vip6 = format!("{VIP6}/128");
+                    netns::ip(&["-n", &ns, "-6", "addr", "add", &vip6, "dev", "lo"]);
+                }
+                // The usual DSR backend settings: never answer ARP for the VIP held on lo,
+                // and never use it as the source of ARP requests.
+                for dev in ["all", "eth0"] {
+                    netns::sysctl(&ns, &format!("net.ipv4.conf.{dev}.arp_ignore"), "1");
+                    netns::sysctl(&ns, &format!("net.ipv4.conf.{dev}.arp_announce"), "2");
+                }
+            }
+            if self.layout == Layout::Routed {
+                // Decapsulated packets come in on eth0 from clients routed elsewhere.
+                for dev in ["all", "default", "eth0"] {
+                    netns::sysctl(&ns, &format!("net.ipv4.conf.{dev}.rp_filter"), "0");
+                }
+                self.start_decap(&ns);
             }
             let mut server = http::Server::new(&name, &ns, PORT);
             server.start();
@@ -400,6 +540,21 @@ impl Testbed {
                 server,
             });
         }
+    }
+
+    /// `lb decap --iface eth0` on a backend of `Layout::Routed`; waits until attached.
+    fn start_decap(&mut self, ns: &str) {
+        let log = self
+            .dir
+            .join(format!("decap-{}.log", self.decaps.len() + 1));
+        let child = Self::spawn_lb(ns, &["decap", "--iface", "eth0"], &log);
+        self.decaps.push(child);
+        let attached = wait_until(Duration::from_secs(15), || xdp_attached(ns, "eth0"));
+        assert!(
+            attached.is_some(),
+            "`lb decap` did not attach in {ns} within 15 s:\n{}",
+            netns::read_lossy(&log)
+        );
     }
 
     /// Starts `lb ARGS` inside namespace `ns` with its output in `log`. The child gets SIGTERM
@@ -436,6 +591,21 @@ impl Testbed {
     /// XDP_TX into a veth is only received when the peer runs an XDP program (ENVIRONMENT.md):
     /// a pass program on the bridge port facing the balancer stands in for the wire.
     fn start_wire(&mut self) {
+        if self.layout == Layout::NatTwoArm {
+            let sw = self.sw.clone();
+            let log = self.dir.join("wire2.log");
+            self.wire2 = Some(Self::spawn_lb(
+                &sw,
+                &["testbed-wire", "--iface", "plb1"],
+                &log,
+            ));
+            let attached = wait_until(Duration::from_secs(15), || xdp_attached(&sw, "plb1"));
+            assert!(
+                attached.is_some(),
+                "`lb testbed-wire` did not attach to plb1 within 15 s:\n{}",
+                netns::read_lossy(&log)
+            );
+        }
         let sw = self.sw.clone();
         let log = self.wire_log.clone();
         self.wire = Some(Self::spawn_lb(
@@ -465,6 +635,9 @@ impl Testbed {
         let lb = self.lb.clone();
         let api = self.api.to_string_lossy().into_owned();
         let mut args = vec!["--api", &api, "daemon", "--iface", "eth0"];
+        if self.layout == Layout::NatTwoArm {
+            args.extend(["--iface", "eth1"]);
+        }
         if let Some(mode) = &self.xdp_mode {
             args.extend(["--xdp-mode", mode]);
         }
@@ -569,18 +742,19 @@ impl Testbed {
 
     /// Adds [`SERVICE`] with the test health-check settings.
     pub fn add_service(&self) {
+        self.add_service_with(SERVICE, &["--scheduler", "maglev", "--forward", "dsr"]);
+    }
+
+    /// Adds `service` with the test health-check settings and `args` (mode, scheduler, ...).
+    pub fn add_service_with(&self, service: &str, args: &[&str]) {
         let interval = format!("{}ms", HC_INTERVAL.as_millis());
         let timeout = format!("{}ms", HC_TIMEOUT.as_millis());
         let rise = HC_RISE.to_string();
         let fall = HC_FALL.to_string();
-        self.lb_ok(&[
+        let mut all = vec![
             "service",
             "add",
-            SERVICE,
-            "--scheduler",
-            "maglev",
-            "--forward",
-            "dsr",
+            service,
             "--hc-interval",
             &interval,
             "--hc-timeout",
@@ -589,7 +763,9 @@ impl Testbed {
             &rise,
             "--hc-fall",
             &fall,
-        ]);
+        ];
+        all.extend_from_slice(args);
+        self.lb_ok(&all);
     }
 
     pub fn add_backend(&self, name: &str) {
@@ -753,10 +929,15 @@ impl Drop for Testbed {
                 Err(e) => eprintln!("testbed {}: stopping the daemon: {e}", self.id),
             }
         }
-        if let Some(w) = self.wire.take()
-            && let Err(e) = stop_child(w, Duration::from_secs(10))
-        {
-            eprintln!("testbed {}: stopping testbed-wire: {e}", self.id);
+        for w in self.wire.take().into_iter().chain(self.wire2.take()) {
+            if let Err(e) = stop_child(w, Duration::from_secs(10)) {
+                eprintln!("testbed {}: stopping testbed-wire: {e}", self.id);
+            }
+        }
+        for d in std::mem::take(&mut self.decaps) {
+            if let Err(e) = stop_child(d, Duration::from_secs(10)) {
+                eprintln!("testbed {}: stopping lb decap: {e}", self.id);
+            }
         }
         for ns in self.namespaces.iter().rev() {
             netns::netns_del(ns);
