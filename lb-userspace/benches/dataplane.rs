@@ -143,6 +143,7 @@ fn balancer(services: u32, backends: u32, conntrack: u32) -> Dataplane {
             max_services: 2 * services,
             max_backends: services * backends,
             conntrack_size: conntrack,
+            nat_size: 1 << 16,
         },
         false,
     )
@@ -437,6 +438,7 @@ fn control_plane_costs(report: &mut Report, quick: bool) {
             max_services: services,
             max_backends: services * 10,
             conntrack_size: 1 << 16,
+            nat_size: 1 << 16,
         },
         false,
     )
@@ -450,6 +452,7 @@ fn control_plane_costs(report: &mut Report, quick: bool) {
             scheduler: Scheduler::Maglev,
             forward: Forward::Dsr,
             health: HealthCheck::default(),
+            fragments: false,
         });
         assert_eq!(ok, Response::Ok);
         for b in 0..10 {
@@ -458,6 +461,7 @@ fn control_plane_costs(report: &mut Report, quick: bool) {
                 service,
                 ip,
                 weight: 1,
+                port: None,
             });
             assert_eq!(ok, Response::Ok);
         }
@@ -517,6 +521,7 @@ fn failure_to_removal(backends: u32) -> f64 {
                 max_services: 1,
                 max_backends: backends,
                 conntrack_size: 1 << 16,
+                nat_size: 1 << 16,
             },
             false,
         )
@@ -530,6 +535,7 @@ fn failure_to_removal(backends: u32) -> f64 {
                 scheduler: Scheduler::Maglev,
                 forward: Forward::Dsr,
                 health: HealthCheck::default(),
+                fragments: false,
             }),
             Response::Ok
         );
@@ -539,6 +545,7 @@ fn failure_to_removal(backends: u32) -> f64 {
                 service,
                 ip,
                 weight: 1,
+                port: None,
             });
             assert_eq!(ok, Response::Ok);
         }

@@ -447,14 +447,174 @@ impl Scheduler {
 pub enum Forward {
     /// L2 direct server return: rewrite MACs; backends hold the VIP and answer clients directly.
     Dsr,
+    /// IP-in-IP to the backend, routed by the kernel's FIB; backends run `lb decap`, hold the
+    /// VIP and answer clients directly.
+    Ipip,
+    /// Like ipip, in UDP (GUE) so the backend's NIC spreads flows over its queues.
+    Gue,
+    /// Destination NAT to the backend (port mapping allowed); replies must route back through
+    /// the balancer, which reverses the translation.
+    Nat,
+    /// Destination and source NAT (the balancer's SNAT address and a port from its pool):
+    /// backends need nothing.
+    Fullnat,
 }
 
 impl Forward {
+    pub const ALL: [Forward; 5] = [
+        Forward::Dsr,
+        Forward::Ipip,
+        Forward::Gue,
+        Forward::Nat,
+        Forward::Fullnat,
+    ];
+
     pub fn name(self) -> &'static str {
         match self {
             Forward::Dsr => "dsr",
+            Forward::Ipip => "ipip",
+            Forward::Gue => "gue",
+            Forward::Nat => "nat",
+            Forward::Fullnat => "fullnat",
         }
     }
+
+    /// The `FORWARD_*` value the XDP program reads.
+    pub fn kernel(self) -> u8 {
+        match self {
+            Forward::Dsr => lb_common::FORWARD_DSR,
+            Forward::Ipip => lb_common::FORWARD_IPIP,
+            Forward::Gue => lb_common::FORWARD_GUE,
+            Forward::Nat => lb_common::FORWARD_NAT,
+            Forward::Fullnat => lb_common::FORWARD_FULLNAT,
+        }
+    }
+
+    /// The next hop comes from the kernel's FIB (every mode but L2 DSR), which needs
+    /// forwarding on the ingress interfaces.
+    pub fn routed(self) -> bool {
+        self != Forward::Dsr
+    }
+
+    /// Only the encapsulating modes carry a packet of one family inside the other; the rest
+    /// leave (dsr) or rewrite (nat, fullnat) the client's IP header, so a backend must be of
+    /// the VIP's family.
+    pub fn mixes_families(self) -> bool {
+        matches!(self, Forward::Ipip | Forward::Gue)
+    }
+
+    /// A backend may listen on another port than the service's (the NAT modes rewrite it).
+    pub fn maps_ports(self) -> bool {
+        matches!(self, Forward::Nat | Forward::Fullnat)
+    }
+
+    /// Only L2 DSR needs the backend's MAC (the routed modes take the next hop's from the FIB).
+    pub fn needs_mac(self) -> bool {
+        self == Forward::Dsr
+    }
+
+    /// NAT state is kept for the service's flows (`CONFIG_F_NAT`).
+    pub fn nat(self) -> bool {
+        self.maps_ports()
+    }
+}
+
+/// Why a service cannot forward fragments (`--fragments`), or `Ok`.
+pub fn check_fragments(scheduler: Scheduler, forward: Forward) -> Result<(), String> {
+    if scheduler != Scheduler::SourceHash {
+        return Err(format!(
+            "--fragments needs --scheduler source-hash (every fragment of a client goes to one \
+             backend), not {}",
+            scheduler.name()
+        ));
+    }
+    if forward.maps_ports() {
+        return Err(format!(
+            "--fragments works with forward dsr, ipip or gue, not {} (fragments carry no ports \
+             to translate)",
+            forward.name()
+        ));
+    }
+    Ok(())
+}
+
+/// Why `ip` cannot be a backend of `service` forwarded with `forward`, or `Ok`.
+pub fn check_backend_family(
+    service: &ServiceAddr,
+    forward: Forward,
+    ip: IpAddr,
+) -> Result<(), String> {
+    if ip.is_ipv4() != service.vip.is_ipv4() && !forward.mixes_families() {
+        return Err(format!(
+            "backend {ip}: forwarding mode {} needs a backend of the VIP's address family \
+             (ipip and gue allow either)",
+            forward.name()
+        ));
+    }
+    Ok(())
+}
+
+/// Why a backend of a `forward` service cannot listen on `port` (`Some` when it differs from
+/// the service port), or `Ok`.
+pub fn check_backend_port(
+    service: &ServiceAddr,
+    forward: Forward,
+    ip: IpAddr,
+    port: Option<u16>,
+) -> Result<(), String> {
+    match port {
+        Some(0) => Err(format!("backend {ip}: port 0 is not a port")),
+        Some(port) if port != service.port && !forward.maps_ports() => Err(format!(
+            "backend {ip} port {port} differs from the service port {}: with {} forwarding a \
+             backend serves the VIP on the service's own port (only nat and fullnat map ports)",
+            service.port,
+            forward.name()
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// A backend as `lb backend add` takes it: `IP`, `IP:PORT` or `[IPv6]:PORT`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BackendTarget {
+    pub ip: IpAddr,
+    /// The port it listens on, if given (nat and fullnat only, when it is not the service's).
+    pub port: Option<u16>,
+}
+
+impl FromStr for BackendTarget {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if let Ok(ip) = s.parse::<IpAddr>() {
+            return Ok(BackendTarget { ip, port: None });
+        }
+        match s.parse::<std::net::SocketAddr>() {
+            Ok(sock) if sock.port() == 0 => Err(format!("'{s}': port 0 is not a port")),
+            Ok(sock) => Ok(BackendTarget {
+                ip: sock.ip(),
+                port: Some(sock.port()),
+            }),
+            Err(_) => Err(format!(
+                "'{s}' is not an IP address, IP:PORT or [IPv6]:PORT"
+            )),
+        }
+    }
+}
+
+/// `MIN-MAX`, an inclusive range of ports with MIN <= MAX, neither 0 (`--snat-ports`).
+pub fn parse_port_range(s: &str) -> Result<(u16, u16), String> {
+    let bad = || format!("'{s}' is not a port range MIN-MAX (for example 40000-59999)");
+    let (low, high) = s.split_once('-').ok_or_else(bad)?;
+    let low: u16 = low.trim().parse().map_err(|_| bad())?;
+    let high: u16 = high.trim().parse().map_err(|_| bad())?;
+    if low == 0 {
+        return Err(format!("port range {s}: port 0 is not a port"));
+    }
+    if low > high {
+        return Err(format!("port range {s} is empty (write the low port first)"));
+    }
+    Ok((low, high))
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -465,6 +625,9 @@ pub enum Request {
         scheduler: Scheduler,
         forward: Forward,
         health: HealthCheck,
+        /// Forward fragments (`SERVICE_F_FRAGMENTS`; absent in JSON: off).
+        #[serde(default)]
+        fragments: bool,
     },
     ServiceDel {
         service: ServiceAddr,
@@ -473,6 +636,9 @@ pub enum Request {
         service: ServiceAddr,
         ip: IpAddr,
         weight: u32,
+        /// The port the backend listens on when it is not the service's (nat, fullnat).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        port: Option<u16>,
     },
     BackendDel {
         service: ServiceAddr,
@@ -529,6 +695,9 @@ pub struct ServiceStatus {
     pub service: String,
     pub forward: Forward,
     pub scheduler: Scheduler,
+    /// Fragments are forwarded (`--fragments`).
+    #[serde(default)]
+    pub fragments: bool,
     pub health_check: HealthCheck,
     pub packets: u64,
     pub bytes: u64,
@@ -556,7 +725,7 @@ pub enum BackendState {
     /// Drain finished (its last flow ended or the timeout passed): out of service until its
     /// health checks fail and pass again (a redeploy) or it is deleted.
     Drained,
-    /// Not usable yet or any more (health down or unknown, or MAC not resolved).
+    /// Not usable yet or any more (health down or unknown, or, for dsr, MAC not resolved).
     Down,
 }
 
@@ -584,6 +753,9 @@ impl Health {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BackendStatus {
     pub ip: IpAddr,
+    /// The port traffic is sent to: the service's, or the backend's own with nat/fullnat.
+    #[serde(default)]
+    pub port: u16,
     pub weight: u32,
     pub state: BackendState,
     pub health: Health,
@@ -647,10 +819,144 @@ mod tests {
             service: "10.0.0.10:80/tcp".parse().unwrap(),
             ip: "10.0.0.2".parse().unwrap(),
             weight: 3,
+            port: None,
         };
         let json = serde_json::to_string(&r).unwrap();
         assert!(json.contains(r#""op":"backend-add""#), "{json}");
         assert_eq!(serde_json::from_str::<Request>(&json).unwrap(), r);
+    }
+
+    #[test]
+    fn forwarding_modes_have_their_names_and_kernel_values() {
+        let names: Vec<&str> = Forward::ALL.iter().map(|f| f.name()).collect();
+        assert_eq!(names, ["dsr", "ipip", "gue", "nat", "fullnat"]);
+        for f in Forward::ALL {
+            // The JSON and TOML spelling is the name.
+            assert_eq!(
+                serde_json::to_value(f).unwrap(),
+                serde_json::json!(f.name())
+            );
+            assert_eq!(
+                serde_json::from_value::<Forward>(serde_json::json!(f.name())).unwrap(),
+                f
+            );
+        }
+        let kernel: Vec<u8> = Forward::ALL.iter().map(|f| f.kernel()).collect();
+        assert_eq!(
+            kernel,
+            [
+                lb_common::FORWARD_DSR,
+                lb_common::FORWARD_IPIP,
+                lb_common::FORWARD_GUE,
+                lb_common::FORWARD_NAT,
+                lb_common::FORWARD_FULLNAT
+            ]
+        );
+        assert!(!Forward::Dsr.routed() && Forward::ALL[1..].iter().all(|f| f.routed()));
+        assert!(Forward::Dsr.needs_mac() && Forward::ALL[1..].iter().all(|f| !f.needs_mac()));
+        // Older requests without the new fields still parse.
+        let old = r#"{"op":"backend-add","service":{"vip":"10.0.0.10","port":80,"proto":"tcp"},
+            "ip":"10.0.0.2","weight":1}"#;
+        assert!(matches!(
+            serde_json::from_str::<Request>(old).unwrap(),
+            Request::BackendAdd { port: None, .. }
+        ));
+    }
+
+    #[test]
+    fn family_rules_allow_mixes_only_for_encapsulation() {
+        let v4: ServiceAddr = "10.0.0.10:80/tcp".parse().unwrap();
+        let v6: ServiceAddr = "[2001:db8::1]:80/tcp".parse().unwrap();
+        let (ip4, ip6): (IpAddr, IpAddr) =
+            ("10.0.0.2".parse().unwrap(), "2001:db8::2".parse().unwrap());
+        for f in Forward::ALL {
+            assert_eq!(check_backend_family(&v4, f, ip4), Ok(()));
+            assert_eq!(check_backend_family(&v6, f, ip6), Ok(()));
+            let mixed = [check_backend_family(&v4, f, ip6), check_backend_family(&v6, f, ip4)];
+            if matches!(f, Forward::Ipip | Forward::Gue) {
+                assert_eq!(mixed, [Ok(()), Ok(())], "{}", f.name());
+            } else {
+                for m in mixed {
+                    let e = m.unwrap_err();
+                    assert!(e.contains(&format!("forwarding mode {} needs", f.name())), "{e}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn backend_ports_are_only_mapped_by_nat_modes() {
+        let s: ServiceAddr = "10.0.0.10:80/tcp".parse().unwrap();
+        let ip: IpAddr = "10.0.0.2".parse().unwrap();
+        for f in Forward::ALL {
+            assert_eq!(check_backend_port(&s, f, ip, None), Ok(()));
+            assert_eq!(check_backend_port(&s, f, ip, Some(80)), Ok(()));
+            assert!(check_backend_port(&s, f, ip, Some(0)).is_err());
+            let mapped = check_backend_port(&s, f, ip, Some(8080));
+            if matches!(f, Forward::Nat | Forward::Fullnat) {
+                assert_eq!(mapped, Ok(()));
+            } else {
+                assert!(
+                    mapped.unwrap_err().contains("differs from the service port 80"),
+                    "{}",
+                    f.name()
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn backend_targets_parse_with_and_without_a_port() {
+        let t = |s: &str| s.parse::<BackendTarget>();
+        assert_eq!(
+            t("10.0.0.2"),
+            Ok(BackendTarget {
+                ip: "10.0.0.2".parse().unwrap(),
+                port: None
+            })
+        );
+        assert_eq!(
+            t("10.0.0.2:8080"),
+            Ok(BackendTarget {
+                ip: "10.0.0.2".parse().unwrap(),
+                port: Some(8080)
+            })
+        );
+        assert_eq!(
+            t("[2001:db8::2]:8080"),
+            Ok(BackendTarget {
+                ip: "2001:db8::2".parse().unwrap(),
+                port: Some(8080)
+            })
+        );
+        assert_eq!(t("2001:db8::2").unwrap().port, None);
+        for bad in ["10.0.0.2:0", "10.0.0.2:70000", "2001:db8::2:80x", "host:80", ""] {
+            assert!(t(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn fragments_need_source_hash_and_a_mode_without_ports() {
+        for f in [Forward::Dsr, Forward::Ipip, Forward::Gue] {
+            assert_eq!(check_fragments(Scheduler::SourceHash, f), Ok(()));
+            let e = check_fragments(Scheduler::Maglev, f).unwrap_err();
+            assert!(e.contains("needs --scheduler source-hash"), "{e}");
+        }
+        for f in [Forward::Nat, Forward::Fullnat] {
+            let e = check_fragments(Scheduler::SourceHash, f).unwrap_err();
+            assert!(e.contains(&format!("not {}", f.name())), "{e}");
+            assert!(!e.contains('\n'));
+        }
+    }
+
+    #[test]
+    fn snat_port_ranges_are_validated() {
+        assert_eq!(parse_port_range("40000-59999"), Ok((40000, 59999)));
+        assert_eq!(parse_port_range("1024-1024"), Ok((1024, 1024)));
+        assert_eq!(parse_port_range(" 1 - 65535 "), Ok((1, 65535)));
+        for bad in ["", "40000", "0-100", "200-100", "1-65536", "a-b", "1-2-3", "-5"] {
+            assert!(parse_port_range(bad).is_err(), "{bad:?} accepted");
+        }
     }
 
     #[test]

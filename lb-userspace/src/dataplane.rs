@@ -8,7 +8,7 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, IterableMap as _, MapData, PerCpuArray},
+    maps::{Array, DevMapHash, HashMap, IterableMap as _, MapData, PerCpuArray},
     programs::{
         SchedClassifier, TcAttachType, Xdp,
         links::{FdLink, PinnedLink},
@@ -16,7 +16,7 @@ use aya::{
     },
 };
 use lb_common::{
-    Backend, DecapAddr, DecapReason, FlowKeyV4, FlowKeyV6, FlowState, LcList, RING_CHUNK,
+    Backend, DataplaneConfig, DecapAddr, DecapReason, FlowKeyV4, FlowKeyV6, FlowState, LcList, RING_CHUNK,
     RING_CHUNKS, RING_SIZE, Reason, RingChunk, Service, ServiceKeyV4, ServiceKeyV6, Traffic, names,
 };
 
@@ -66,6 +66,8 @@ pub struct Sizing {
     pub max_services: u32,
     pub max_backends: u32,
     pub conntrack_size: u32,
+    /// Entries of each NAT map (forward flows and replies, per family).
+    pub nat_size: u32,
 }
 
 impl Default for Sizing {
@@ -74,6 +76,7 @@ impl Default for Sizing {
             max_services: lb_common::DEFAULT_MAX_SERVICES,
             max_backends: lb_common::DEFAULT_MAX_BACKENDS,
             conntrack_size: lb_common::DEFAULT_CONNTRACK_SIZE,
+            nat_size: lb_common::DEFAULT_NAT_SIZE,
         }
     }
 }
@@ -152,6 +155,10 @@ impl Dataplane {
             .map_max_entries(names::FLOW_COUNTS, sizing.max_backends)
             .map_max_entries(names::RR_CURSORS, sizing.max_services)
             .map_max_entries(names::LC_LISTS, sizing.ring_tables())
+            .map_max_entries(names::NAT_FLOWS, sizing.nat_size)
+            .map_max_entries(names::NAT_FLOWS_V6, sizing.nat_size)
+            .map_max_entries(names::NAT_REPLIES, sizing.nat_size)
+            .map_max_entries(names::NAT_REPLIES_V6, sizing.nat_size)
             .override_global(names::GLOBAL_DEBUG, &debug, true);
         let paths: Vec<(&'static str, PathBuf)> = pins
             .map(|p| PinDir::map_names().map(|n| (n, p.map_path(n))).collect())
@@ -214,7 +221,16 @@ impl Dataplane {
     /// interface without a program; otherwise it attaches to `iface` and pins the new link.
     /// Returns whether an existing link was taken over.
     pub fn attach_pinned(&mut self, iface: &str, mode: AttachMode, pins: &PinDir) -> Result<bool> {
-        let link_path = pins.link_path();
+        self.attach_pinned_at(iface, mode, &pins.link_path())
+    }
+
+    /// `attach_pinned` with the link pinned at `link_path` (one per interface).
+    pub fn attach_pinned_at(
+        &mut self,
+        iface: &str,
+        mode: AttachMode,
+        link_path: &std::path::Path,
+    ) -> Result<bool> {
         let link_err = |source: std::io::Error| DataplaneError::Io {
             what: "pinning the XDP link",
             name: "link",
@@ -222,7 +238,7 @@ impl Dataplane {
         };
         let prog = self.program(names::PROG_BALANCER)?;
         if link_path.exists() {
-            let pinned = PinnedLink::from_pin(&link_path)
+            let pinned = PinnedLink::from_pin(link_path)
                 .map_err(|e| link_err(std::io::Error::other(e.to_string())))?;
             let link = XdpLink::try_from(FdLink::from(pinned))
                 .map_err(|e| link_err(std::io::Error::other(e.to_string())))?;
@@ -243,7 +259,7 @@ impl Dataplane {
         let fd_link =
             FdLink::try_from(link).map_err(|e| link_err(std::io::Error::other(e.to_string())))?;
         fd_link
-            .pin(&link_path)
+            .pin(link_path)
             .map_err(|e| link_err(std::io::Error::other(e.to_string())))?;
         Ok(false)
     }
@@ -261,8 +277,11 @@ impl Dataplane {
             .ok_or(DataplaneError::MissingProgram(name))?
             .try_into()
             .map_err(|source| DataplaneError::Program { name, source })?;
-        prog.load()
-            .map_err(|source| DataplaneError::Program { name, source })?;
+        // Loaded once, attached to each interface.
+        if prog.fd().is_err() {
+            prog.load()
+                .map_err(|source| DataplaneError::Program { name, source })?;
+        }
         prog.attach(iface, TcAttachType::Egress)
             .map_err(|source| DataplaneError::Program { name, source })?;
         Ok(())
@@ -285,6 +304,15 @@ impl Dataplane {
             Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
             Err(source) => Err(DataplaneError::Map { name, source }),
         }
+    }
+
+    /// The value stored under a service key (tests and diagnostics).
+    pub fn service(&self, key: &ServiceKey) -> Result<Service> {
+        let (result, name) = match key {
+            ServiceKey::V4(k) => (self.services.get(k, 0), names::SERVICES),
+            ServiceKey::V6(k) => (self.services_v6.get(k, 0), names::SERVICES_V6),
+        };
+        result.map_err(|source| DataplaneError::Map { name, source })
     }
 
     pub fn backend(&self, id: u32) -> Result<Backend> {
@@ -349,6 +377,66 @@ impl Dataplane {
                 name: names::CLOCK,
                 source,
             })
+    }
+
+    /// Writes the routed modes' settings (the one value of `CONFIG`).
+    pub fn set_config(&mut self, config: &DataplaneConfig) -> Result<()> {
+        let name = names::CONFIG;
+        let map = self.ebpf.map_mut(name).ok_or(DataplaneError::MissingMap(name))?;
+        let mut array: Array<&mut MapData, DataplaneConfig> =
+            Array::try_from(map).map_err(|source| DataplaneError::Map { name, source })?;
+        array.set(0, *config, 0).map_err(|source| DataplaneError::Map { name, source })
+    }
+
+    /// The value of `CONFIG` (tests and diagnostics).
+    pub fn config(&self) -> Result<DataplaneConfig> {
+        let name = names::CONFIG;
+        let map = self.ebpf.map(name).ok_or(DataplaneError::MissingMap(name))?;
+        let array: Array<&MapData, DataplaneConfig> =
+            Array::try_from(map).map_err(|source| DataplaneError::Map { name, source })?;
+        array.get(&0, 0).map_err(|source| DataplaneError::Map { name, source })
+    }
+
+    /// Makes exactly `ifindexes` the interfaces packets may be redirected to (`TX_PORTS`, each
+    /// entry sending through its own interface).
+    pub fn set_tx_ports(&mut self, ifindexes: &[u32]) -> Result<()> {
+        let name = names::TX_PORTS;
+        let err = |e: &dyn std::fmt::Display| DataplaneError::Io {
+            what: "writing",
+            name,
+            source: std::io::Error::other(e.to_string()),
+        };
+        let map = self.ebpf.map_mut(name).ok_or(DataplaneError::MissingMap(name))?;
+        let mut ports: DevMapHash<&mut MapData> =
+            DevMapHash::try_from(map).map_err(|source| DataplaneError::Map { name, source })?;
+        let old: Vec<u32> = ports
+            .keys()
+            .collect::<std::result::Result<_, _>>()
+            .map_err(|e| err(&e))?;
+        for key in old.iter().filter(|k| !ifindexes.contains(k)) {
+            match ports.remove(*key) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(e) => return Err(err(&e)),
+            }
+        }
+        for &ifindex in ifindexes {
+            ports.insert(ifindex, ifindex, None, 0).map_err(|e| err(&e))?;
+        }
+        Ok(())
+    }
+
+    /// The interfaces in `TX_PORTS`, by ifindex (tests and diagnostics).
+    pub fn tx_ports(&self) -> Result<Vec<u32>> {
+        let name = names::TX_PORTS;
+        let map = self.ebpf.map(name).ok_or(DataplaneError::MissingMap(name))?;
+        let ports: DevMapHash<&MapData> =
+            DevMapHash::try_from(map).map_err(|source| DataplaneError::Map { name, source })?;
+        let mut keys: Vec<u32> = ports
+            .keys()
+            .collect::<std::result::Result<_, _>>()
+            .map_err(|source| DataplaneError::Map { name, source })?;
+        keys.sort_unstable();
+        Ok(keys)
     }
 
     /// Active flows the kernel counts for backend `id`.
@@ -467,6 +555,10 @@ impl Decap {
             names::FLOW_COUNTS,
             names::RR_CURSORS,
             names::LC_LISTS,
+            names::NAT_FLOWS,
+            names::NAT_FLOWS_V6,
+            names::NAT_REPLIES,
+            names::NAT_REPLIES_V6,
         ] {
             loader.map_max_entries(name, 1);
         }

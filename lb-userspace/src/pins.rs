@@ -1,7 +1,8 @@
 //! The pin directory: where the maps and the XDP link live on a bpf filesystem, so the data plane
 //! keeps forwarding while no daemon runs and a restarted or upgraded daemon adopts it.
 //!
-//! Layout: `DIR/maps/<MAP NAME>` for every map, `DIR/link` for the XDP link.
+//! Layout: `DIR/maps/<MAP NAME>` for every map, `DIR/link` for the XDP link of the first
+//! interface and `DIR/link-<IFACE>` for that of each further one (`--iface A --iface B`).
 //!
 //! Upgrades: a pinned map is reused only if its layout (type, key and value size, flags) is the
 //! one this build expects. Counter maps whose layout changed are recreated (their counts start
@@ -12,8 +13,8 @@ use std::path::{Path, PathBuf};
 
 use aya::maps::MapInfo;
 use lb_common::{
-    Backend, FlowKeyV4, FlowKeyV6, FlowState, LcList, RING_CHUNKS, RingChunk, Service,
-    ServiceKeyV4, ServiceKeyV6, Traffic, names,
+    Backend, DataplaneConfig, FlowKeyV4, FlowKeyV6, FlowState, LcList, NatReplyV4, NatReplyV6,
+    RING_CHUNKS, RingChunk, Service, ServiceKeyV4, ServiceKeyV6, Traffic, names,
 };
 use tracing::warn;
 
@@ -59,6 +60,10 @@ pub enum PinError {
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Role {
     State,
+    /// State that a data plane pinned by an older build does not have yet: created empty
+    /// then (the modes using it did not exist), checked like `State` when present.
+    NewState,
+    /// Counters, or settings the daemon writes again at every start.
     Counters,
 }
 
@@ -70,7 +75,7 @@ struct Layout {
     role: Role,
 }
 
-const LAYOUTS: [Layout; 13] = [
+const LAYOUTS: [Layout; 19] = [
     layout::<ServiceKeyV4, Service>(names::SERVICES, 0, Role::State),
     layout::<u32, Backend>(names::BACKENDS, 0, Role::State),
     layout::<u32, RingChunk>(names::RINGS, BPF_F_MMAPABLE, Role::State),
@@ -84,6 +89,13 @@ const LAYOUTS: [Layout; 13] = [
     layout::<u32, u32>(names::CLOCK, 0, Role::Counters),
     layout::<ServiceKeyV6, Service>(names::SERVICES_V6, 0, Role::State),
     layout::<FlowKeyV6, FlowState>(names::CONNTRACK_V6, 0, Role::State),
+    layout::<u32, DataplaneConfig>(names::CONFIG, 0, Role::Counters),
+    layout::<FlowKeyV4, FlowState>(names::NAT_FLOWS, 0, Role::NewState),
+    layout::<FlowKeyV6, FlowState>(names::NAT_FLOWS_V6, 0, Role::NewState),
+    layout::<FlowKeyV4, NatReplyV4>(names::NAT_REPLIES, 0, Role::NewState),
+    layout::<FlowKeyV6, NatReplyV6>(names::NAT_REPLIES_V6, 0, Role::NewState),
+    // `struct bpf_devmap_val`: the ifindex and a program fd/id.
+    layout::<u32, [u32; 2]>(names::TX_PORTS, 0, Role::Counters),
 ];
 
 const fn layout<K, V>(name: &'static str, flags: u32, role: Role) -> Layout {
@@ -139,6 +151,24 @@ impl PinDir {
         self.root.join("link")
     }
 
+    /// The link of a further interface (after the first).
+    pub fn extra_link_path(&self, iface: &str) -> PathBuf {
+        self.root.join(format!("link-{iface}"))
+    }
+
+    /// The further interfaces' links pinned here, by interface name.
+    pub fn extra_links(&self) -> Vec<(String, PathBuf)> {
+        let Ok(dir) = std::fs::read_dir(&self.root) else {
+            return Vec::new();
+        };
+        dir.filter_map(|e| {
+            let e = e.ok()?;
+            let name = e.file_name().to_str()?.strip_prefix("link-")?.to_owned();
+            Some((name, e.path()))
+        })
+        .collect()
+    }
+
     /// True when a data plane was left here (a pinned link or pinned maps).
     pub fn has_state(&self) -> bool {
         self.link_path().exists() || self.map_path(names::SERVICES).exists()
@@ -152,6 +182,7 @@ impl PinDir {
             return Ok(None);
         }
         let mut sizing = Sizing::default();
+        // A data plane from before the NAT maps: they are created with the default size.
         for l in &LAYOUTS {
             let path = self.map_path(l.name);
             let Ok(info) = MapInfo::from_pin(&path) else {
@@ -197,6 +228,7 @@ impl PinDir {
                 names::SERVICES => sizing.max_services = info.max_entries(),
                 names::BACKENDS => sizing.max_backends = info.max_entries(),
                 names::CONNTRACK => sizing.conntrack_size = info.max_entries(),
+                names::NAT_FLOWS => sizing.nat_size = info.max_entries(),
                 names::RINGS if info.max_entries() != RING_CHUNKS * sizing.ring_tables() => {
                     return Err(PinError::Incompatible {
                         name: l.name,
@@ -228,6 +260,9 @@ impl PinDir {
             }),
         };
         rm(self.link_path())?;
+        for (_, path) in self.extra_links() {
+            rm(path)?;
+        }
         for l in &LAYOUTS {
             rm(self.map_path(l.name))?;
         }

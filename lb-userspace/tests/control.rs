@@ -91,6 +91,7 @@ impl Bed {
                 scheduler: Scheduler::Maglev,
                 forward: Forward::Dsr,
                 health,
+                fragments: false,
             }),
             Response::Ok
         );
@@ -115,6 +116,7 @@ impl Bed {
             service,
             ip,
             weight: 1,
+            port: None,
         });
     }
 
@@ -324,31 +326,37 @@ fn refused_requests_change_nothing() {
                 service,
                 ip: backend_ip(1),
                 weight: 1,
+                port: None,
             },
             Request::BackendAdd {
                 service: other,
                 ip: backend_ip(2),
                 weight: 1,
+                port: None,
             },
             Request::BackendAdd {
                 service,
                 ip: "127.0.0.1".parse().unwrap(),
                 weight: 1,
+                port: None,
             },
             Request::BackendAdd {
                 service,
                 ip: "0.0.0.0".parse().unwrap(),
                 weight: 1,
+                port: None,
             },
             Request::BackendAdd {
                 service,
                 ip: IpAddr::V4(VIP),
                 weight: 1,
+                port: None,
             },
             Request::BackendAdd {
                 service,
                 ip: backend_ip(5),
                 weight: 10_001,
+                port: None,
             },
             Request::BackendDel {
                 service,
@@ -365,6 +373,7 @@ fn refused_requests_change_nothing() {
                 scheduler: Scheduler::Maglev,
                 forward: Forward::Dsr,
                 health: HealthCheck::default(),
+                fragments: false,
             },
             Request::BackendSet {
                 service,
@@ -394,6 +403,7 @@ fn refused_requests_change_nothing() {
                     },
                     ..HealthCheck::default()
                 },
+                fragments: false,
             },
         ];
         for request in refused {
@@ -418,6 +428,7 @@ fn running_out_of_service_slots_is_refused_cleanly() {
                 scheduler: Scheduler::Maglev,
                 forward: Forward::Dsr,
                 health: HealthCheck::default(),
+                fragments: false,
             });
         }
         let service = "10.200.1.9:80/tcp".parse().unwrap();
@@ -426,6 +437,7 @@ fn running_out_of_service_slots_is_refused_cleanly() {
             scheduler: Scheduler::Maglev,
             forward: Forward::Dsr,
             health: HealthCheck::default(),
+            fragments: false,
         });
         assert!(matches!(r, Response::Error { .. }), "{r:?}");
         // Deleting one frees its slot and its table.
@@ -436,6 +448,7 @@ fn running_out_of_service_slots_is_refused_cleanly() {
             scheduler: Scheduler::Maglev,
             forward: Forward::Dsr,
             health: HealthCheck::default(),
+            fragments: false,
         });
         assert_eq!(bed.status().services.len(), 4);
     });

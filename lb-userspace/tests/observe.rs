@@ -619,7 +619,7 @@ fn packaged_unit_and_defaults_are_valid() {
     let lb_userspace::cli::Command::Daemon(args) = cli.command else {
         panic!("{argv:?} is not `lb daemon`");
     };
-    assert_eq!(args.iface, Some(iface));
+    assert_eq!(args.iface, [iface]);
     assert_eq!(
         args.metrics,
         Some("127.0.0.1:9100".parse().expect("address"))

@@ -503,6 +503,7 @@ fn a_reload_undoes_runtime_changes_and_a_dump_reloads_to_no_change() {
                 service,
                 ip: IpAddr::V4(backend_ip(3)),
                 weight: 5,
+                port: None,
             },
             Request::BackendDel {
                 service,
@@ -527,7 +528,8 @@ fn a_reload_undoes_runtime_changes_and_a_dump_reloads_to_no_change() {
             s.backends[&IpAddr::V4(backend_ip(3))],
             BackendConfig {
                 weight: 5,
-                drain: false
+                drain: false,
+                port: None,
             }
         );
 
@@ -581,6 +583,7 @@ fn a_plan_failing_midway_is_undone() {
                 backend: BackendConfig {
                     weight: 4,
                     drain: false,
+                    port: None,
                 },
             },
             Change::AddBackend {
@@ -631,6 +634,7 @@ fn without_a_configuration_file_reload_is_refused_and_dump_still_works() {
             scheduler: lb_userspace::api::Scheduler::Maglev,
             forward: lb_userspace::api::Forward::Dsr,
             health: HealthCheck::default(),
+            fragments: false,
         }),
         Response::Ok
     );

@@ -43,6 +43,7 @@ impl Harness {
             max_services: 4,
             max_backends: 16,
             conntrack_size: 4096,
+            nat_size: 1024,
         };
         let mut dp = Dataplane::load(sizing, false).expect("load the XDP object");
         dp.program(names::PROG_BALANCER)
@@ -397,6 +398,7 @@ fn the_debug_logging_build_passes_the_verifier_and_forwards() {
             max_services: 2,
             max_backends: 4,
             conntrack_size: 1024,
+            nat_size: 1024,
         },
         true,
     )

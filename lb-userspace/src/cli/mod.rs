@@ -2,7 +2,7 @@
 
 mod client;
 mod config;
-mod decap;
+pub(crate) mod decap;
 mod stats;
 mod status;
 mod wire;
@@ -13,8 +13,8 @@ use clap::{Args, CommandFactory as _, Parser, Subcommand, ValueEnum};
 
 use crate::{
     api::{
-        self, CheckKind, DEFAULT_API_SOCKET, Forward, HcTarget, HealthCheck, Request, Scheduler,
-        ServiceAddr, StatusRange,
+        self, BackendTarget, CheckKind, DEFAULT_API_SOCKET, Forward, HcTarget, HealthCheck,
+        Request, Scheduler, ServiceAddr, StatusRange,
     },
     daemon::DaemonArgs,
 };
@@ -86,9 +86,15 @@ pub enum ServiceCommand {
         /// How new flows pick a backend.
         #[arg(long, value_enum, default_value = "maglev")]
         scheduler: Scheduler,
-        /// How packets reach the backend.
+        /// How packets reach the backend (see the README's "Forwarding modes" for what each
+        /// needs on the backends).
         #[arg(long, value_enum, default_value = "dsr")]
         forward: Forward,
+        /// Forward IP fragments too, every fragment of a client to one backend (needs
+        /// --scheduler source-hash and --forward dsr, ipip or gue; one service per VIP and
+        /// protocol).
+        #[arg(long)]
+        fragments: bool,
         /// Time between health checks of each backend (500ms, 1s, ...).
         #[arg(long, default_value = "1s", value_parser = api::parse_duration)]
         hc_interval: Duration,
@@ -121,8 +127,11 @@ pub enum BackendCommand {
     Add {
         /// VIP:PORT/PROTO of the service.
         service: ServiceAddr,
-        /// The backend's address (it must hold the VIP on a loopback for DSR).
-        ip: IpAddr,
+        /// The backend's address (IP, IP:PORT or [IPv6]:PORT). A port other than the service's
+        /// is for nat and fullnat only. For dsr, ipip and gue the backend holds the VIP on a
+        /// loopback.
+        #[arg(value_name = "IP[:PORT]")]
+        target: BackendTarget,
         /// Relative share of new flows.
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(0..=10_000))]
         weight: u32,
@@ -263,34 +272,42 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             service,
             scheduler,
             forward,
+            fragments,
             hc_interval,
             hc_timeout,
             hc_rise,
             hc_fall,
             hc_target,
             hc,
-        }) => Request::ServiceAdd {
-            service,
-            scheduler,
-            forward,
+        }) => {
+            if fragments {
+                api::check_fragments(scheduler, forward).map_err(anyhow::Error::msg)?;
+            }
+            Request::ServiceAdd {
+                service,
+                scheduler,
+                forward,
+                fragments,
             health: HealthCheck {
                 interval: hc_interval,
                 timeout: hc_timeout,
                 rise: hc_rise,
                 fall: hc_fall,
-                kind: hc.to_kind().map_err(anyhow::Error::msg)?,
-                target: hc_target,
-            },
-        },
+                    kind: hc.to_kind().map_err(anyhow::Error::msg)?,
+                    target: hc_target,
+                },
+            }
+        }
         Command::Service(ServiceCommand::Del { service }) => Request::ServiceDel { service },
         Command::Backend(BackendCommand::Add {
             service,
-            ip,
+            target,
             weight,
         }) => Request::BackendAdd {
             service,
-            ip,
+            ip: target.ip,
             weight,
+            port: target.port,
         },
         Command::Backend(BackendCommand::Del { service, ip }) => {
             Request::BackendDel { service, ip }
@@ -332,6 +349,7 @@ mod tests {
             service,
             scheduler,
             forward,
+            fragments,
             hc_interval,
             hc_timeout,
             hc_rise,
@@ -344,6 +362,7 @@ mod tests {
         };
         assert_eq!(service.to_string(), "10.0.0.10:80/tcp");
         assert_eq!((scheduler, forward), (Scheduler::Maglev, Forward::Dsr));
+        assert!(!fragments);
         assert_eq!(hc_interval, Duration::from_secs(1));
         assert_eq!(hc_timeout, Duration::from_secs(1));
         assert_eq!((hc_rise, hc_fall), (2, 2));

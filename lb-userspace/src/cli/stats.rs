@@ -248,6 +248,7 @@ mod tests {
                 service: "10.0.0.10:80/tcp".into(),
                 forward: Forward::Dsr,
                 scheduler: Scheduler::Maglev,
+                fragments: false,
                 health_check: HealthCheck::default(),
                 packets: service_packets,
                 bytes: service_packets * 100,
@@ -256,6 +257,7 @@ mod tests {
                     .iter()
                     .map(|(ip, packets, bytes)| BackendStatus {
                         ip: ip.parse().unwrap(),
+                        port: 80,
                         weight: 1,
                         state: BackendState::Active,
                         health: Health::Up,

@@ -3,16 +3,19 @@
 //!
 //! ```toml
 //! [daemon]
-//! interface = "eth0"
+//! interface = "eth0"                 # or ["eth0", "eth1"]: attached to each
+//! encap_source4 = "192.0.2.1"        # ipip/gue outer source (default: the interface's)
+//! snat_ports = "40000-59999"         # fullnat's source ports
 //!
 //! [[service]]
 //! address = "10.0.0.10:80/tcp"       # or vip = "10.0.0.10", port = 80, proto = "tcp"
 //! scheduler = "maglev"
-//! forward = "dsr"
+//! forward = "dsr"                   # or ipip, gue, nat, fullnat
+//! fragments = false                  # needs scheduler source-hash, forward dsr/ipip/gue
 //! health_check = { interval = "1s", timeout = "1s", rise = 2, fall = 2 }
 //!
 //! [[service.backend]]
-//! address = "10.0.0.2"
+//! address = "10.0.0.2"              # "10.0.0.2:8080" or port = 8080: nat/fullnat only
 //! weight = 1
 //! ```
 //!
@@ -24,7 +27,7 @@
 use std::{
     collections::BTreeMap,
     fmt::{self, Write as _},
-    net::{IpAddr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     ops::Range,
     path::Path,
     time::Duration,
@@ -56,11 +59,61 @@ pub struct Config {
 /// address) are new optional fields here and in [`RawDaemon`].
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DaemonSettings {
-    /// The interface to attach to; `--iface` may give it instead. Fixed for the daemon's life.
-    pub interface: Option<Located<String>>,
+    /// The interfaces to attach to (one or more); `--iface` may give them instead. Fixed for
+    /// the daemon's life.
+    pub interfaces: Option<Located<Vec<String>>>,
     /// Where to serve Prometheus metrics (`--metrics` may give it instead); read at start.
     pub metrics: Option<std::net::SocketAddr>,
+    /// Settings of the routed modes; read at start (the command line's flags win).
+    pub routed: RoutedSettings,
 }
+
+/// Settings of the routed modes (`[daemon]` keys, or `lb daemon` flags of the same names);
+/// `None` takes the default.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RoutedSettings {
+    /// Outer IPv4 source of ipip/gue (default: the first IPv4 address of the first interface).
+    pub encap_source4: Option<Ipv4Addr>,
+    /// Outer IPv6 source of ipip/gue (default: the first IPv6 address of the first interface).
+    pub encap_source6: Option<Ipv6Addr>,
+    /// Low bits of the outer source taken from the flow hash (default 0).
+    pub encap_source_hash_bits: Option<u8>,
+    /// UDP destination port of GUE (default `lb_common::DEFAULT_GUE_PORT`).
+    pub gue_port: Option<u16>,
+    /// fullnat's IPv4 source (default: the interface's IPv4 address).
+    pub snat4: Option<Ipv4Addr>,
+    /// fullnat's IPv6 source (default: the interface's IPv6 address).
+    pub snat6: Option<Ipv6Addr>,
+    /// fullnat's source ports, inclusive (default 40000-59999).
+    pub snat_ports: Option<(u16, u16)>,
+    /// Entries of each NAT map (default `lb_common::DEFAULT_NAT_SIZE`).
+    pub nat_size: Option<u32>,
+}
+
+impl RoutedSettings {
+    /// Each setting of `self`, or else of `fallback` (flags over the file).
+    pub fn or(self, fallback: RoutedSettings) -> RoutedSettings {
+        RoutedSettings {
+            encap_source4: self.encap_source4.or(fallback.encap_source4),
+            encap_source6: self.encap_source6.or(fallback.encap_source6),
+            encap_source_hash_bits: self
+                .encap_source_hash_bits
+                .or(fallback.encap_source_hash_bits),
+            gue_port: self.gue_port.or(fallback.gue_port),
+            snat4: self.snat4.or(fallback.snat4),
+            snat6: self.snat6.or(fallback.snat6),
+            snat_ports: self.snat_ports.or(fallback.snat_ports),
+            nat_size: self.nat_size.or(fallback.nat_size),
+        }
+    }
+}
+
+/// Default fullnat source ports.
+pub const DEFAULT_SNAT_PORTS: (u16, u16) = (40000, 59999);
+/// Most bits of the outer source address the flow hash may set.
+pub const MAX_ENCAP_HASH_BITS: u8 = 16;
+/// Limits of `nat_size`.
+pub const NAT_SIZE_RANGE: std::ops::RangeInclusive<u32> = 1024..=64_000_000;
 
 /// A value and the line of the file it was read from.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -75,6 +128,8 @@ pub struct ServiceSettings {
     pub scheduler: Scheduler,
     pub forward: Forward,
     pub health: HealthCheck,
+    /// Fragments are forwarded (`SERVICE_F_FRAGMENTS`).
+    pub fragments: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -88,6 +143,9 @@ pub struct BackendConfig {
     pub weight: u32,
     /// Declared drained: keeps its established flows, gets no new ones.
     pub drain: bool,
+    /// The port it listens on when not the service's (nat and fullnat only); `None`: the
+    /// service port.
+    pub port: Option<u16>,
 }
 
 impl Default for BackendConfig {
@@ -95,6 +153,7 @@ impl Default for BackendConfig {
         BackendConfig {
             weight: 1,
             drain: false,
+            port: None,
         }
     }
 }
@@ -131,8 +190,24 @@ struct RawFile {
 #[derive(Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawDaemon {
-    interface: Option<Spanned<String>>,
+    interface: Option<Spanned<RawInterfaces>>,
     metrics: Option<Spanned<String>>,
+    encap_source4: Option<Spanned<String>>,
+    encap_source6: Option<Spanned<String>>,
+    encap_source_hash_bits: Option<Spanned<u8>>,
+    gue_port: Option<Spanned<u16>>,
+    snat4: Option<Spanned<String>>,
+    snat6: Option<Spanned<String>>,
+    snat_ports: Option<Spanned<String>>,
+    nat_size: Option<Spanned<u32>>,
+}
+
+/// `interface = "eth0"` or `interface = ["eth0", "eth1"]`.
+#[derive(Deserialize)]
+#[serde(untagged, expecting = "an interface name or a list of them")]
+enum RawInterfaces {
+    One(String),
+    Many(Vec<String>),
 }
 
 #[derive(Deserialize)]
@@ -144,6 +219,7 @@ struct RawService {
     proto: Option<Spanned<Proto>>,
     scheduler: Option<Spanned<Scheduler>>,
     forward: Option<Spanned<Forward>>,
+    fragments: Option<Spanned<bool>>,
     health_check: Option<Spanned<RawHealth>>,
     #[serde(default)]
     backend: Vec<Spanned<RawBackend>>,
@@ -236,16 +312,21 @@ impl Config {
             }
         })?;
 
-        let interface = match raw.daemon.interface {
+        let interfaces = match &raw.daemon.interface {
             Some(iface) => {
-                check_interface(iface.get_ref()).map_err(|m| src.at(&iface, m))?;
+                let names = match iface.get_ref() {
+                    RawInterfaces::One(name) => vec![name.clone()],
+                    RawInterfaces::Many(names) => names.clone(),
+                };
+                check_interfaces(&names).map_err(|m| src.at(&iface, m))?;
                 Some(Located {
                     line: src.line(iface.span().start),
-                    value: iface.into_inner(),
+                    value: names,
                 })
             }
             None => None,
         };
+        let routed = routed_settings(&src, &raw.daemon)?;
         let metrics = match &raw.daemon.metrics {
             Some(addr) => Some(addr.get_ref().parse().map_err(|_| {
                 src.at(
@@ -261,6 +342,8 @@ impl Config {
 
         let mut services = Services::new();
         let mut first_line = BTreeMap::new();
+        // (VIP, protocol) of a service with fragments on, and its line.
+        let mut fragments_line = BTreeMap::new();
         for raw_service in &raw.service {
             let (addr, addr_span) = service_addr(&src, raw_service)?;
             if let Some(line) = first_line.get(&addr) {
@@ -270,19 +353,92 @@ impl Config {
                 ));
             }
             first_line.insert(addr, src.line(addr_span.start));
-            let service = service_config(&src, addr, addr_span, raw_service.get_ref())?;
+            let service = service_config(&src, addr, addr_span.clone(), raw_service.get_ref())?;
+            if service.settings.fragments {
+                let line = src.line(addr_span.start);
+                if let Some(first) = fragments_line.insert((addr.vip, addr.proto), line) {
+                    return Err(src.error(
+                        addr_span,
+                        format!(
+                            "service {addr}: another service of this VIP and protocol (line \
+                             {first}) already has fragments on; fragments carry no port, so \
+                             only one can"
+                        ),
+                    ));
+                }
+            }
             services.insert(addr, service);
         }
         Ok(Config {
-            daemon: DaemonSettings { interface, metrics },
+            daemon: DaemonSettings {
+                interfaces,
+                metrics,
+                routed,
+            },
             services,
         })
     }
 
-    /// The interface the file names, if any.
+    /// The (first) interface the file names, if any.
     pub fn interface(&self) -> Option<&str> {
-        self.daemon.interface.as_ref().map(|i| i.value.as_str())
+        self.interfaces().first().map(String::as_str)
     }
+
+    /// Every interface the file names (none when it names none).
+    pub fn interfaces(&self) -> &[String] {
+        self.daemon
+            .interfaces
+            .as_ref()
+            .map_or(&[], |i| i.value.as_slice())
+    }
+}
+
+/// The `[daemon]` settings of the routed modes, checked.
+fn routed_settings(src: &Source<'_>, raw: &RawDaemon) -> Result<RoutedSettings, ConfigError> {
+    fn addr<T: std::str::FromStr>(
+        src: &Source<'_>,
+        value: &Option<Spanned<String>>,
+        key: &str,
+        family: &str,
+    ) -> Result<Option<T>, ConfigError> {
+        value
+            .as_ref()
+            .map(|v| {
+                v.get_ref().parse::<T>().map_err(|_| {
+                    src.at(v, format!("{key}: '{}' is not an {family} address", v.get_ref()))
+                })
+            })
+            .transpose()
+    }
+    let encap_source_hash_bits = match &raw.encap_source_hash_bits {
+        Some(v) => Some(check_hash_bits(*v.get_ref()).map_err(|m| src.at(v, m))?),
+        None => None,
+    };
+    let gue_port = match &raw.gue_port {
+        Some(v) if *v.get_ref() == 0 => return Err(src.at(v, "gue_port: port 0 is not a port")),
+        Some(v) => Some(*v.get_ref()),
+        None => None,
+    };
+    let snat_ports = match &raw.snat_ports {
+        Some(v) => Some(
+            api::parse_port_range(v.get_ref()).map_err(|m| src.at(v, format!("snat_ports: {m}")))?,
+        ),
+        None => None,
+    };
+    let nat_size = match &raw.nat_size {
+        Some(v) => Some(check_nat_size(*v.get_ref()).map_err(|m| src.at(v, m))?),
+        None => None,
+    };
+    Ok(RoutedSettings {
+        encap_source4: addr(src, &raw.encap_source4, "encap_source4", "IPv4")?,
+        encap_source6: addr(src, &raw.encap_source6, "encap_source6", "IPv6")?,
+        encap_source_hash_bits,
+        gue_port,
+        snat4: addr(src, &raw.snat4, "snat4", "IPv4")?,
+        snat6: addr(src, &raw.snat6, "snat6", "IPv6")?,
+        snat_ports,
+        nat_size,
+    })
 }
 
 /// The service's address, from `address` or from `vip`, `port` and `proto`, and where it is.
@@ -353,7 +509,15 @@ fn service_config(
             .map_or(Scheduler::Maglev, |s| *s.get_ref()),
         forward: raw.forward.as_ref().map_or(Forward::Dsr, |f| *f.get_ref()),
         health,
+        fragments: raw.fragments.as_ref().is_some_and(|f| *f.get_ref()),
     };
+    if settings.fragments
+        && let Some(f) = &raw.fragments
+    {
+        api::check_fragments(settings.scheduler, settings.forward).map_err(|m| {
+            src.at(f, m.replace("--fragments", "fragments").replace("--scheduler ", "scheduler "))
+        })?;
+    }
     let mut backends = BTreeMap::new();
     let mut first_line = BTreeMap::new();
     for spanned in &raw.backend {
@@ -379,28 +543,28 @@ fn service_config(
                 }
             },
         };
-        check_backend(addr, ip).map_err(|m| src.at(address, m))?;
-        let port_differs = |port: u16, span: Range<usize>| {
-            src.error(
-                span,
-                format!(
-                    "backend {ip} port {port} differs from the service port {}: with {} \
-                     forwarding a backend serves the VIP on the service's own port",
-                    addr.port,
-                    settings.forward.name()
-                ),
-            )
-        };
-        if let Some(port) = port
-            && port != addr.port
-        {
-            return Err(port_differs(port, address.span()));
+        check_backend(addr, settings.forward, ip).map_err(|m| src.at(address, m))?;
+        api::check_backend_port(&addr, settings.forward, ip, port)
+            .map_err(|m| src.at(address, m))?;
+        if let Some(p) = &b.port {
+            api::check_backend_port(&addr, settings.forward, ip, Some(*p.get_ref()))
+                .map_err(|m| src.at(p, m))?;
+            if let Some(port) = port
+                && port != *p.get_ref()
+            {
+                return Err(src.at(
+                    p,
+                    format!(
+                        "backend {ip}: port {} and the address's port {port} differ; give one",
+                        p.get_ref()
+                    ),
+                ));
+            }
         }
-        if let Some(port) = &b.port
-            && *port.get_ref() != addr.port
-        {
-            return Err(port_differs(*port.get_ref(), port.span()));
-        }
+        // The service's own port is stored as no mapping, so a dump reads back the same.
+        let port = port
+            .or(b.port.as_ref().map(|p| *p.get_ref()))
+            .filter(|p| *p != addr.port);
         let weight = match &b.weight {
             Some(w) => {
                 check_weight(*w.get_ref()).map_err(|m| src.at(w, m))?;
@@ -420,6 +584,7 @@ fn service_config(
             BackendConfig {
                 weight,
                 drain: b.drain.as_ref().is_some_and(|d| *d.get_ref()),
+                port,
             },
         );
     }
@@ -498,6 +663,40 @@ pub fn check_interface(name: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// One or more interface names, each once.
+pub fn check_interfaces(names: &[String]) -> Result<(), String> {
+    if names.is_empty() {
+        return Err("the interface list is empty".into());
+    }
+    for (i, name) in names.iter().enumerate() {
+        check_interface(name)?;
+        if names[..i].contains(name) {
+            return Err(format!("interface {name} is named twice"));
+        }
+    }
+    Ok(())
+}
+
+pub fn check_hash_bits(bits: u8) -> Result<u8, String> {
+    if bits > MAX_ENCAP_HASH_BITS {
+        return Err(format!(
+            "encap_source_hash_bits {bits} is above the maximum {MAX_ENCAP_HASH_BITS}"
+        ));
+    }
+    Ok(bits)
+}
+
+pub fn check_nat_size(size: u32) -> Result<u32, String> {
+    if !NAT_SIZE_RANGE.contains(&size) {
+        return Err(format!(
+            "nat_size {size} is out of range ({} to {} entries)",
+            NAT_SIZE_RANGE.start(),
+            NAT_SIZE_RANGE.end()
+        ));
+    }
+    Ok(size)
+}
+
 pub fn check_health(check: &HealthCheck) -> Result<(), String> {
     if check.rise == 0 || check.fall == 0 {
         return Err("health-check rise and fall must be at least 1".into());
@@ -524,12 +723,8 @@ pub fn check_weight(weight: u32) -> Result<(), String> {
     Ok(())
 }
 
-pub fn check_backend(service: ServiceAddr, ip: IpAddr) -> Result<(), String> {
-    if ip.is_ipv4() != service.vip.is_ipv4() {
-        return Err(format!(
-            "backend {ip}: forwarding mode dsr needs a backend of the VIP's address family"
-        ));
-    }
+pub fn check_backend(service: ServiceAddr, forward: Forward, ip: IpAddr) -> Result<(), String> {
+    api::check_backend_family(&service, forward, ip)?;
     let unicast = match ip {
         IpAddr::V4(v4) => {
             !(v4.is_unspecified() || v4.is_broadcast() || v4.is_multicast() || v4.is_loopback())
@@ -559,8 +754,25 @@ pub fn check_services(services: &Services) -> Result<(), String> {
                 lb_common::RING_SIZE
             ));
         }
+        if s.settings.fragments {
+            api::check_fragments(s.settings.scheduler, s.settings.forward)
+                .map_err(|m| format!("service {addr}: {m}"))?;
+            if let Some((other, _)) = services.iter().find(|(other, o)| {
+                *other != addr
+                    && o.settings.fragments
+                    && (other.vip, other.proto) == (addr.vip, addr.proto)
+            }) {
+                return Err(format!(
+                    "services {other} and {addr} both have fragments on; fragments carry no \
+                     port, so only one service of a VIP and protocol can"
+                ));
+            }
+        }
         for (ip, b) in &s.backends {
-            check_backend(*addr, *ip).map_err(|m| format!("service {addr}: {m}"))?;
+            check_backend(*addr, s.settings.forward, *ip)
+                .map_err(|m| format!("service {addr}: {m}"))?;
+            api::check_backend_port(addr, s.settings.forward, *ip, b.port)
+                .map_err(|m| format!("service {addr}: {m}"))?;
             check_weight(b.weight).map_err(|m| format!("service {addr}: backend {ip}: {m}"))?;
         }
     }
@@ -621,14 +833,47 @@ fn render_check(kind: &CheckKind) -> String {
 }
 
 fn render_into(out: &mut String, config: &Config) -> fmt::Result {
-    if config.interface().is_some() || config.daemon.metrics.is_some() {
+    let r = &config.daemon.routed;
+    if config.interface().is_some()
+        || config.daemon.metrics.is_some()
+        || *r != RoutedSettings::default()
+    {
         writeln!(out, "[daemon]")?;
     }
-    if let Some(iface) = config.interface() {
-        writeln!(out, "interface = {}", quote(iface))?;
+    match config.interfaces() {
+        [] => {}
+        [one] => writeln!(out, "interface = {}", quote(one))?,
+        many => {
+            let names: Vec<String> = many.iter().map(|n| quote(n)).collect();
+            writeln!(out, "interface = [{}]", names.join(", "))?;
+        }
     }
     if let Some(metrics) = config.daemon.metrics {
         writeln!(out, "metrics = {}", quote(&metrics.to_string()))?;
+    }
+    if let Some(a) = r.encap_source4 {
+        writeln!(out, "encap_source4 = {}", quote(&a.to_string()))?;
+    }
+    if let Some(a) = r.encap_source6 {
+        writeln!(out, "encap_source6 = {}", quote(&a.to_string()))?;
+    }
+    if let Some(bits) = r.encap_source_hash_bits {
+        writeln!(out, "encap_source_hash_bits = {bits}")?;
+    }
+    if let Some(port) = r.gue_port {
+        writeln!(out, "gue_port = {port}")?;
+    }
+    if let Some(a) = r.snat4 {
+        writeln!(out, "snat4 = {}", quote(&a.to_string()))?;
+    }
+    if let Some(a) = r.snat6 {
+        writeln!(out, "snat6 = {}", quote(&a.to_string()))?;
+    }
+    if let Some((low, high)) = r.snat_ports {
+        writeln!(out, "snat_ports = \"{low}-{high}\"")?;
+    }
+    if let Some(size) = r.nat_size {
+        writeln!(out, "nat_size = {size}")?;
     }
     for (addr, s) in &config.services {
         let h = &s.settings.health;
@@ -637,6 +882,9 @@ fn render_into(out: &mut String, config: &Config) -> fmt::Result {
         writeln!(out, "address = {}", quote(&addr.to_string()))?;
         writeln!(out, "scheduler = {}", quote(s.settings.scheduler.name()))?;
         writeln!(out, "forward = {}", quote(s.settings.forward.name()))?;
+        if s.settings.fragments {
+            writeln!(out, "fragments = true")?;
+        }
         writeln!(
             out,
             "health_check = {{ interval = {}, timeout = {}, rise = {}, fall = {}, check = {}, \
@@ -652,6 +900,9 @@ fn render_into(out: &mut String, config: &Config) -> fmt::Result {
             writeln!(out)?;
             writeln!(out, "[[service.backend]]")?;
             writeln!(out, "address = {}", quote(&ip.to_string()))?;
+            if let Some(port) = b.port {
+                writeln!(out, "port = {port}")?;
+            }
             writeln!(out, "weight = {}", b.weight)?;
             if b.drain {
                 writeln!(out, "drain = true")?;
@@ -759,7 +1010,9 @@ mod tests {
     fn unknown_fields_are_errors_at_their_line() {
         assert_eq!(
             error("[daemon]\ninterface = \"eth0\"\nmetric = \"x\"\n"),
-            "lb.toml:3: unknown field `metric`, expected `interface` or `metrics`"
+            "lb.toml:3: unknown field `metric`, expected one of `interface`, `metrics`, \
+             `encap_source4`, `encap_source6`, `encap_source_hash_bits`, `gue_port`, `snat4`, \
+             `snat6`, `snat_ports`, `nat_size`"
         );
         assert!(error("[deamon]\n").starts_with("lb.toml:1: unknown field `deamon`"));
         assert!(
@@ -787,8 +1040,9 @@ mod tests {
             "lb.toml:3: unknown variant `random`, expected one of `maglev`, `source-hash`, `round-robin`, `least-conn`"
         );
         assert_eq!(
-            error(&format!("{HEAD}forward = \"nat\"\n")),
-            "lb.toml:3: unknown variant `nat`, expected `dsr`"
+            error(&format!("{HEAD}forward = \"tunnel\"\n")),
+            "lb.toml:3: unknown variant `tunnel`, expected one of `dsr`, `ipip`, `gue`, `nat`, \
+             `fullnat`"
         );
         assert_eq!(
             error(&format!(
@@ -879,7 +1133,7 @@ mod tests {
                 "{HEAD}[[service.backend]]\naddress = \"2001:db8::2\"\n"
             )),
             "lb.toml:4: backend 2001:db8::2: forwarding mode dsr needs a backend of the VIP's \
-             address family"
+             address family (ipip and gue allow either)"
         );
     }
 
@@ -951,14 +1205,16 @@ mod tests {
         assert_eq!(
             backend("port = 8080\n"),
             "lb.toml:5: backend 10.0.0.2 port 8080 differs from the service port 80: with dsr \
-             forwarding a backend serves the VIP on the service's own port"
+             forwarding a backend serves the VIP on the service's own port (only nat and \
+             fullnat map ports)"
         );
         assert_eq!(
             error(&format!(
                 "{HEAD}[[service.backend]]\naddress = \"10.0.0.2:8080\"\n"
             )),
             "lb.toml:4: backend 10.0.0.2 port 8080 differs from the service port 80: with dsr \
-             forwarding a backend serves the VIP on the service's own port"
+             forwarding a backend serves the VIP on the service's own port (only nat and \
+             fullnat map ports)"
         );
         assert_eq!(
             error("[[service]]\naddress = \"10.0.0.10:0/tcp\"\n"),
@@ -974,6 +1230,233 @@ mod tests {
             "f",
         )
         .unwrap();
+    }
+
+    #[test]
+    fn every_forwarding_mode_is_accepted_by_name() {
+        for f in Forward::ALL {
+            let c = Config::parse(
+                &format!(
+                    "{HEAD}forward = \"{}\"\n[[service.backend]]\naddress = \"10.0.0.2\"\n",
+                    f.name()
+                ),
+                "f",
+            )
+            .unwrap();
+            assert_eq!(c.services[&svc("10.0.0.10:80/tcp")].settings.forward, f);
+        }
+    }
+
+    #[test]
+    fn backend_ports_are_mapped_only_by_nat_modes() {
+        for mode in ["nat", "fullnat"] {
+            let c = Config::parse(
+                &format!(
+                    "{HEAD}forward = \"{mode}\"\n\
+                     [[service.backend]]\naddress = \"10.0.0.2:8080\"\n\
+                     [[service.backend]]\naddress = \"10.0.0.3\"\nport = 8081\n\
+                     [[service.backend]]\naddress = \"10.0.0.4:80\"\n\
+                     [[service.backend]]\naddress = \"10.0.0.5\"\n"
+                ),
+                "f",
+            )
+            .unwrap();
+            let b = &c.services[&svc("10.0.0.10:80/tcp")].backends;
+            assert_eq!(b[&ip("10.0.0.2")].port, Some(8080));
+            assert_eq!(b[&ip("10.0.0.3")].port, Some(8081));
+            // The service's own port is no mapping.
+            assert_eq!(b[&ip("10.0.0.4")].port, None);
+            assert_eq!(b[&ip("10.0.0.5")].port, None);
+            assert_eq!(check_services(&c.services), Ok(()));
+            // A dump reads back the same.
+            assert_eq!(Config::parse(&render(&c), "dump").unwrap(), c);
+        }
+        assert_eq!(
+            error(&format!(
+                "{HEAD}forward = \"nat\"\n[[service.backend]]\naddress = \"10.0.0.2:8080\"\n\
+                 port = 9090\n"
+            )),
+            "lb.toml:6: backend 10.0.0.2: port 9090 and the address's port 8080 differ; give one"
+        );
+        assert_eq!(
+            error(&format!(
+                "{HEAD}forward = \"nat\"\n[[service.backend]]\naddress = \"10.0.0.2\"\nport = 0\n"
+            )),
+            "lb.toml:6: backend 10.0.0.2: port 0 is not a port"
+        );
+        for mode in ["ipip", "gue"] {
+            let e = error(&format!(
+                "{HEAD}forward = \"{mode}\"\n[[service.backend]]\naddress = \"10.0.0.2:8080\"\n"
+            ));
+            assert!(
+                e.starts_with("lb.toml:5: backend 10.0.0.2 port 8080 differs from the service"),
+                "{e}"
+            );
+        }
+        // A service built in code gets the same rule.
+        let mut c = Config::parse(
+            &format!("{HEAD}[[service.backend]]\naddress = \"10.0.0.2\"\n"),
+            "f",
+        )
+        .unwrap();
+        let s = c.services.get_mut(&svc("10.0.0.10:80/tcp")).unwrap();
+        s.backends.get_mut(&ip("10.0.0.2")).unwrap().port = Some(8080);
+        assert!(check_services(&c.services).unwrap_err().contains("only nat and fullnat"));
+    }
+
+    #[test]
+    fn encapsulation_allows_every_family_mix_and_the_rest_none() {
+        for (mode, ok) in [
+            ("dsr", false),
+            ("ipip", true),
+            ("gue", true),
+            ("nat", false),
+            ("fullnat", false),
+        ] {
+            for (vip, backend) in [
+                ("10.0.0.10:80/tcp", "2001:db8::2"),
+                ("[2001:db8::10]:80/tcp", "10.0.0.2"),
+            ] {
+                let text = format!(
+                    "[[service]]\naddress = \"{vip}\"\nforward = \"{mode}\"\n\
+                     [[service.backend]]\naddress = \"{backend}\"\n"
+                );
+                match Config::parse(&text, "lb.toml") {
+                    Ok(_) => assert!(ok, "{mode} accepted {vip} -> {backend}"),
+                    Err(e) => {
+                        assert!(!ok, "{mode}: {e}");
+                        assert_eq!(
+                            e.to_string(),
+                            format!(
+                                "lb.toml:5: backend {backend}: forwarding mode {mode} needs a \
+                                 backend of the VIP's address family (ipip and gue allow either)"
+                            )
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn fragments_need_source_hash_a_portless_mode_and_one_service_per_vip() {
+        let frag = |scheduler: &str, forward: &str| {
+            format!(
+                "{HEAD}scheduler = \"{scheduler}\"\nforward = \"{forward}\"\nfragments = true\n"
+            )
+        };
+        for forward in ["dsr", "ipip", "gue"] {
+            let c = Config::parse(&frag("source-hash", forward), "f").unwrap();
+            assert!(c.services[&svc("10.0.0.10:80/tcp")].settings.fragments);
+            assert_eq!(Config::parse(&render(&c), "dump").unwrap(), c);
+        }
+        assert_eq!(
+            error(&frag("maglev", "dsr")),
+            "lb.toml:5: fragments needs scheduler source-hash (every fragment of a client goes \
+             to one backend), not maglev"
+        );
+        for forward in ["nat", "fullnat"] {
+            assert!(
+                error(&frag("source-hash", forward)).starts_with(&format!(
+                    "lb.toml:5: fragments works with forward dsr, ipip or gue, not {forward}"
+                ))
+            );
+        }
+        // fragments = false needs nothing.
+        Config::parse(&format!("{HEAD}forward = \"nat\"\nfragments = false\n"), "f").unwrap();
+        let two = format!(
+            "{}[[service]]\naddress = \"10.0.0.10:443/tcp\"\nscheduler = \"source-hash\"\n\
+             fragments = true\n",
+            frag("source-hash", "dsr")
+        );
+        assert_eq!(
+            error(&two),
+            "lb.toml:7: service 10.0.0.10:443/tcp: another service of this VIP and protocol \
+             (line 2) already has fragments on; fragments carry no port, so only one can"
+        );
+        // The same VIP with another protocol is another port-0 key.
+        Config::parse(&two.replace("443/tcp", "443/udp"), "f").unwrap();
+        let mut c = Config::parse(&two.replace("443/tcp", "443/udp"), "f").unwrap();
+        assert_eq!(check_services(&c.services), Ok(()));
+        let udp = svc("10.0.0.10:443/udp");
+        let moved = c.services.remove(&udp).unwrap();
+        c.services.insert(svc("10.0.0.10:443/tcp"), moved);
+        assert!(
+            check_services(&c.services)
+                .unwrap_err()
+                .contains("both have fragments on")
+        );
+    }
+
+    #[test]
+    fn daemon_settings_of_the_routed_modes_parse_check_and_dump() {
+        let text = "[daemon]\ninterface = [\"eth0\", \"eth1\"]\nencap_source4 = \"192.0.2.1\"\n\
+                    encap_source6 = \"2001:db8::1\"\nencap_source_hash_bits = 8\ngue_port = 9000\n\
+                    snat4 = \"192.0.2.2\"\nsnat6 = \"2001:db8::2\"\nsnat_ports = \"1024-2047\"\n\
+                    nat_size = 4096\n";
+        let c = Config::parse(text, "lb.toml").unwrap();
+        assert_eq!(c.interfaces(), ["eth0", "eth1"]);
+        assert_eq!(c.interface(), Some("eth0"));
+        let r = c.daemon.routed;
+        assert_eq!(r.encap_source4, Some("192.0.2.1".parse().unwrap()));
+        assert_eq!(r.encap_source6, Some("2001:db8::1".parse().unwrap()));
+        assert_eq!(r.encap_source_hash_bits, Some(8));
+        assert_eq!(r.gue_port, Some(9000));
+        assert_eq!(r.snat4, Some("192.0.2.2".parse().unwrap()));
+        assert_eq!(r.snat6, Some("2001:db8::2".parse().unwrap()));
+        assert_eq!(r.snat_ports, Some((1024, 2047)));
+        assert_eq!(r.nat_size, Some(4096));
+        let again = Config::parse(&render(&c), "dump").unwrap();
+        assert_eq!((again.interfaces(), again.daemon.routed), (c.interfaces(), r));
+        // One interface is written as a string, as before.
+        let one = Config::parse("[daemon]\ninterface = \"eth0\"\n", "f").unwrap();
+        assert!(render(&one).contains("interface = \"eth0\"\n"));
+        // Flags win over the file.
+        let flags = RoutedSettings {
+            gue_port: Some(7000),
+            ..Default::default()
+        };
+        assert_eq!(flags.or(r).gue_port, Some(7000));
+        assert_eq!(flags.or(r).snat_ports, Some((1024, 2047)));
+        for (body, message) in [
+            (
+                "snat_ports = \"2000-1000\"",
+                "lb.toml:2: snat_ports: port range 2000-1000 is empty (write the low port first)",
+            ),
+            (
+                "snat_ports = \"0-1000\"",
+                "lb.toml:2: snat_ports: port range 0-1000: port 0 is not a port",
+            ),
+            (
+                "snat_ports = \"40000\"",
+                "lb.toml:2: snat_ports: '40000' is not a port range MIN-MAX (for example \
+                 40000-59999)",
+            ),
+            (
+                "encap_source4 = \"2001:db8::1\"",
+                "lb.toml:2: encap_source4: '2001:db8::1' is not an IPv4 address",
+            ),
+            (
+                "snat6 = \"192.0.2.1\"",
+                "lb.toml:2: snat6: '192.0.2.1' is not an IPv6 address",
+            ),
+            (
+                "encap_source_hash_bits = 17",
+                "lb.toml:2: encap_source_hash_bits 17 is above the maximum 16",
+            ),
+            ("gue_port = 0", "lb.toml:2: gue_port: port 0 is not a port"),
+            (
+                "nat_size = 10",
+                "lb.toml:2: nat_size 10 is out of range (1024 to 64000000 entries)",
+            ),
+            (
+                "interface = [\"eth0\", \"eth0\"]",
+                "lb.toml:2: interface eth0 is named twice",
+            ),
+            ("interface = []", "lb.toml:2: the interface list is empty"),
+        ] {
+            assert_eq!(error(&format!("[daemon]\n{body}\n")), message);
+        }
     }
 
     #[test]
@@ -1005,9 +1488,10 @@ mod tests {
             BackendConfig {
                 weight: 0,
                 drain: true,
+                port: None,
             },
         );
-        c.daemon.interface = None;
+        c.daemon.interfaces = None;
         let text = render(&c);
         assert!(
             text.contains("interval = \"2m\", timeout = \"1500ms\""),
@@ -1036,6 +1520,7 @@ mod tests {
             BackendConfig {
                 weight: 10_001,
                 drain: false,
+                port: None,
             },
         );
         assert_eq!(

@@ -12,15 +12,16 @@ use std::{
 use serde::{Deserialize, Serialize};
 
 use lb_common::{
-    AF_INET, BACKEND_F_ALIVE, BACKEND_NONE, FORWARD_DSR, RING_SIZE, Reason, ServiceKeyV4,
-    ServiceKeyV6,
+    AF_INET, BACKEND_F_ALIVE, BACKEND_NONE, RING_SIZE, Reason, SERVICE_F_FRAGMENTS,
+    ServiceKeyV4, ServiceKeyV6,
 };
 use tracing::{info, warn};
 
 use super::{
-    config::{self, BackendConfig, ServiceConfig, ServiceSettings, Services},
+    config::{self, BackendConfig, RoutedSettings, ServiceConfig, ServiceSettings, Services},
     health::{ProbeKey, ProbeOutcome, ProbeTarget},
     reload::ConfigSource,
+    routed::Routed,
 };
 use crate::{
     api::{
@@ -54,6 +55,8 @@ pub struct SavedService {
     pub scheduler: Scheduler,
     pub forward: Forward,
     pub health: HealthCheck,
+    #[serde(default)]
+    pub fragments: bool,
     pub backends: Vec<SavedBackend>,
 }
 
@@ -64,6 +67,8 @@ pub struct SavedBackend {
     pub generation: u32,
     pub weight: u32,
     pub draining: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
 }
 
 /// A TCP flow with no packet for this many ticks (~300 s; no FIN/RST seen) stops counting as
@@ -120,6 +125,8 @@ struct ServiceEntry {
     scheduler: Scheduler,
     forward: Forward,
     health: HealthCheck,
+    /// `SERVICE_F_FRAGMENTS`: the service is also written under port 0.
+    fragments: bool,
     backends: BTreeMap<IpAddr, BackendEntry>,
     /// (backend id, weight) of the table now live, to skip rebuilding an identical one; `None`
     /// when unknown (just restored), which makes the next sync write it.
@@ -143,19 +150,23 @@ struct BackendEntry {
     failures: u32,
     last_error: Option<String>,
     mac: Option<[u8; 6]>,
+    /// The port it listens on when not the service's (nat, fullnat).
+    port: Option<u16>,
     /// The value last written to the kernel's backend array.
     written: lb_common::Backend,
 }
 
 impl BackendEntry {
-    /// May keep established flows: healthy and reachable at L2. Draining backends keep theirs.
-    fn alive(&self) -> bool {
-        self.health == Health::Up && self.mac.is_some() && !self.drained
+    /// May keep established flows: healthy, not drained and, for L2 DSR, with a known MAC
+    /// (the routed modes take the next hop from the kernel's FIB). Draining backends keep
+    /// theirs.
+    fn alive(&self, forward: Forward) -> bool {
+        self.health == Health::Up && (self.mac.is_some() || !forward.needs_mac()) && !self.drained
     }
 
     /// May receive new flows.
-    fn in_table(&self) -> bool {
-        self.alive() && !self.draining && self.weight > 0
+    fn in_table(&self, forward: Forward) -> bool {
+        self.alive(forward) && !self.draining && self.weight > 0
     }
 }
 
@@ -177,6 +188,15 @@ impl IdPool {
 pub struct Control<P: Prober> {
     dp: Dataplane,
     iface: String,
+    /// Every interface the balancer is attached to (`iface` first).
+    ifaces: Vec<String>,
+    /// The routed modes' settings; `None` (tests driving `Control` alone) leaves `CONFIG` to
+    /// the caller and checks no source address.
+    routed: Option<Routed>,
+    /// `CONFIG` as last written.
+    written_config: Option<lb_common::DataplaneConfig>,
+    /// IP forwarding was turned on on `ifaces` for the routed modes.
+    forwarding_on: bool,
     prober: P,
     services: BTreeMap<ServiceAddr, ServiceEntry>,
     probes: BTreeMap<(ServiceAddr, IpAddr), P::Handle>,
@@ -198,6 +218,10 @@ impl<P: Prober> Control<P> {
     pub fn new(dp: Dataplane, iface: String, prober: P) -> Self {
         let sizing = dp.sizing();
         let mut control = Control {
+            ifaces: vec![iface.clone()],
+            routed: None,
+            written_config: None,
+            forwarding_on: false,
             iface,
             prober,
             services: BTreeMap::new(),
@@ -257,6 +281,79 @@ impl<P: Prober> Control<P> {
         &mut self.dp
     }
 
+    /// Every interface the balancer is attached to (the first is `iface`); the neighbour
+    /// tables of all of them are read for backend MACs.
+    pub fn set_ifaces(&mut self, ifaces: Vec<String>) {
+        if let Some(first) = ifaces.first() {
+            self.iface = first.clone();
+            self.ifaces = ifaces;
+        }
+    }
+
+    pub fn ifaces(&self) -> &[String] {
+        &self.ifaces
+    }
+
+    /// Takes the routed modes' settings: from now on `CONFIG` follows the services (written
+    /// now and whenever they change) and a routed service that needs a source address its
+    /// settings lack is refused. Fails when a service already configured needs one.
+    pub fn set_routed(&mut self, routed: Routed) -> Result<(), ControlError> {
+        for (addr, e) in &self.services {
+            routed
+                .check_sources(addr, e.forward, e.backends.keys().copied())
+                .map_err(ControlError::Invalid)?;
+        }
+        self.routed = Some(routed);
+        self.written_config = None;
+        self.sync_routed();
+        Ok(())
+    }
+
+    /// The routed settings as given (flags and file), for `lb config dump`.
+    pub fn routed_settings(&self) -> RoutedSettings {
+        self.routed.as_ref().map(|r| r.given).unwrap_or_default()
+    }
+
+    /// Refuses a service or backend whose routed mode needs a source address there is none of.
+    fn check_sources(
+        &self,
+        addr: &ServiceAddr,
+        forward: Forward,
+        backends: impl Iterator<Item = IpAddr>,
+    ) -> Result<(), ControlError> {
+        match &self.routed {
+            Some(r) => r
+                .check_sources(addr, forward, backends)
+                .map_err(ControlError::Invalid),
+            None => Ok(()),
+        }
+    }
+
+    /// Writes `CONFIG` when it changed (`CONFIG_F_NAT` iff a service uses nat or fullnat) and
+    /// turns IP forwarding on on the balancer's interfaces once a service uses a routed mode
+    /// (the program's FIB lookups fail without it).
+    fn sync_routed(&mut self) {
+        let Some(routed) = &self.routed else { return };
+        let nat = self.services.values().any(|e| e.forward.nat());
+        let wanted = routed.kernel(nat);
+        if self.written_config != Some(wanted) {
+            match self.dp.set_config(&wanted) {
+                Ok(()) => self.written_config = Some(wanted),
+                Err(e) => warn!("writing the routed modes' settings: {e}"),
+            }
+        }
+        if !self.forwarding_on && self.services.values().any(|e| e.forward.routed()) {
+            match super::routed::enable_forwarding(&self.ifaces) {
+                Ok(()) => info!(
+                    ifaces = self.ifaces.join(","),
+                    "IPv4 and IPv6 forwarding turned on for the routed forwarding modes"
+                ),
+                Err(e) => warn!("routed modes will drop packets (drop_no_route): {e}"),
+            }
+            self.forwarding_on = true;
+        }
+    }
+
     pub fn handle(&mut self, request: Request) -> Response {
         let result = match request {
             Request::ServiceAdd {
@@ -264,13 +361,15 @@ impl<P: Prober> Control<P> {
                 scheduler,
                 forward,
                 health,
-            } => self.service_add(service, scheduler, forward, health),
+                fragments,
+            } => self.service_add(service, scheduler, forward, health, fragments),
             Request::ServiceDel { service } => self.service_del(service),
             Request::BackendAdd {
                 service,
                 ip,
                 weight,
-            } => self.backend_add(service, ip, weight),
+                port,
+            } => self.backend_add(service, ip, weight, port),
             Request::BackendDel { service, ip } => self.backend_del(service, ip),
             Request::BackendDrain {
                 service,
@@ -338,6 +437,7 @@ impl<P: Prober> Control<P> {
                     scheduler: e.scheduler,
                     forward: e.forward,
                     health: e.health.clone(),
+                    fragments: e.fragments,
                     backends: e
                         .backends
                         .iter()
@@ -347,6 +447,7 @@ impl<P: Prober> Control<P> {
                             generation: b.generation,
                             weight: b.weight,
                             draining: b.draining,
+                            port: b.port,
                         })
                         .collect(),
                 })
@@ -419,6 +520,7 @@ impl<P: Prober> Control<P> {
                         failures: 0,
                         last_error: None,
                         mac: kernel.map(|k| k.mac).filter(|m| *m != [0; 6]),
+                        port: b.port,
                         written,
                     },
                 );
@@ -428,7 +530,13 @@ impl<P: Prober> Control<P> {
                         ip: b.ip,
                         generation: b.generation,
                     },
-                    probe_target(s.service, b.ip, b.id, &s.health),
+                    probe_target(
+                        s.service,
+                        b.ip,
+                        b.port.unwrap_or(s.service.port),
+                        b.id,
+                        &s.health,
+                    ),
                     s.health.clone(),
                 );
                 self.probes.insert((s.service, b.ip), probe);
@@ -441,6 +549,7 @@ impl<P: Prober> Control<P> {
                     scheduler: s.scheduler,
                     forward: s.forward,
                     health: s.health,
+                    fragments: s.fragments,
                     backends,
                     // The next sync writes the table again (into the spare, then switches),
                     // identical to the live one when nothing changed meanwhile.
@@ -448,6 +557,9 @@ impl<P: Prober> Control<P> {
                 },
             );
             kept_keys.push(key);
+            if s.fragments {
+                kept_keys.push(fragment_key(&s.service));
+            }
         }
         // Service entries the state does not know (a change applied to the maps just before a
         // crash, before it was saved) would point at tables and ids now free: remove them.
@@ -465,13 +577,15 @@ impl<P: Prober> Control<P> {
         let addrs: Vec<ServiceAddr> = self.services.keys().copied().collect();
         for addr in addrs {
             if let Some(e) = self.services.get(&addr) {
-                self.dp.set_service(
-                    service_key(&addr)?,
-                    kernel_service(e.id, e.ring, e.scheduler),
+                set_service_value(
+                    &mut self.dp,
+                    &addr,
+                    kernel_service(e.id, e.ring, e.scheduler, e.forward, e.fragments),
                 )?;
             }
             self.sync_service(addr)?;
         }
+        self.sync_routed();
         info!(services = self.services.len(), adopt, "state restored");
         self.sync_vip_routes();
         self.save();
@@ -484,11 +598,16 @@ impl<P: Prober> Control<P> {
         scheduler: Scheduler,
         forward: Forward,
         health: HealthCheck,
+        fragments: bool,
     ) -> Result<(), ControlError> {
-        let key = service_key(&addr)?;
+        service_key(&addr)?;
         if self.services.contains_key(&addr) {
             return Err(ControlError::DuplicateService(addr));
         }
+        if fragments {
+            self.check_fragments(&addr, scheduler, forward)?;
+        }
+        self.check_sources(&addr, forward, std::iter::empty())?;
         if health.rise == 0 || health.fall == 0 {
             return Err(ControlError::Invalid(
                 "health-check rise and fall must be at least 1".into(),
@@ -513,15 +632,18 @@ impl<P: Prober> Control<P> {
             .write_ring(ring, &vec![BACKEND_NONE; RING_SIZE as usize])
             .and_then(|()| self.dp.reset_service_traffic(id))
             .and_then(|()| {
-                self.dp
-                    .set_service(key, kernel_service(id, ring, scheduler))
+                set_service_value(
+                    &mut self.dp,
+                    &addr,
+                    kernel_service(id, ring, scheduler, forward, fragments),
+                )
             });
         if let Err(e) = written {
             self.service_ids.give_back(id);
             self.ring_tables.give_back(ring);
             return Err(e.into());
         }
-        info!(service = %addr, id, "service added");
+        info!(service = %addr, id, forward = forward.name(), fragments, "service added");
         self.services.insert(
             addr,
             ServiceEntry {
@@ -530,10 +652,32 @@ impl<P: Prober> Control<P> {
                 scheduler,
                 forward,
                 health,
+                fragments,
                 backends: BTreeMap::new(),
                 table_members: Some(Vec::new()),
             },
         );
+        self.sync_routed();
+        Ok(())
+    }
+
+    /// Refuses fragments on a service that cannot have them, or on a second service of the
+    /// same VIP and protocol (both would be written under the one port-0 key).
+    fn check_fragments(
+        &self,
+        addr: &ServiceAddr,
+        scheduler: Scheduler,
+        forward: Forward,
+    ) -> Result<(), ControlError> {
+        crate::api::check_fragments(scheduler, forward).map_err(ControlError::Invalid)?;
+        if let Some((other, _)) = self.services.iter().find(|(other, e)| {
+            *other != addr && e.fragments && (other.vip, other.proto) == (addr.vip, addr.proto)
+        }) {
+            return Err(ControlError::Invalid(format!(
+                "service {other} already forwards the fragments of this VIP and protocol \
+                 (fragments carry no port, so only one service can)"
+            )));
+        }
         Ok(())
     }
 
@@ -545,6 +689,9 @@ impl<P: Prober> Control<P> {
         // Unhook the VIP first: from here on its packets pass to the kernel, so nothing reads the
         // ring or backends we release below.
         self.dp.remove_service(&key)?;
+        if self.services.get(&addr).is_some_and(|e| e.fragments) {
+            self.dp.remove_service(&fragment_key(&addr))?;
+        }
         let Some(entry) = self.services.remove(&addr) else {
             return Ok(());
         };
@@ -557,26 +704,32 @@ impl<P: Prober> Control<P> {
         self.ring_tables.give_back(entry.ring);
         self.service_ids.give_back(entry.id);
         info!(service = %addr, "service deleted");
+        self.sync_routed();
         Ok(())
     }
 
+    /// Adds backend `ip` to service `addr`; `port` is where it listens when that is not the
+    /// service port (nat and fullnat only).
     pub fn backend_add(
         &mut self,
         addr: ServiceAddr,
         ip: IpAddr,
         weight: u32,
+        port: Option<u16>,
     ) -> Result<(), ControlError> {
         let entry = self
             .services
             .get(&addr)
             .ok_or(ControlError::UnknownService(addr))?;
-        // L2 DSR leaves the packet as the client sent it: the backend must be of the VIP's
-        // family (it holds the VIP and answers from it).
-        if ip.is_ipv4() != addr.vip.is_ipv4() {
-            return Err(ControlError::Invalid(format!(
-                "backend {ip}: forwarding mode dsr needs a backend of the VIP's address family"
-            )));
-        }
+        // dsr leaves the packet as the client sent it (the backend holds the VIP and answers
+        // from it); nat and fullnat rewrite addresses of the client's family: the backend must
+        // be of the VIP's family. ipip and gue carry either family in either.
+        crate::api::check_backend_family(&addr, entry.forward, ip)
+            .map_err(ControlError::Invalid)?;
+        crate::api::check_backend_port(&addr, entry.forward, ip, port)
+            .map_err(ControlError::Invalid)?;
+        let port = port.filter(|p| *p != addr.port);
+        self.check_sources(&addr, entry.forward, std::iter::once(ip))?;
         let unicast = match ip {
             IpAddr::V4(v4) => {
                 !(v4.is_unspecified() || v4.is_broadcast() || v4.is_multicast() || v4.is_loopback())
@@ -621,7 +774,7 @@ impl<P: Prober> Control<P> {
             "every backend slot is in use (--max-backends)",
         ))?;
         let generation = self.next_generation;
-        let written = kernel_backend(ip, addr.port, None, generation, 0);
+        let written = kernel_backend(ip, port.unwrap_or(addr.port), None, generation, 0);
         let stored = self
             .dp
             .reset_backend_traffic(id)
@@ -638,7 +791,7 @@ impl<P: Prober> Control<P> {
                 ip,
                 generation,
             },
-            probe_target(addr, ip, id, &health),
+            probe_target(addr, ip, port.unwrap_or(addr.port), id, &health),
             health,
         );
         self.probes.insert((addr, ip), probe);
@@ -660,10 +813,11 @@ impl<P: Prober> Control<P> {
                 failures: 0,
                 last_error: None,
                 mac: None,
+                port,
                 written,
             },
         );
-        info!(service = %addr, backend = %ip, id, weight, "backend added; waiting for health checks");
+        info!(service = %addr, backend = %ip, port = port.unwrap_or(addr.port), id, weight, "backend added; waiting for health checks");
         // Its MAC may already be known.
         self.refresh_macs();
         Ok(())
@@ -887,15 +1041,19 @@ impl<P: Prober> Control<P> {
         }
     }
 
-    /// Reads the neighbour table and applies new or changed backend MACs.
+    /// Reads the neighbour tables of the balancer's interfaces and applies new or changed
+    /// backend MACs.
     pub fn refresh_macs(&mut self) {
-        let table = match neighbour::table(&self.iface) {
-            Ok(t) => t,
-            Err(e) => {
-                warn!("reading the neighbour table: {e}");
-                return;
+        let mut table = std::collections::HashMap::new();
+        for iface in &self.ifaces {
+            match neighbour::table(iface) {
+                Ok(t) => table.extend(t),
+                Err(e) => {
+                    warn!(iface, "reading the neighbour table: {e}");
+                    return;
+                }
             }
-        };
+        }
         let mut changed = Vec::new();
         for (addr, entry) in &mut self.services {
             for (ip, backend) in &mut entry.backends {
@@ -924,16 +1082,16 @@ impl<P: Prober> Control<P> {
     /// backend the kernel does not know as alive, and an unusable backend leaves the table
     /// before its flows are moved.
     fn sync_service(&mut self, addr: ServiceAddr) -> Result<(), ControlError> {
-        let key = service_key(&addr)?;
         let Some(entry) = self.services.get_mut(&addr) else {
             return Err(ControlError::UnknownService(addr));
         };
         write_backends(&mut self.dp, entry, addr.port, true)?;
 
+        let forward = entry.forward;
         let members: Vec<Member> = entry
             .backends
             .iter()
-            .filter(|(_, b)| b.in_table())
+            .filter(|(_, b)| b.in_table(forward))
             .map(|(ip, b)| Member {
                 ip: *ip,
                 id: b.id,
@@ -962,8 +1120,17 @@ impl<P: Prober> Control<P> {
                     None => Ok(()),
                 })
                 .and_then(|()| {
-                    self.dp
-                        .set_service(key, kernel_service(entry.id, spare, entry.scheduler))
+                    set_service_value(
+                        &mut self.dp,
+                        &addr,
+                        kernel_service(
+                            entry.id,
+                            spare,
+                            entry.scheduler,
+                            entry.forward,
+                            entry.fragments,
+                        ),
+                    )
                 });
             if let Err(e) = switched {
                 self.ring_tables.give_back(spare);
@@ -997,6 +1164,7 @@ impl<P: Prober> Control<P> {
                     scheduler: e.scheduler,
                     forward: e.forward,
                     health: e.health.clone(),
+                    fragments: e.fragments,
                 };
                 let backends = e
                     .backends
@@ -1005,6 +1173,7 @@ impl<P: Prober> Control<P> {
                         let backend = BackendConfig {
                             weight: b.weight,
                             drain: b.draining,
+                            port: b.port,
                         };
                         (*ip, backend)
                     })
@@ -1033,11 +1202,31 @@ impl<P: Prober> Control<P> {
         config::check_health(&settings.health).map_err(ControlError::Invalid)?;
         let entry = self
             .services
-            .get_mut(&addr)
+            .get(&addr)
             .ok_or(ControlError::UnknownService(addr))?;
-        let retable = entry.scheduler != settings.scheduler || entry.forward != settings.forward;
+        // The backends it keeps must suit the new mode (a reload removes those it drops and
+        // re-adds those whose port changes before it changes settings).
+        for (ip, b) in &entry.backends {
+            crate::api::check_backend_family(&addr, settings.forward, *ip)
+                .and_then(|()| {
+                    crate::api::check_backend_port(&addr, settings.forward, *ip, b.port)
+                })
+                .map_err(ControlError::Invalid)?;
+        }
+        self.check_sources(&addr, settings.forward, entry.backends.keys().copied())?;
+        if settings.fragments {
+            self.check_fragments(&addr, settings.scheduler, settings.forward)?;
+        }
+        let Some(entry) = self.services.get_mut(&addr) else {
+            return Err(ControlError::UnknownService(addr));
+        };
+        let retable = entry.scheduler != settings.scheduler
+            || entry.forward != settings.forward
+            || entry.fragments != settings.fragments;
+        let fragments_off = entry.fragments && !settings.fragments;
         entry.scheduler = settings.scheduler;
         entry.forward = settings.forward;
+        entry.fragments = settings.fragments;
         if entry.health != settings.health {
             entry.health = settings.health.clone();
             for (ip, b) in &entry.backends {
@@ -1049,17 +1238,28 @@ impl<P: Prober> Control<P> {
                     ip: *ip,
                     generation: b.generation,
                 };
-                let target = probe_target(addr, *ip, b.id, &entry.health);
+                let target = probe_target(
+                    addr,
+                    *ip,
+                    b.port.unwrap_or(addr.port),
+                    b.id,
+                    &entry.health,
+                );
                 let probe = self.prober.start(key, target, entry.health.clone());
                 self.probes.insert((addr, *ip), probe);
             }
         }
         if retable {
-            // Written again under the new settings (into the spare table, then switched).
+            // Written again under the new settings (into the spare table, then switched; the
+            // backends' alive flags follow the new mode).
             entry.table_members = None;
             self.sync_service(addr)?;
         }
-        info!(service = %addr, scheduler = settings.scheduler.name(), forward = settings.forward.name(), "service settings changed in place");
+        if fragments_off {
+            self.dp.remove_service(&fragment_key(&addr))?;
+        }
+        self.sync_routed();
+        info!(service = %addr, scheduler = settings.scheduler.name(), forward = settings.forward.name(), fragments = settings.fragments, "service settings changed in place");
         Ok(())
     }
 
@@ -1098,13 +1298,14 @@ impl<P: Prober> Control<P> {
                 let t = self.dp.backend_traffic(b.id)?;
                 backends.push(BackendStatus {
                     ip: *ip,
+                    port: b.port.unwrap_or(addr.port),
                     weight: b.weight,
                     // Weight 0 behaves as a drain, so it reads as one.
                     state: if b.drained {
                         BackendState::Drained
                     } else if b.draining || b.weight == 0 {
                         BackendState::Draining
-                    } else if b.in_table() {
+                    } else if b.in_table(e.forward) {
                         BackendState::Active
                     } else {
                         BackendState::Down
@@ -1112,7 +1313,7 @@ impl<P: Prober> Control<P> {
                     health: b.health,
                     last_error: b.last_error.clone(),
                     mac: b.mac.as_ref().map(neighbour::format_mac),
-                    in_table: b.in_table(),
+                    in_table: b.in_table(e.forward),
                     active_flows: self.dp.flow_count(b.id)?,
                     packets: t.packets,
                     flows: t.flows,
@@ -1123,6 +1324,7 @@ impl<P: Prober> Control<P> {
                 service: addr.to_string(),
                 forward: e.forward,
                 scheduler: e.scheduler,
+                fragments: e.fragments,
                 health_check: e.health.clone(),
                 packets: traffic.packets,
                 flows: traffic.flows,
@@ -1149,8 +1351,12 @@ fn write_backends(
     alive_only: bool,
 ) -> Result<(), DataplaneError> {
     for (ip, b) in &mut entry.backends {
-        let flags = if b.alive() { BACKEND_F_ALIVE } else { 0 };
-        let wanted = kernel_backend(*ip, port, b.mac, b.generation, flags);
+        let flags = if b.alive(entry.forward) {
+            BACKEND_F_ALIVE
+        } else {
+            0
+        };
+        let wanted = kernel_backend(*ip, b.port.unwrap_or(port), b.mac, b.generation, flags);
         if wanted != b.written && (flags != 0 || !alive_only) {
             dp.set_backend(b.id, wanted)?;
             b.written = wanted;
@@ -1161,10 +1367,16 @@ fn write_backends(
 
 /// Where a backend's probes go: its own address, or the VIP with a socket mark naming the
 /// backend for the tc egress program to steer it (`--hc-target vip`).
-fn probe_target(service: ServiceAddr, ip: IpAddr, id: u32, check: &HealthCheck) -> ProbeTarget {
+fn probe_target(
+    service: ServiceAddr,
+    ip: IpAddr,
+    port: u16,
+    id: u32,
+    check: &HealthCheck,
+) -> ProbeTarget {
     match check.target {
         HcTarget::Backend => ProbeTarget {
-            addr: SocketAddr::new(ip, service.port),
+            addr: SocketAddr::new(ip, port),
             mark: None,
             backend: ip,
         },
@@ -1176,15 +1388,40 @@ fn probe_target(service: ServiceAddr, ip: IpAddr, id: u32, check: &HealthCheck) 
     }
 }
 
-fn kernel_service(id: u32, ring: u32, scheduler: Scheduler) -> lb_common::Service {
+fn kernel_service(
+    id: u32,
+    ring: u32,
+    scheduler: Scheduler,
+    forward: Forward,
+    fragments: bool,
+) -> lb_common::Service {
     lb_common::Service {
         id,
         ring,
-        forward: FORWARD_DSR,
+        forward: forward.kernel(),
         scheduler: scheduler.kernel(),
-        flags: 0,
+        flags: if fragments { SERVICE_F_FRAGMENTS } else { 0 },
         _pad: 0,
     }
+}
+
+/// Writes a service's value under its key and, with `SERVICE_F_FRAGMENTS`, under its VIP's
+/// port-0 key too (where the program looks up fragments, which carry no port).
+fn set_service_value(
+    dp: &mut Dataplane,
+    addr: &ServiceAddr,
+    value: lb_common::Service,
+) -> Result<(), DataplaneError> {
+    dp.set_service(key_of(addr), value)?;
+    if value.flags & SERVICE_F_FRAGMENTS != 0 {
+        dp.set_service(fragment_key(addr), value)?;
+    }
+    Ok(())
+}
+
+/// The key fragments of `addr`'s VIP and protocol are looked up by: port 0.
+pub fn fragment_key(addr: &ServiceAddr) -> ServiceKey {
+    key_of(&ServiceAddr { port: 0, ..*addr })
 }
 
 fn kernel_backend(
@@ -1223,9 +1460,13 @@ fn dead_backend() -> lb_common::Backend {
 
 /// The map key of a service: addresses and port as the packet carries them.
 pub fn service_key(addr: &ServiceAddr) -> Result<ServiceKey, ControlError> {
+    Ok(key_of(addr))
+}
+
+fn key_of(addr: &ServiceAddr) -> ServiceKey {
     let port = addr.port.to_be();
     let proto = addr.proto.number();
-    Ok(match addr.vip {
+    match addr.vip {
         IpAddr::V4(v4) => ServiceKey::V4(ServiceKeyV4 {
             addr: u32::from_ne_bytes(v4.octets()),
             port,
@@ -1238,7 +1479,7 @@ pub fn service_key(addr: &ServiceAddr) -> Result<ServiceKey, ControlError> {
             proto,
             _pad: 0,
         }),
-    })
+    }
 }
 
 /// An IPv6 address as the four raw words the program reads from the packet.

@@ -379,6 +379,7 @@ mod tests {
     ) -> BackendStatus {
         BackendStatus {
             ip: ip.parse().unwrap(),
+            port: 80,
             weight: 1,
             state: if in_table {
                 BackendState::Active
@@ -402,6 +403,7 @@ mod tests {
                 service: "10.0.0.10:80/tcp".into(),
                 forward: Forward::Dsr,
                 scheduler: Scheduler::Maglev,
+                fragments: false,
                 health_check: HealthCheck::default(),
                 packets: 30,
                 bytes: 3000,

@@ -9,20 +9,23 @@ mod control;
 mod health;
 pub mod metrics;
 mod reload;
+mod routed;
 mod server;
 mod vip_route;
 
 use std::{
+    net::{Ipv4Addr, Ipv6Addr},
     path::PathBuf,
     sync::mpsc,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, bail};
-use config::Config;
+use config::{Config, RoutedSettings};
 pub use control::{Control, ControlError, Prober, SavedState, ipv6_words};
 pub use health::{ProbeKey, ProbeOutcome, ProbeTarget};
 pub use reload::{Change, discarded, plan};
+pub use routed::Routed;
 use tokio::sync::oneshot;
 use tracing::{info, warn};
 
@@ -47,10 +50,12 @@ pub type EventSender = mpsc::Sender<Event>;
 
 #[derive(Debug, clap::Args)]
 pub struct DaemonArgs {
-    /// Network interface to attach the balancer to (the one VIP traffic arrives on); may be
-    /// given as `[daemon] interface` in the --config file instead.
+    /// Network interface to attach the balancer to (the one VIP traffic arrives on); repeat
+    /// it (`--iface A --iface B`) to attach to several, for example a client-facing and a
+    /// backend-facing one: routed packets leave through whichever the kernel's route names.
+    /// May be given as `[daemon] interface` in the --config file instead.
     #[arg(long, required_unless_present = "config")]
-    pub iface: Option<String>,
+    pub iface: Vec<String>,
     /// Configuration file declaring the services and backends (TOML; usually
     /// /etc/lb/lb.toml). Applied at start; `lb reload` or SIGHUP applies it again. Without it
     /// the daemon starts with the saved state and is configured through the CLI.
@@ -93,6 +98,53 @@ pub struct DaemonArgs {
     /// unless set.
     #[arg(long, value_name = "ADDR")]
     pub metrics: Option<std::net::SocketAddr>,
+    /// ipip/gue: outer IPv4 source address [default: the first IPv4 address of the first
+    /// --iface].
+    #[arg(long, value_name = "IP")]
+    pub encap_source4: Option<Ipv4Addr>,
+    /// ipip/gue: outer IPv6 source address [default: the first global IPv6 address of the
+    /// first --iface].
+    #[arg(long, value_name = "IP")]
+    pub encap_source6: Option<Ipv6Addr>,
+    /// ipip/gue: take this many low bits of the outer source address from the flow hash, so
+    /// backends' NICs spread flows over queues (0 to 16) [default: 0, a fixed source].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u8).range(0..=16))]
+    pub encap_source_hash_bits: Option<u8>,
+    /// gue: UDP destination port of the encapsulated packets (backends' `lb decap --gue-port`)
+    /// [default: 6080].
+    #[arg(long, value_name = "PORT", value_parser = clap::value_parser!(u16).range(1..))]
+    pub gue_port: Option<u16>,
+    /// fullnat: IPv4 source address towards backends [default: the first IPv4 address of the
+    /// first --iface].
+    #[arg(long, value_name = "IP")]
+    pub snat4: Option<Ipv4Addr>,
+    /// fullnat: IPv6 source address towards backends [default: the first global IPv6 address
+    /// of the first --iface].
+    #[arg(long, value_name = "IP")]
+    pub snat6: Option<Ipv6Addr>,
+    /// fullnat: source ports given to flows, MIN-MAX inclusive [default: 40000-59999].
+    #[arg(long, value_name = "MIN-MAX", value_parser = crate::api::parse_port_range)]
+    pub snat_ports: Option<(u16, u16)>,
+    /// nat/fullnat: entries of each NAT table (forward flows and replies, per family); a new
+    /// flow finding its table full is dropped and counted [default: 262144].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1024..=64_000_000))]
+    pub nat_size: Option<u32>,
+}
+
+impl DaemonArgs {
+    /// The routed modes' settings given as flags.
+    fn routed(&self) -> RoutedSettings {
+        RoutedSettings {
+            encap_source4: self.encap_source4,
+            encap_source6: self.encap_source6,
+            encap_source_hash_bits: self.encap_source_hash_bits,
+            gue_port: self.gue_port,
+            snat4: self.snat4,
+            snat6: self.snat6,
+            snat_ports: self.snat_ports,
+            nat_size: self.nat_size,
+        }
+    }
 }
 
 pub fn run(args: DaemonArgs, api: PathBuf) -> anyhow::Result<()> {
@@ -107,16 +159,26 @@ pub fn run(args: DaemonArgs, api: PathBuf) -> anyhow::Result<()> {
         Some(path) => Some(Config::load(path)?),
         None => None,
     };
-    let iface = match (&args.iface, config.as_ref().and_then(Config::interface)) {
-        (Some(flag), Some(file)) if flag != file => bail!(
-            "--iface {flag} and the configuration's interface {file} differ: give one of them"
-        ),
-        (Some(iface), _) => iface.clone(),
-        (None, Some(iface)) => iface.to_owned(),
-        (None, None) => {
+    let file_ifaces = config.as_ref().map(Config::interfaces).unwrap_or_default();
+    let ifaces: Vec<String> = match (args.iface.as_slice(), file_ifaces) {
+        ([], []) => {
             bail!("no interface: pass --iface or set `[daemon] interface` in the configuration")
         }
+        (flags, file) if !flags.is_empty() && !file.is_empty() && flags != file => bail!(
+            "--iface {} and the configuration's interface {} differ: give one of them",
+            flags.join(" --iface "),
+            file.join(", ")
+        ),
+        ([], file) => file.to_vec(),
+        (flags, _) => flags.to_vec(),
     };
+    config::check_interfaces(&ifaces).map_err(anyhow::Error::msg)?;
+    let iface = ifaces[0].clone();
+    // The flags win over the file's `[daemon]` keys.
+    let routed_settings = args.routed().or(config
+        .as_ref()
+        .map(|c| c.daemon.routed)
+        .unwrap_or_default());
 
     let listener = runtime.block_on(server::bind(&api))?;
     // The flag wins over the file's `[daemon] metrics`.
@@ -139,6 +201,9 @@ pub fn run(args: DaemonArgs, api: PathBuf) -> anyhow::Result<()> {
         max_services: args.max_services,
         max_backends: args.max_backends,
         conntrack_size: args.conntrack_size,
+        nat_size: routed_settings
+            .nat_size
+            .unwrap_or(lb_common::DEFAULT_NAT_SIZE),
     };
     if args.fresh {
         PinDir::open(&args.pin_dir)?.remove_all()?;
@@ -152,10 +217,12 @@ pub fn run(args: DaemonArgs, api: PathBuf) -> anyhow::Result<()> {
                 pinned.max_services,
                 pinned.max_backends,
                 pinned.conntrack_size,
+                pinned.nat_size,
             ) != (
                 requested.max_services,
                 requested.max_backends,
                 requested.conntrack_size,
+                requested.nat_size,
             ) {
                 warn!(
                     ?pinned,
@@ -188,23 +255,46 @@ pub fn run(args: DaemonArgs, api: PathBuf) -> anyhow::Result<()> {
         .context("loading the XDP program (are you root? is the kernel built with BPF?)")?;
     // The logger must live as long as the program: it owns the map the program logs into.
     let logger = aya_log::EbpfLogger::init(dp.ebpf_mut());
-    let replaced = dp
-        .attach_pinned(&iface, args.xdp_mode, &pins)
-        .with_context(|| {
-            format!(
-                "attaching XDP to {} in {:?} mode (does the interface exist? if its driver has no \
-                 native XDP, use --xdp-mode generic or auto)",
-                iface, args.xdp_mode
-            )
-        })?;
-    if let Err(e) = dp.attach_hc_egress(&iface) {
-        warn!("health checks with --hc-target vip will fail: {e:#}");
+    let mut ifindexes = Vec::new();
+    for (i, name) in ifaces.iter().enumerate() {
+        // The first interface keeps the link path older versions pinned.
+        let link = if i == 0 {
+            pins.link_path()
+        } else {
+            pins.extra_link_path(name)
+        };
+        let replaced = dp
+            .attach_pinned_at(name, args.xdp_mode, &link)
+            .with_context(|| {
+                format!(
+                    "attaching XDP to {} in {:?} mode (does the interface exist? if its driver \
+                     has no native XDP, use --xdp-mode generic or auto)",
+                    name, args.xdp_mode
+                )
+            })?;
+        if let Err(e) = dp.attach_hc_egress(name) {
+            warn!(iface = %name, "health checks with --hc-target vip will fail: {e:#}");
+        }
+        if replaced {
+            info!(iface = %name, pin_dir = %args.pin_dir.display(), "adopted the running data plane: program replaced in place, connection table kept");
+        } else {
+            info!(iface = %name, mode = ?args.xdp_mode, "XDP balancer attached");
+        }
+        ifindexes.push(ifindex(name)?);
     }
-    if replaced {
-        info!(pin_dir = %args.pin_dir.display(), "adopted the running data plane: program replaced in place, connection table kept");
-    } else {
-        info!(iface = %iface, mode = ?args.xdp_mode, "XDP balancer attached");
+    // A restart with fewer interfaces: detach from those no longer named.
+    for (name, path) in pins.extra_links() {
+        if !ifaces[1..].contains(&name) {
+            std::fs::remove_file(&path)
+                .with_context(|| format!("removing the pinned link {}", path.display()))?;
+            info!(iface = %name, "no longer named with --iface: detached");
+        }
     }
+    dp.set_tx_ports(&ifindexes)
+        .context("listing the interfaces for XDP_REDIRECT")?;
+    let iface_addrs = crate::cli::decap::interface_addrs(&iface)
+        .with_context(|| format!("reading the addresses of {iface}"))?;
+    let routed = Routed::resolve(routed_settings, &iface_addrs);
 
     let (events, inbox) = mpsc::channel();
     let _log_task = match logger {
@@ -225,6 +315,7 @@ pub fn run(args: DaemonArgs, api: PathBuf) -> anyhow::Result<()> {
 
     let prober = health::TokioProber::new(runtime.handle().clone(), events);
     let mut control = Control::new(dp, iface.clone(), prober);
+    control.set_ifaces(ifaces.clone());
     if let Some(saved) = saved {
         control
             .restore(saved, adopting)
@@ -241,6 +332,11 @@ pub fn run(args: DaemonArgs, api: PathBuf) -> anyhow::Result<()> {
         // Each change was logged as it was made.
         info!(file, changes = changes.len(), "configuration applied");
     }
+    // After the services are known: a routed service needing a source address there is none
+    // of refuses the start; then CONFIG is written.
+    control
+        .set_routed(routed)
+        .context("the routed forwarding modes' settings")?;
     control.sync_vip_routes();
     control.set_state_file(state_file);
     info!(api = %api.display(), "ready");
@@ -254,13 +350,22 @@ pub fn run(args: DaemonArgs, api: PathBuf) -> anyhow::Result<()> {
         // Unpin first, so dropping the program's last link reference detaches it.
         pins.remove_all()?;
         drop(control);
-        info!(iface = %iface, "XDP program detached and pins removed; daemon stopped");
+        info!(ifaces = %ifaces.join(","), "XDP program detached and pins removed; daemon stopped");
     }
     runtime.shutdown_timeout(Duration::from_secs(1));
     if let Err(e) = std::fs::remove_file(&api) {
         warn!("removing {}: {e}", api.display());
     }
     Ok(())
+}
+
+fn ifindex(name: &str) -> anyhow::Result<u32> {
+    let c = std::ffi::CString::new(name).context("interface name")?;
+    // SAFETY: c is a valid NUL-terminated string.
+    match unsafe { libc::if_nametoindex(c.as_ptr()) } {
+        0 => Err(std::io::Error::last_os_error()).with_context(|| format!("interface {name}")),
+        index => Ok(index),
+    }
 }
 
 fn read_state(path: &std::path::Path) -> anyhow::Result<Option<control::SavedState>> {

@@ -66,10 +66,11 @@ pub enum Change {
 impl fmt::Display for Change {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let backend_text = |b: &BackendConfig| {
+            let port = b.port.map(|p| format!("port {p}, ")).unwrap_or_default();
             if b.drain {
-                format!("weight {}, drained", b.weight)
+                format!("{port}weight {}, drained", b.weight)
             } else {
-                format!("weight {}", b.weight)
+                format!("{port}weight {}", b.weight)
             }
         };
         match self {
@@ -102,9 +103,10 @@ impl fmt::Display for Change {
 fn settings_text(s: &ServiceSettings) -> String {
     let h = &s.health;
     format!(
-        "scheduler {}, forward {}, health check every {} (timeout {}, rise {}, fall {})",
+        "scheduler {}, forward {}{}, health check every {} (timeout {}, rise {}, fall {})",
         s.scheduler.name(),
         s.forward.name(),
+        if s.fragments { ", fragments" } else { "" },
         format_duration(h.interval),
         format_duration(h.timeout),
         h.rise,
@@ -113,11 +115,15 @@ fn settings_text(s: &ServiceSettings) -> String {
 }
 
 /// The changes that turn `from` into `to`, in the order they are applied: removals first (so
-/// their ids are free for what is added), then additions and changes in place.
+/// their ids are free for what is added), then additions and changes in place. A backend
+/// whose port changes is removed and added again (its flows were translated to the old
+/// port). Services turning fragments off are changed before any other is added or changed,
+/// so the port-0 entry of their VIP is free for one turning it on.
 pub fn plan(from: &Services, to: &Services) -> Vec<Change> {
     let mut remove_backends = Vec::new();
     let mut remove_services = Vec::new();
     let mut add_services = Vec::new();
+    let mut fragments_off = Vec::new();
     let mut update_services = Vec::new();
     let mut add_backends = Vec::new();
     let mut update_backends = Vec::new();
@@ -141,10 +147,15 @@ pub fn plan(from: &Services, to: &Services) -> Vec<Change> {
                 settings: new.settings.clone(),
             }),
             Some(old) if old.settings != new.settings => {
-                update_services.push(Change::UpdateService {
+                let change = Change::UpdateService {
                     service,
                     settings: new.settings.clone(),
-                });
+                };
+                if old.settings.fragments && !new.settings.fragments {
+                    fragments_off.push(change);
+                } else {
+                    update_services.push(change);
+                }
             }
             Some(_) => {}
         }
@@ -155,6 +166,14 @@ pub fn plan(from: &Services, to: &Services) -> Vec<Change> {
                     ip,
                     backend,
                 }),
+                Some(was) if was.port != backend.port => {
+                    remove_backends.push(Change::RemoveBackend { service, ip });
+                    add_backends.push(Change::AddBackend {
+                        service,
+                        ip,
+                        backend,
+                    });
+                }
                 Some(was) if *was != backend => update_backends.push(Change::UpdateBackend {
                     service,
                     ip,
@@ -167,6 +186,7 @@ pub fn plan(from: &Services, to: &Services) -> Vec<Change> {
     [
         remove_backends,
         remove_services,
+        fragments_off,
         add_services,
         update_services,
         add_backends,
@@ -213,13 +233,14 @@ impl<P: Prober> Control<P> {
         config: &Config,
         file: &str,
     ) -> Result<Vec<Change>, ControlError> {
-        if let Some(Located { value, line }) = &config.daemon.interface
-            && *value != self.iface()
+        if let Some(Located { value, line }) = &config.daemon.interfaces
+            && *value != self.ifaces()
         {
             return Err(ControlError::Invalid(format!(
-                "{file}:{line}: interface {value}: the daemon runs on {}; changing the \
-                 interface needs a restart",
-                self.iface()
+                "{file}:{line}: interface {}: the daemon runs on {}; changing the \
+                 interfaces needs a restart",
+                value.join(", "),
+                self.ifaces().join(", ")
             )));
         }
         config::check_services(&config.services)
@@ -279,6 +300,7 @@ impl<P: Prober> Control<P> {
                 settings.scheduler,
                 settings.forward,
                 settings.health.clone(),
+                settings.fragments,
             ),
             Change::UpdateService { service, settings } => {
                 self.service_update(*service, settings.clone())
@@ -288,7 +310,7 @@ impl<P: Prober> Control<P> {
                 ip,
                 backend,
             } => {
-                self.backend_add(service, ip, backend.weight)?;
+                self.backend_add(service, ip, backend.weight, backend.port)?;
                 if backend.drain {
                     self.backend_drain(service, ip, None)?;
                 }
@@ -343,12 +365,14 @@ impl<P: Prober> Control<P> {
     pub(super) fn config_dump(&self) -> Response {
         let config = Config {
             daemon: DaemonSettings {
-                interface: Some(Located {
-                    value: self.iface().to_owned(),
+                interfaces: Some(Located {
+                    value: self.ifaces().to_vec(),
                     line: 0,
                 }),
                 // Read only at start, not part of the running state.
                 metrics: None,
+                // As given at start (flags or file); defaults stay implicit.
+                routed: self.routed_settings(),
             },
             services: self.running(),
         };
@@ -481,7 +505,8 @@ address = "10.0.0.2"
                     ip: ip("10.0.0.4"),
                     backend: BackendConfig {
                         weight: 1,
-                        drain: true
+                        drain: true,
+                        port: None,
                     }
                 },
                 Change::AddBackend {
@@ -494,7 +519,8 @@ address = "10.0.0.2"
                     ip: ip("10.0.0.2"),
                     backend: BackendConfig {
                         weight: 5,
-                        drain: false
+                        drain: false,
+                        port: None,
                     }
                 },
             ]

@@ -249,6 +249,7 @@ pub fn small_dataplane() -> lb_userspace::dataplane::Dataplane {
             max_services: 4,
             max_backends: 16,
             conntrack_size: 4096,
+            nat_size: 1024,
         },
         false,
     )
