@@ -612,7 +612,9 @@ pub fn parse_port_range(s: &str) -> Result<(u16, u16), String> {
         return Err(format!("port range {s}: port 0 is not a port"));
     }
     if low > high {
-        return Err(format!("port range {s} is empty (write the low port first)"));
+        return Err(format!(
+            "port range {s} is empty (write the low port first)"
+        ));
     }
     Ok((low, high))
 }
@@ -872,13 +874,19 @@ mod tests {
         for f in Forward::ALL {
             assert_eq!(check_backend_family(&v4, f, ip4), Ok(()));
             assert_eq!(check_backend_family(&v6, f, ip6), Ok(()));
-            let mixed = [check_backend_family(&v4, f, ip6), check_backend_family(&v6, f, ip4)];
+            let mixed = [
+                check_backend_family(&v4, f, ip6),
+                check_backend_family(&v6, f, ip4),
+            ];
             if matches!(f, Forward::Ipip | Forward::Gue) {
                 assert_eq!(mixed, [Ok(()), Ok(())], "{}", f.name());
             } else {
                 for m in mixed {
                     let e = m.unwrap_err();
-                    assert!(e.contains(&format!("forwarding mode {} needs", f.name())), "{e}");
+                    assert!(
+                        e.contains(&format!("forwarding mode {} needs", f.name())),
+                        "{e}"
+                    );
                 }
             }
         }
@@ -897,7 +905,9 @@ mod tests {
                 assert_eq!(mapped, Ok(()));
             } else {
                 assert!(
-                    mapped.unwrap_err().contains("differs from the service port 80"),
+                    mapped
+                        .unwrap_err()
+                        .contains("differs from the service port 80"),
                     "{}",
                     f.name()
                 );
@@ -930,7 +940,13 @@ mod tests {
             })
         );
         assert_eq!(t("2001:db8::2").unwrap().port, None);
-        for bad in ["10.0.0.2:0", "10.0.0.2:70000", "2001:db8::2:80x", "host:80", ""] {
+        for bad in [
+            "10.0.0.2:0",
+            "10.0.0.2:70000",
+            "2001:db8::2:80x",
+            "host:80",
+            "",
+        ] {
             assert!(t(bad).is_err(), "{bad:?} accepted");
         }
     }
@@ -954,7 +970,9 @@ mod tests {
         assert_eq!(parse_port_range("40000-59999"), Ok((40000, 59999)));
         assert_eq!(parse_port_range("1024-1024"), Ok((1024, 1024)));
         assert_eq!(parse_port_range(" 1 - 65535 "), Ok((1, 65535)));
-        for bad in ["", "40000", "0-100", "200-100", "1-65536", "a-b", "1-2-3", "-5"] {
+        for bad in [
+            "", "40000", "0-100", "200-100", "1-65536", "a-b", "1-2-3", "-5",
+        ] {
             assert!(parse_port_range(bad).is_err(), "{bad:?} accepted");
         }
     }

@@ -16,8 +16,9 @@ use aya::{
     },
 };
 use lb_common::{
-    Backend, DataplaneConfig, DecapAddr, DecapReason, FlowKeyV4, FlowKeyV6, FlowState, LcList, RING_CHUNK,
-    RING_CHUNKS, RING_SIZE, Reason, RingChunk, Service, ServiceKeyV4, ServiceKeyV6, Traffic, names,
+    Backend, DataplaneConfig, DecapAddr, DecapReason, FlowKeyV4, FlowKeyV6, FlowState, LcList,
+    RING_CHUNK, RING_CHUNKS, RING_SIZE, Reason, RingChunk, Service, ServiceKeyV4, ServiceKeyV6,
+    Traffic, names,
 };
 
 /// A service's key in the kernel: the map depends on the VIP's family.
@@ -144,13 +145,14 @@ impl Dataplane {
         let debug: u32 = debug_packets.into();
         let mut loader = EbpfLoader::new();
         loader
-            .map_max_entries(names::SERVICES, sizing.max_services)
+            // Room for each service's port-0 entry too (`--fragments`).
+            .map_max_entries(names::SERVICES, 2 * sizing.max_services)
             .map_max_entries(names::SERVICE_STATS, sizing.max_services)
             .map_max_entries(names::RINGS, RING_CHUNKS * sizing.ring_tables())
             .map_max_entries(names::BACKENDS, sizing.max_backends)
             .map_max_entries(names::BACKEND_STATS, sizing.max_backends)
             .map_max_entries(names::CONNTRACK, sizing.conntrack_size)
-            .map_max_entries(names::SERVICES_V6, sizing.max_services)
+            .map_max_entries(names::SERVICES_V6, 2 * sizing.max_services)
             .map_max_entries(names::CONNTRACK_V6, sizing.conntrack_size)
             .map_max_entries(names::FLOW_COUNTS, sizing.max_backends)
             .map_max_entries(names::RR_CURSORS, sizing.max_services)
@@ -382,19 +384,29 @@ impl Dataplane {
     /// Writes the routed modes' settings (the one value of `CONFIG`).
     pub fn set_config(&mut self, config: &DataplaneConfig) -> Result<()> {
         let name = names::CONFIG;
-        let map = self.ebpf.map_mut(name).ok_or(DataplaneError::MissingMap(name))?;
+        let map = self
+            .ebpf
+            .map_mut(name)
+            .ok_or(DataplaneError::MissingMap(name))?;
         let mut array: Array<&mut MapData, DataplaneConfig> =
             Array::try_from(map).map_err(|source| DataplaneError::Map { name, source })?;
-        array.set(0, *config, 0).map_err(|source| DataplaneError::Map { name, source })
+        array
+            .set(0, *config, 0)
+            .map_err(|source| DataplaneError::Map { name, source })
     }
 
     /// The value of `CONFIG` (tests and diagnostics).
     pub fn config(&self) -> Result<DataplaneConfig> {
         let name = names::CONFIG;
-        let map = self.ebpf.map(name).ok_or(DataplaneError::MissingMap(name))?;
+        let map = self
+            .ebpf
+            .map(name)
+            .ok_or(DataplaneError::MissingMap(name))?;
         let array: Array<&MapData, DataplaneConfig> =
             Array::try_from(map).map_err(|source| DataplaneError::Map { name, source })?;
-        array.get(&0, 0).map_err(|source| DataplaneError::Map { name, source })
+        array
+            .get(&0, 0)
+            .map_err(|source| DataplaneError::Map { name, source })
     }
 
     /// Makes exactly `ifindexes` the interfaces packets may be redirected to (`TX_PORTS`, each
@@ -406,7 +418,10 @@ impl Dataplane {
             name,
             source: std::io::Error::other(e.to_string()),
         };
-        let map = self.ebpf.map_mut(name).ok_or(DataplaneError::MissingMap(name))?;
+        let map = self
+            .ebpf
+            .map_mut(name)
+            .ok_or(DataplaneError::MissingMap(name))?;
         let mut ports: DevMapHash<&mut MapData> =
             DevMapHash::try_from(map).map_err(|source| DataplaneError::Map { name, source })?;
         let old: Vec<u32> = ports
@@ -420,7 +435,9 @@ impl Dataplane {
             }
         }
         for &ifindex in ifindexes {
-            ports.insert(ifindex, ifindex, None, 0).map_err(|e| err(&e))?;
+            ports
+                .insert(ifindex, ifindex, None, 0)
+                .map_err(|e| err(&e))?;
         }
         Ok(())
     }
@@ -428,7 +445,10 @@ impl Dataplane {
     /// The interfaces in `TX_PORTS`, by ifindex (tests and diagnostics).
     pub fn tx_ports(&self) -> Result<Vec<u32>> {
         let name = names::TX_PORTS;
-        let map = self.ebpf.map(name).ok_or(DataplaneError::MissingMap(name))?;
+        let map = self
+            .ebpf
+            .map(name)
+            .ok_or(DataplaneError::MissingMap(name))?;
         let ports: DevMapHash<&MapData> =
             DevMapHash::try_from(map).map_err(|source| DataplaneError::Map { name, source })?;
         let mut keys: Vec<u32> = ports

@@ -225,22 +225,23 @@ impl PinDir {
                 });
             }
             match l.name {
-                names::SERVICES => sizing.max_services = info.max_entries(),
+                // The ring map holds one table per service plus a spare. (SERVICES is no
+                // measure: this version gives it room for each service's port-0 key too.)
+                names::RINGS => {
+                    let entries = info.max_entries();
+                    if entries % RING_CHUNKS != 0 || entries < 2 * RING_CHUNKS {
+                        return Err(PinError::Incompatible {
+                            name: l.name,
+                            path,
+                            found: format!("{entries} entries"),
+                            wanted: format!("a multiple of {RING_CHUNKS}, at least two tables"),
+                        });
+                    }
+                    sizing.max_services = entries / RING_CHUNKS - 1;
+                }
                 names::BACKENDS => sizing.max_backends = info.max_entries(),
                 names::CONNTRACK => sizing.conntrack_size = info.max_entries(),
                 names::NAT_FLOWS => sizing.nat_size = info.max_entries(),
-                names::RINGS if info.max_entries() != RING_CHUNKS * sizing.ring_tables() => {
-                    return Err(PinError::Incompatible {
-                        name: l.name,
-                        path,
-                        found: format!("{} entries", info.max_entries()),
-                        wanted: format!(
-                            "{} entries for {} services",
-                            RING_CHUNKS * sizing.ring_tables(),
-                            sizing.max_services
-                        ),
-                    });
-                }
                 _ => {}
             }
         }

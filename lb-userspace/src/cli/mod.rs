@@ -288,11 +288,11 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 scheduler,
                 forward,
                 fragments,
-            health: HealthCheck {
-                interval: hc_interval,
-                timeout: hc_timeout,
-                rise: hc_rise,
-                fall: hc_fall,
+                health: HealthCheck {
+                    interval: hc_interval,
+                    timeout: hc_timeout,
+                    rise: hc_rise,
+                    fall: hc_fall,
                     kind: hc.to_kind().map_err(anyhow::Error::msg)?,
                     target: hc_target,
                 },
@@ -576,6 +576,128 @@ mod tests {
             &["decap", "--iface", "eth0", "--gue-port", "0"],
             &["decap", "--iface", "eth0", "--gue-port", "70000"],
             &["decap", "--iface", "eth0", "--xdp-mode", "fast"],
+        ] {
+            assert!(parse(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn forwarding_modes_fragments_and_backend_ports_parse() {
+        for f in Forward::ALL {
+            let cli =
+                parse(&["service", "add", "10.0.0.10:80/tcp", "--forward", f.name()]).unwrap();
+            assert!(matches!(
+                cli.command,
+                Command::Service(ServiceCommand::Add { forward, fragments: false, .. }) if forward == f
+            ));
+        }
+        let cli = parse(&[
+            "service",
+            "add",
+            "10.0.0.10:80/udp",
+            "--scheduler",
+            "source-hash",
+            "--forward",
+            "gue",
+            "--fragments",
+        ])
+        .unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Service(ServiceCommand::Add {
+                fragments: true,
+                ..
+            })
+        ));
+        for (arg, ip, port) in [
+            ("10.0.0.2", "10.0.0.2", None),
+            ("10.0.0.2:8080", "10.0.0.2", Some(8080)),
+            ("[2001:db8::2]:8080", "2001:db8::2", Some(8080)),
+            ("2001:db8::2", "2001:db8::2", None),
+        ] {
+            let cli = parse(&["backend", "add", "10.0.0.10:80/tcp", arg]).unwrap();
+            let Command::Backend(BackendCommand::Add { target, .. }) = cli.command else {
+                panic!("parsed as {:?}", cli.command);
+            };
+            assert_eq!(target.ip, ip.parse::<IpAddr>().unwrap(), "{arg}");
+            assert_eq!(target.port, port, "{arg}");
+        }
+        for bad in [
+            &["service", "add", "10.0.0.10:80/tcp", "--forward", "tunnel"][..],
+            &["backend", "add", "10.0.0.10:80/tcp", "10.0.0.2:0"],
+            &["backend", "add", "10.0.0.10:80/tcp", "10.0.0.2:http"],
+        ] {
+            assert!(parse(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn daemon_takes_several_interfaces_and_the_routed_options() {
+        let cli = parse(&[
+            "daemon",
+            "--iface",
+            "eth0",
+            "--iface",
+            "eth1",
+            "--encap-source4",
+            "192.0.2.1",
+            "--encap-source6",
+            "2001:db8::1",
+            "--encap-source-hash-bits",
+            "16",
+            "--gue-port",
+            "9000",
+            "--snat4",
+            "192.0.2.2",
+            "--snat6",
+            "2001:db8::2",
+            "--snat-ports",
+            "1024-2047",
+            "--nat-size",
+            "4096",
+        ])
+        .unwrap();
+        let Command::Daemon(args) = cli.command else {
+            panic!("parsed as {:?}", cli.command);
+        };
+        assert_eq!(args.iface, ["eth0", "eth1"]);
+        assert_eq!(args.encap_source4, Some("192.0.2.1".parse().unwrap()));
+        assert_eq!(args.encap_source6, Some("2001:db8::1".parse().unwrap()));
+        assert_eq!(args.encap_source_hash_bits, Some(16));
+        assert_eq!(args.gue_port, Some(9000));
+        assert_eq!(args.snat4, Some("192.0.2.2".parse().unwrap()));
+        assert_eq!(args.snat6, Some("2001:db8::2".parse().unwrap()));
+        assert_eq!(args.snat_ports, Some((1024, 2047)));
+        assert_eq!(args.nat_size, Some(4096));
+        let Command::Daemon(args) = parse(&["daemon", "--iface", "eth0"]).unwrap().command else {
+            panic!("daemon did not parse");
+        };
+        assert_eq!(
+            (args.encap_source4, args.snat_ports, args.gue_port),
+            (None, None, None),
+            "defaults are filled in at start"
+        );
+        for bad in [
+            &[
+                "daemon",
+                "--iface",
+                "eth0",
+                "--encap-source-hash-bits",
+                "17",
+            ][..],
+            &[
+                "daemon",
+                "--iface",
+                "eth0",
+                "--encap-source4",
+                "2001:db8::1",
+            ],
+            &["daemon", "--iface", "eth0", "--snat6", "192.0.2.1"],
+            &["daemon", "--iface", "eth0", "--snat-ports", "60000-50000"],
+            &["daemon", "--iface", "eth0", "--snat-ports", "0-100"],
+            &["daemon", "--iface", "eth0", "--snat-ports", "100"],
+            &["daemon", "--iface", "eth0", "--gue-port", "0"],
+            &["daemon", "--iface", "eth0", "--nat-size", "10"],
         ] {
             assert!(parse(bad).is_err(), "{bad:?} accepted");
         }

@@ -126,7 +126,10 @@ mod tests {
             counters: Default::default(),
         };
         let text = render(&status);
-        assert!(text.contains("10.0.0.10:80/tcp  forward=nat scheduler="), "{text}");
+        assert!(
+            text.contains("10.0.0.10:80/tcp  forward=nat scheduler="),
+            "{text}"
+        );
         assert!(text.contains("forward=gue fragments scheduler="), "{text}");
         assert!(text.contains("  10.0.1.2:8080 "), "{text}");
         assert!(text.contains("  10.0.1.3   "), "{text}");

@@ -405,7 +405,10 @@ fn routed_settings(src: &Source<'_>, raw: &RawDaemon) -> Result<RoutedSettings, 
             .as_ref()
             .map(|v| {
                 v.get_ref().parse::<T>().map_err(|_| {
-                    src.at(v, format!("{key}: '{}' is not an {family} address", v.get_ref()))
+                    src.at(
+                        v,
+                        format!("{key}: '{}' is not an {family} address", v.get_ref()),
+                    )
                 })
             })
             .transpose()
@@ -421,7 +424,8 @@ fn routed_settings(src: &Source<'_>, raw: &RawDaemon) -> Result<RoutedSettings, 
     };
     let snat_ports = match &raw.snat_ports {
         Some(v) => Some(
-            api::parse_port_range(v.get_ref()).map_err(|m| src.at(v, format!("snat_ports: {m}")))?,
+            api::parse_port_range(v.get_ref())
+                .map_err(|m| src.at(v, format!("snat_ports: {m}")))?,
         ),
         None => None,
     };
@@ -515,7 +519,11 @@ fn service_config(
         && let Some(f) = &raw.fragments
     {
         api::check_fragments(settings.scheduler, settings.forward).map_err(|m| {
-            src.at(f, m.replace("--fragments", "fragments").replace("--scheduler ", "scheduler "))
+            src.at(
+                f,
+                m.replace("--fragments", "fragments")
+                    .replace("--scheduler ", "scheduler "),
+            )
         })?;
     }
     let mut backends = BTreeMap::new();
@@ -1301,7 +1309,11 @@ mod tests {
         .unwrap();
         let s = c.services.get_mut(&svc("10.0.0.10:80/tcp")).unwrap();
         s.backends.get_mut(&ip("10.0.0.2")).unwrap().port = Some(8080);
-        assert!(check_services(&c.services).unwrap_err().contains("only nat and fullnat"));
+        assert!(
+            check_services(&c.services)
+                .unwrap_err()
+                .contains("only nat and fullnat")
+        );
     }
 
     #[test]
@@ -1356,14 +1368,16 @@ mod tests {
              to one backend), not maglev"
         );
         for forward in ["nat", "fullnat"] {
-            assert!(
-                error(&frag("source-hash", forward)).starts_with(&format!(
-                    "lb.toml:5: fragments works with forward dsr, ipip or gue, not {forward}"
-                ))
-            );
+            assert!(error(&frag("source-hash", forward)).starts_with(&format!(
+                "lb.toml:5: fragments works with forward dsr, ipip or gue, not {forward}"
+            )));
         }
         // fragments = false needs nothing.
-        Config::parse(&format!("{HEAD}forward = \"nat\"\nfragments = false\n"), "f").unwrap();
+        Config::parse(
+            &format!("{HEAD}forward = \"nat\"\nfragments = false\n"),
+            "f",
+        )
+        .unwrap();
         let two = format!(
             "{}[[service]]\naddress = \"10.0.0.10:443/tcp\"\nscheduler = \"source-hash\"\n\
              fragments = true\n",
@@ -1407,7 +1421,10 @@ mod tests {
         assert_eq!(r.snat_ports, Some((1024, 2047)));
         assert_eq!(r.nat_size, Some(4096));
         let again = Config::parse(&render(&c), "dump").unwrap();
-        assert_eq!((again.interfaces(), again.daemon.routed), (c.interfaces(), r));
+        assert_eq!(
+            (again.interfaces(), again.daemon.routed),
+            (c.interfaces(), r)
+        );
         // One interface is written as a string, as before.
         let one = Config::parse("[daemon]\ninterface = \"eth0\"\n", "f").unwrap();
         assert!(render(&one).contains("interface = \"eth0\"\n"));

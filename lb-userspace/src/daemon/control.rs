@@ -12,8 +12,8 @@ use std::{
 use serde::{Deserialize, Serialize};
 
 use lb_common::{
-    AF_INET, BACKEND_F_ALIVE, BACKEND_NONE, RING_SIZE, Reason, SERVICE_F_FRAGMENTS,
-    ServiceKeyV4, ServiceKeyV6,
+    AF_INET, BACKEND_F_ALIVE, BACKEND_NONE, RING_SIZE, Reason, SERVICE_F_FRAGMENTS, ServiceKeyV4,
+    ServiceKeyV6,
 };
 use tracing::{info, warn};
 
@@ -820,6 +820,10 @@ impl<P: Prober> Control<P> {
         info!(service = %addr, backend = %ip, port = port.unwrap_or(addr.port), id, weight, "backend added; waiting for health checks");
         // Its MAC may already be known.
         self.refresh_macs();
+        // A routed mode needs no MAC: a backend up from the start (a `none` check) is alive now.
+        if let Err(e) = self.sync_service(addr) {
+            warn!(service = %addr, "adding backend {ip}: {e}");
+        }
         Ok(())
     }
 
@@ -1208,9 +1212,7 @@ impl<P: Prober> Control<P> {
         // re-adds those whose port changes before it changes settings).
         for (ip, b) in &entry.backends {
             crate::api::check_backend_family(&addr, settings.forward, *ip)
-                .and_then(|()| {
-                    crate::api::check_backend_port(&addr, settings.forward, *ip, b.port)
-                })
+                .and_then(|()| crate::api::check_backend_port(&addr, settings.forward, *ip, b.port))
                 .map_err(ControlError::Invalid)?;
         }
         self.check_sources(&addr, settings.forward, entry.backends.keys().copied())?;
@@ -1238,13 +1240,8 @@ impl<P: Prober> Control<P> {
                     ip: *ip,
                     generation: b.generation,
                 };
-                let target = probe_target(
-                    addr,
-                    *ip,
-                    b.port.unwrap_or(addr.port),
-                    b.id,
-                    &entry.health,
-                );
+                let target =
+                    probe_target(addr, *ip, b.port.unwrap_or(addr.port), b.id, &entry.health);
                 let probe = self.prober.start(key, target, entry.health.clone());
                 self.probes.insert((addr, *ip), probe);
             }

@@ -22,7 +22,9 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use config::{Config, RoutedSettings};
-pub use control::{Control, ControlError, Prober, SavedState, ipv6_words};
+pub use control::{
+    Control, ControlError, Prober, SavedState, fragment_key, ipv6_words, service_key,
+};
 pub use health::{ProbeKey, ProbeOutcome, ProbeTarget};
 pub use reload::{Change, discarded, plan};
 pub use routed::Routed;
@@ -175,10 +177,9 @@ pub fn run(args: DaemonArgs, api: PathBuf) -> anyhow::Result<()> {
     config::check_interfaces(&ifaces).map_err(anyhow::Error::msg)?;
     let iface = ifaces[0].clone();
     // The flags win over the file's `[daemon]` keys.
-    let routed_settings = args.routed().or(config
-        .as_ref()
-        .map(|c| c.daemon.routed)
-        .unwrap_or_default());
+    let routed_settings = args
+        .routed()
+        .or(config.as_ref().map(|c| c.daemon.routed).unwrap_or_default());
 
     let listener = runtime.block_on(server::bind(&api))?;
     // The flag wins over the file's `[daemon] metrics`.

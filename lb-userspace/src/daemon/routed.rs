@@ -194,7 +194,9 @@ mod tests {
         let b6: IpAddr = "2001:db8:1::2".parse().unwrap();
         for f in [Forward::Ipip, Forward::Gue] {
             assert_eq!(only4.check_sources(&v6, f, [b4].into_iter()), Ok(()));
-            let e = only4.check_sources(&v4, f, [b4, b6].into_iter()).unwrap_err();
+            let e = only4
+                .check_sources(&v4, f, [b4, b6].into_iter())
+                .unwrap_err();
             assert!(e.contains("--encap-source6"), "{e}");
         }
         assert_eq!(
