@@ -342,13 +342,13 @@ fn an_invalid_reload_changes_nothing() {
                 ),
                 format!(
                     "{file}:23: backend 10.99.0.14: forwarding mode dsr needs a backend of the \
-                     VIP's address family"
+                     VIP's address family (ipip and gue allow either)"
                 ),
             ),
             (
                 adding.replace("\"lbc0\"", "\"eth7\""),
                 format!(
-                    "{file}:2: interface eth7: the daemon runs on lbc0; changing the interface \
+                    "{file}:2: interface eth7: the daemon runs on lbc0; changing the interfaces \
                      needs a restart"
                 ),
             ),
