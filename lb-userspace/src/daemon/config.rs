@@ -318,7 +318,7 @@ impl Config {
                     RawInterfaces::One(name) => vec![name.clone()],
                     RawInterfaces::Many(names) => names.clone(),
                 };
-                check_interfaces(&names).map_err(|m| src.at(&iface, m))?;
+                check_interfaces(&names).map_err(|m| src.at(iface, m))?;
                 Some(Located {
                     line: src.line(iface.span().start),
                     value: names,
