@@ -5,7 +5,7 @@
 //! [daemon]
 //! interface = "eth0"                 # or ["eth0", "eth1"]: attached to each
 //! encap_source4 = "192.0.2.1"        # ipip/gue outer source (default: the interface's)
-//! snat_ports = "40000-59999"         # fullnat's source ports
+//! snat_ports = "61000-65535"         # fullnat's source ports
 //!
 //! [[service]]
 //! address = "10.0.0.10:80/tcp"       # or vip = "10.0.0.10", port = 80, proto = "tcp"
@@ -84,7 +84,7 @@ pub struct RoutedSettings {
     pub snat4: Option<Ipv4Addr>,
     /// fullnat's IPv6 source (default: the interface's IPv6 address).
     pub snat6: Option<Ipv6Addr>,
-    /// fullnat's source ports, inclusive (default 40000-59999).
+    /// fullnat's source ports, inclusive (default 61000-65535).
     pub snat_ports: Option<(u16, u16)>,
     /// Entries of each NAT map (default `lb_common::DEFAULT_NAT_SIZE`).
     pub nat_size: Option<u32>,
@@ -108,8 +108,10 @@ impl RoutedSettings {
     }
 }
 
-/// Default fullnat source ports.
-pub const DEFAULT_SNAT_PORTS: (u16, u16) = (40000, 59999);
+/// Default fullnat source ports: above Linux's default local port range (32768-60999), so a
+/// connection of the balancer host itself (a health check) never shares a port with a
+/// translated flow to the same backend.
+pub const DEFAULT_SNAT_PORTS: (u16, u16) = (61000, 65535);
 /// Most bits of the outer source address the flow hash may set.
 pub const MAX_ENCAP_HASH_BITS: u8 = 16;
 /// Limits of `nat_size`.
@@ -1447,7 +1449,7 @@ mod tests {
             (
                 "snat_ports = \"40000\"",
                 "lb.toml:2: snat_ports: '40000' is not a port range MIN-MAX (for example \
-                 40000-59999)",
+                 61000-65535)",
             ),
             (
                 "encap_source4 = \"2001:db8::1\"",

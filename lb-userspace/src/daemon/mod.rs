@@ -124,7 +124,7 @@ pub struct DaemonArgs {
     /// of the first --iface].
     #[arg(long, value_name = "IP")]
     pub snat6: Option<Ipv6Addr>,
-    /// fullnat: source ports given to flows, MIN-MAX inclusive [default: 40000-59999].
+    /// fullnat: source ports given to flows, MIN-MAX inclusive [default: 61000-65535].
     #[arg(long, value_name = "MIN-MAX", value_parser = crate::api::parse_port_range)]
     pub snat_ports: Option<(u16, u16)>,
     /// nat/fullnat: entries of each NAT table (forward flows and replies, per family); a new

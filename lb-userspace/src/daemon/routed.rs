@@ -155,7 +155,7 @@ mod tests {
         assert_eq!(r.encap_source6, Some("2001:db8::1".parse().unwrap()));
         assert_eq!((r.snat4, r.snat6), (r.encap_source4, r.encap_source6));
         assert_eq!(r.gue_port, lb_common::DEFAULT_GUE_PORT);
-        assert_eq!(r.snat_ports, (40000, 59999));
+        assert_eq!(r.snat_ports, (61000, 65535));
         assert_eq!(r.encap_source_hash_bits, 0);
         // Given values win.
         let given = RoutedSettings {
