@@ -604,7 +604,7 @@ impl FromStr for BackendTarget {
 
 /// `MIN-MAX`, an inclusive range of ports with MIN <= MAX, neither 0 (`--snat-ports`).
 pub fn parse_port_range(s: &str) -> Result<(u16, u16), String> {
-    let bad = || format!("'{s}' is not a port range MIN-MAX (for example 40000-59999)");
+    let bad = || format!("'{s}' is not a port range MIN-MAX (for example 61000-65535)");
     let (low, high) = s.split_once('-').ok_or_else(bad)?;
     let low: u16 = low.trim().parse().map_err(|_| bad())?;
     let high: u16 = high.trim().parse().map_err(|_| bad())?;
