@@ -64,16 +64,7 @@ fn send(ctx: &XdpContext, service: &Service, hash: u32, inner: Inner) -> Result<
         return Err(Reason::PassFragment);
     }
     let id = select::by_hash(service, hash)?;
-    let sent = super::to_backend(
-        ctx,
-        mode,
-        id,
-        inner,
-        hash,
-        Reason::Forwarded,
-        true,
-        Reason::PassFragment,
-    )?;
+    let sent = super::to_backend(ctx, mode, id, inner, hash, Reason::Forwarded, true)?;
     if sent.reason != Reason::IcmpTooBig {
         let len = (ctx.data_end() - ctx.data()) as u64;
         stats::count_traffic(&SERVICE_STATS, service.id, len, false);

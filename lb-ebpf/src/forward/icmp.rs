@@ -350,6 +350,5 @@ fn forward<K: FlowKey>(
         flow.flow_hash(),
         Reason::IcmpForwarded,
         false,
-        Reason::PassIcmpNoFlow,
     )
 }

@@ -19,8 +19,8 @@ pub struct Inner {
     pub v6: bool,
 }
 
-/// Sends the packet to backend `id` by the service's mode `forward` (dsr, ipip or gue; other
-/// modes are `Err(otherwise)`), counted as `reason`. `hash` seeds the encapsulation's outer
+/// Sends the packet to backend `id` by the service's mode `forward` (dsr, ipip or gue; callers
+/// leave other modes out), counted as `reason`. `hash` seeds the encapsulation's outer
 /// source and GUE port; `reply` allows an ICMP "too big" answer to the sender (never for a
 /// packet that is itself an ICMP error). For packets that were not placed by `backend_for`
 /// (ICMP errors, fragments): the main path has its own DSR arm.
@@ -33,7 +33,6 @@ pub fn to_backend(
     hash: u32,
     reason: Reason,
     reply: bool,
-    otherwise: Reason,
 ) -> Result<Sent, Reason> {
     match forward {
         FORWARD_DSR => {
@@ -47,6 +46,6 @@ pub fn to_backend(
         FORWARD_IPIP | FORWARD_GUE => {
             encap::encapsulate(ctx, inner, id, forward == FORWARD_GUE, hash, reason, reply)
         }
-        _ => Err(otherwise),
+        _ => Err(Reason::DropInternal),
     }
 }
