@@ -75,6 +75,14 @@ pub fn source_hash(words: &[u32]) -> u32 {
     murmur3_words(FLOW_SEED, words)
 }
 
+/// The UDP source port of a GUE packet for a flow of hash `hash` (host order): in the dynamic
+/// range 49152-65535, so a flow always has the same port and flows spread over the backends'
+/// receive queues.
+#[inline(always)]
+pub const fn gue_source_port(hash: u32) -> u16 {
+    0xc000 | ((hash ^ (hash >> 16)) & 0x3fff) as u16
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

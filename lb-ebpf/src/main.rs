@@ -22,9 +22,13 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use aya_log_ebpf::debug;
-use forward::route::Sent;
-use lb_common::{DecapReason, FORWARD_DSR, Reason, ServiceKeyV4, ServiceKeyV6};
+use forward::{Inner, route::Sent};
+use lb_common::{
+    DecapReason, FORWARD_DSR, FORWARD_GUE, FORWARD_IPIP, FlowKeyV4, FlowKeyV6, Reason,
+    ServiceKeyV4, ServiceKeyV6,
+};
 use parse::L3;
+use select::FlowKey as _;
 
 /// Set to non-zero by the loader (`lb daemon --debug-packets`) to log each forwarding decision.
 /// A read-only global: the verifier sees its value at load time and removes the logging code
@@ -72,9 +76,12 @@ pub fn lb_hc_egress(ctx: TcContext) -> i32 {
 fn balance(ctx: &XdpContext) -> Result<Sent, Reason> {
     // SAFETY (service lookups): the value is copied out at once; userspace replaces entries
     // whole.
-    let (service, backend) = match parse::l2(ctx)? {
+    let (service, backend, flow) = match parse::l2(ctx)? {
         L3::V4(l3) => {
-            let pkt = parse::ipv4(ctx, l3)?;
+            let pkt = match parse::ipv4(ctx, l3) {
+                Ok(pkt) => pkt,
+                Err(reason) => return unparsed(ctx, Inner { l3, v6: false }, reason),
+            };
             let key = ServiceKeyV4 {
                 addr: pkt.flow.dst,
                 port: pkt.flow.dport,
@@ -85,10 +92,14 @@ fn balance(ctx: &XdpContext) -> Result<Sent, Reason> {
             (
                 service,
                 select::backend_for(&service, &pkt, &maps::CONNTRACK)?,
+                Flow::V4(l3, pkt.flow),
             )
         }
         L3::V6(l3) => {
-            let pkt = parse::ipv6(ctx, l3)?;
+            let pkt = match parse::ipv6(ctx, l3) {
+                Ok(pkt) => pkt,
+                Err(reason) => return unparsed(ctx, Inner { l3, v6: true }, reason),
+            };
             let key = ServiceKeyV6 {
                 addr: pkt.flow.dst,
                 port: pkt.flow.dport,
@@ -99,6 +110,7 @@ fn balance(ctx: &XdpContext) -> Result<Sent, Reason> {
             (
                 service,
                 select::backend_for(&service, &pkt, &maps::CONNTRACK_V6)?,
+                Flow::V6(l3, pkt.flow),
             )
         }
     };
@@ -109,6 +121,27 @@ fn balance(ctx: &XdpContext) -> Result<Sent, Reason> {
                 reason: Reason::Forwarded,
                 action: xdp_action::XDP_TX,
             }
+        }
+        FORWARD_IPIP | FORWARD_GUE => {
+            let (inner, hash) = match flow {
+                Flow::V4(l3, key) => (Inner { l3, v6: false }, key.flow_hash()),
+                Flow::V6(l3, key) => (Inner { l3, v6: true }, key.flow_hash()),
+            };
+            let gue = service.forward == FORWARD_GUE;
+            let sent = forward::encap::encapsulate(
+                ctx,
+                inner,
+                backend.id,
+                gue,
+                hash,
+                Reason::Forwarded,
+                true,
+            )?;
+            if sent.reason == Reason::IcmpTooBig {
+                // Answered, not forwarded: no traffic for the service.
+                return Ok(sent);
+            }
+            sent
         }
         _ => return Err(Reason::DropInternal),
     };
@@ -127,6 +160,26 @@ fn balance(ctx: &XdpContext) -> Result<Sent, Reason> {
         );
     }
     Ok(sent)
+}
+
+/// Where the packet's IP header is and its 5-tuple, for the modes that need more than MACs.
+enum Flow {
+    V4(usize, FlowKeyV4),
+    V6(usize, FlowKeyV6),
+}
+
+/// A packet the parser does not balance: ICMP errors about a VIP's flows (icmp.rs) and
+/// fragments of services that take them (fragment.rs) are still forwarded; everything else
+/// keeps the parser's reason.
+#[inline(always)]
+fn unparsed(ctx: &XdpContext, inner: Inner, reason: Reason) -> Result<Sent, Reason> {
+    match (reason, inner.v6) {
+        (Reason::PassNotTcpUdp, false) => forward::icmp::error_v4(ctx, inner.l3),
+        (Reason::PassNotTcpUdp, true) => forward::icmp::error_v6(ctx, inner.l3),
+        (Reason::PassFragment, false) => forward::fragment::v4(ctx, inner.l3),
+        (Reason::PassFragment, true) => forward::fragment::v6(ctx, inner.l3),
+        _ => Err(reason),
+    }
 }
 
 #[inline(always)]

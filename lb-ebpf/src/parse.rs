@@ -239,6 +239,30 @@ pub fn ipv6(ctx: &XdpContext, l3: usize) -> Result<Packet<FlowKeyV6>, Reason> {
     })
 }
 
+/// The upper-layer protocol (TCP or UDP) of an IPv6 fragment: the next header of its fragment
+/// header, found by the same bounded walk as `ipv6`. `None` without a fragment header in reach
+/// or for another protocol.
+#[inline(always)]
+pub fn ipv6_fragment_proto(ctx: &XdpContext, l3: usize) -> Option<u8> {
+    let ip: *const Ipv6Wire = ptr_at(ctx, l3)?;
+    let mut next = unsafe { (*ip).next_hdr };
+    let mut ext = 0usize;
+    for _ in 0..MAX_EXT_HEADERS {
+        let h: *const [u8; 2] = ptr_at(ctx, l3 + IPV6_LEN + ext)?;
+        let (nh, hlen) = unsafe { ((*h)[0], (*h)[1] as usize) };
+        match next {
+            IPPROTO_FRAGMENT => {
+                return (nh == PROTO_TCP || nh == PROTO_UDP).then_some(nh);
+            }
+            IPPROTO_AH => ext += (hlen + 2) * 4,
+            IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS => ext += (hlen + 1) * 8,
+            _ => return None,
+        }
+        next = nh;
+    }
+    None
+}
+
 /// The ports (and TCP flags) at `l4`; the whole fixed header must lie in the frame and within
 /// the `room` the IP header leaves for it.
 #[inline(always)]

@@ -114,6 +114,21 @@ pub fn backend_for<K: FlowKey>(
     })
 }
 
+/// The backend at `hash` in the service's table, if alive; no connection table (fragments:
+/// `hash` is the client's source hash).
+#[inline(always)]
+pub fn by_hash(service: &Service, hash: u32) -> Result<u32, Reason> {
+    let id = ring_entry(service, hash)?;
+    if id == BACKEND_NONE {
+        return Err(Reason::DropNoBackend);
+    }
+    let backend = BACKENDS.get(id).ok_or(Reason::DropInternal)?;
+    if backend.flags & BACKEND_F_ALIVE == 0 {
+        return Err(Reason::DropNoBackend);
+    }
+    Ok(id)
+}
+
 /// Keeps an established flow's entry current: its last-seen tick (written at most once a
 /// tick, about a second), and its active count when TCP closes it or a SYN opens the same 5-tuple again.
 #[inline(always)]

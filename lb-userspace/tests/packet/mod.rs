@@ -21,6 +21,17 @@ pub struct Frame {
     frags: u16,
     trailer: usize,
     tcp_flags: u8,
+    tos: u8,
+    payload: Option<usize>,
+}
+
+/// The transport payload of built frames: a short request by default, or `len` bytes of a
+/// counting pattern.
+fn payload_bytes(len: Option<usize>) -> Vec<u8> {
+    match len {
+        None => b"GET / HTTP/1.1\r\n\r\n".to_vec(),
+        Some(n) => (0..n).map(|i| (i % 251) as u8).collect(),
+    }
 }
 
 impl Frame {
@@ -36,6 +47,8 @@ impl Frame {
             frags: 0,
             trailer: 0,
             tcp_flags: 0x02,
+            tos: 0,
+            payload: None,
         }
     }
 
@@ -81,8 +94,20 @@ impl Frame {
         self
     }
 
+    /// The IPv4 type-of-service byte.
+    pub fn tos(mut self, tos: u8) -> Self {
+        self.tos = tos;
+        self
+    }
+
+    /// `len` bytes of transport payload instead of the short request.
+    pub fn payload_len(mut self, len: usize) -> Self {
+        self.payload = Some(len);
+        self
+    }
+
     pub fn build(&self) -> Vec<u8> {
-        let payload = b"GET / HTTP/1.1\r\n\r\n";
+        let payload = &payload_bytes(self.payload)[..];
         let l4_len = if self.proto == 17 { 8 } else { 20 };
         let ihl = 20 + self.options;
         let total = ihl + l4_len + payload.len();
@@ -98,7 +123,7 @@ impl Frame {
 
         let ip_start = f.len();
         f.push(0x40 | (ihl / 4) as u8);
-        f.push(0);
+        f.push(self.tos);
         f.extend_from_slice(&(total as u16).to_be_bytes());
         f.extend_from_slice(&0x1234u16.to_be_bytes());
         f.extend_from_slice(&self.frags.to_be_bytes());
@@ -152,7 +177,8 @@ impl Frame {
     }
 }
 
-fn checksum(bytes: &[u8]) -> u16 {
+/// The Internet checksum of `bytes` (0 over a block that includes a correct checksum).
+pub fn checksum(bytes: &[u8]) -> u16 {
     let mut sum: u32 = bytes
         .chunks(2)
         .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
@@ -173,6 +199,8 @@ pub struct Frame6 {
     /// (next-header value of the extension, its body length in 8-byte units beyond the first)
     ext: Vec<(u8, u8)>,
     tcp_flags: u8,
+    traffic_class: u8,
+    payload: Option<usize>,
 }
 
 impl Frame6 {
@@ -185,6 +213,8 @@ impl Frame6 {
             proto: 6,
             ext: Vec::new(),
             tcp_flags: 0x02,
+            traffic_class: 0,
+            payload: None,
         }
     }
 
@@ -202,14 +232,27 @@ impl Frame6 {
         self
     }
 
+    /// The traffic class byte.
+    pub fn traffic_class(mut self, tc: u8) -> Self {
+        self.traffic_class = tc;
+        self
+    }
+
+    /// `len` bytes of transport payload instead of the short request.
+    pub fn payload_len(mut self, len: usize) -> Self {
+        self.payload = Some(len);
+        self
+    }
+
     pub fn build(&self) -> Vec<u8> {
-        let payload = b"GET / HTTP/1.1\r\n\r\n";
+        let payload = &payload_bytes(self.payload)[..];
         let l4_len = if self.proto == 17 { 8 } else { 20 };
         let ext_len: usize = self.ext.iter().map(|(_, x)| 8 * (1 + *x as usize)).sum();
         let mut f = LB_MAC.to_vec();
         f.extend_from_slice(&CLIENT_MAC);
         f.extend_from_slice(&0x86ddu16.to_be_bytes());
-        f.extend_from_slice(&[0x60, 0, 0, 0]);
+        let vtc = (6u32 << 28) | (u32::from(self.traffic_class) << 20) | 0x12345;
+        f.extend_from_slice(&vtc.to_be_bytes());
         f.extend_from_slice(&((ext_len + l4_len + payload.len()) as u16).to_be_bytes());
         let first = self.ext.first().map_or(self.proto, |(k, _)| *k);
         f.push(first);
@@ -239,6 +282,74 @@ impl Frame6 {
         f.extend_from_slice(payload);
         f
     }
+}
+
+/// An ICMP error from `src` to `dst` (type `kind`, `code`, the 4 type-specific bytes `rest`)
+/// quoting `quoted` (an IP packet, usually cut short), in an Ethernet frame to the balancer.
+pub fn icmp4(
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    kind: u8,
+    code: u8,
+    rest: u32,
+    quoted: &[u8],
+) -> Vec<u8> {
+    let mut icmp = vec![kind, code, 0, 0];
+    icmp.extend_from_slice(&rest.to_be_bytes());
+    icmp.extend_from_slice(quoted);
+    let sum = checksum(&icmp);
+    icmp[2..4].copy_from_slice(&sum.to_be_bytes());
+    let mut f = LB_MAC.to_vec();
+    f.extend_from_slice(&CLIENT_MAC);
+    f.extend_from_slice(&0x0800u16.to_be_bytes());
+    let mut ip = vec![0x45, 0];
+    ip.extend_from_slice(&((20 + icmp.len()) as u16).to_be_bytes());
+    ip.extend_from_slice(&[0, 0, 0, 0, 64, 1, 0, 0]);
+    ip.extend_from_slice(&src.octets());
+    ip.extend_from_slice(&dst.octets());
+    let sum = checksum(&ip);
+    ip[10..12].copy_from_slice(&sum.to_be_bytes());
+    f.extend_from_slice(&ip);
+    f.extend_from_slice(&icmp);
+    f
+}
+
+/// The ICMPv6 checksum of `msg` (its checksum field included) from `src` to `dst`: 0 when
+/// the message's checksum is right.
+pub fn icmp6_checksum(src: &std::net::Ipv6Addr, dst: &std::net::Ipv6Addr, msg: &[u8]) -> u16 {
+    let mut pseudo = Vec::new();
+    pseudo.extend_from_slice(&src.octets());
+    pseudo.extend_from_slice(&dst.octets());
+    pseudo.extend_from_slice(&(msg.len() as u32).to_be_bytes());
+    pseudo.extend_from_slice(&[0, 0, 0, 58]);
+    pseudo.extend_from_slice(msg);
+    checksum(&pseudo)
+}
+
+/// `icmp4` for ICMPv6.
+pub fn icmp6(
+    src: std::net::Ipv6Addr,
+    dst: std::net::Ipv6Addr,
+    kind: u8,
+    code: u8,
+    rest: u32,
+    quoted: &[u8],
+) -> Vec<u8> {
+    let mut icmp = vec![kind, code, 0, 0];
+    icmp.extend_from_slice(&rest.to_be_bytes());
+    icmp.extend_from_slice(quoted);
+    let sum = icmp6_checksum(&src, &dst, &icmp);
+    icmp[2..4].copy_from_slice(&sum.to_be_bytes());
+    let mut f = LB_MAC.to_vec();
+    f.extend_from_slice(&CLIENT_MAC);
+    f.extend_from_slice(&0x86ddu16.to_be_bytes());
+    f.extend_from_slice(&[0x60, 0, 0, 0]);
+    f.extend_from_slice(&(icmp.len() as u16).to_be_bytes());
+    f.extend_from_slice(&[58, 64]);
+    f.extend_from_slice(&src.octets());
+    f.extend_from_slice(&dst.octets());
+    f.extend_from_slice(&icmp);
+    f
 }
 
 /// A balancer with small maps, loaded but not attached, for tests that drive it through
