@@ -371,20 +371,6 @@ impl Dataplane {
             })
     }
 
-    /// Writes the settings of the routed modes (the one value of `CONFIG`).
-    pub fn set_config(&mut self, c: &lb_common::DataplaneConfig) -> Result<()> {
-        let name = names::CONFIG;
-        let map = self
-            .ebpf
-            .map_mut(name)
-            .ok_or(DataplaneError::MissingMap(name))?;
-        let mut config: Array<&mut MapData, lb_common::DataplaneConfig> =
-            Array::try_from(map).map_err(|source| DataplaneError::Map { name, source })?;
-        config
-            .set(0, c, 0)
-            .map_err(|source| DataplaneError::Map { name, source })
-    }
-
     /// Writes the current tick (`FLOW_TICK_SHIFT`) for the program to stamp flows with.
     pub fn set_clock(&mut self, tick: u32) -> Result<()> {
         self.clock
