@@ -7,6 +7,8 @@
 //! verdict is checked. Baselines built in the same build and measured in the same run give the
 //! fixed cost (baseline 1, an XDP_DROP program) that is subtracted to compare work.
 
+#[path = "dataplane/modes.rs"]
+mod modes;
 #[path = "../tests/packet/mod.rs"]
 mod packet;
 
@@ -58,10 +60,30 @@ fn template(dst: Ipv4Addr, udp: bool) -> Vec<u8> {
 
 /// Runs `prog` once on `frame`; returns the kernel-reported ns and checks the verdict.
 fn run_once(prog: &mut Xdp, frame: &[u8], out: &mut [u8], expect: u32) -> f64 {
+    run_once_from(prog, frame, out, expect, None)
+}
+
+/// `run_once` with the packet received on interface `ingress` (an `xdp_md` context), which the
+/// routed modes' FIB lookups route from.
+fn run_once_from(
+    prog: &mut Xdp,
+    frame: &[u8],
+    out: &mut [u8],
+    expect: u32,
+    ingress: Option<u32>,
+) -> f64 {
+    // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex.
+    let ctx: Option<Vec<u8>> = ingress.map(|ifindex| {
+        [0, frame.len() as u32, 0, ifindex, 0, 0]
+            .iter()
+            .flat_map(|w: &u32| w.to_ne_bytes())
+            .collect()
+    });
     let r = prog
         .test_run(TestRunOptions {
             data_in: Some(frame),
             data_out: Some(out),
+            ctx_in: ctx.as_deref(),
             ..TestRunOptions::default()
         })
         .expect("BPF_PROG_TEST_RUN");
@@ -76,11 +98,22 @@ fn measure(
     n: usize,
     expect: u32,
 ) -> (f64, f64, f64) {
+    measure_from(prog, frames, n, expect, None)
+}
+
+/// `measure` with the packets received on interface `ingress`.
+fn measure_from(
+    prog: &mut Xdp,
+    frames: &mut dyn FnMut(usize) -> Vec<u8>,
+    n: usize,
+    expect: u32,
+    ingress: Option<u32>,
+) -> (f64, f64, f64) {
     let mut out = vec![0u8; 512];
     let mut means: Vec<f64> = (0..RUNS)
         .map(|run| {
             let total: f64 = (0..n)
-                .map(|i| run_once(prog, &frames(run * n + i), &mut out, expect))
+                .map(|i| run_once_from(prog, &frames(run * n + i), &mut out, expect, ingress))
                 .sum();
             total / n as f64
         })
@@ -382,6 +415,8 @@ fn main() {
         }
     }
     println!();
+
+    modes::forwarding_modes(&mut report, per_run / 5);
 
     control_plane_costs(&mut report, quick);
 
