@@ -23,8 +23,12 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use forward::route::Sent;
-use lb_common::{DecapReason, FORWARD_DSR, Reason, ServiceKeyV4, ServiceKeyV6};
+use lb_common::{
+    DecapReason, FORWARD_DSR, FORWARD_FULLNAT, FORWARD_NAT, Reason, Service, ServiceKeyV4,
+    ServiceKeyV6,
+};
 use parse::L3;
+use select::Chosen;
 
 /// Set to non-zero by the loader (`lb daemon --debug-packets`) to log each forwarding decision.
 /// A read-only global: the verifier sees its value at load time and removes the logging code
@@ -81,7 +85,13 @@ fn balance(ctx: &XdpContext) -> Result<Sent, Reason> {
                 proto: pkt.flow.proto,
                 _pad: 0,
             };
-            let service = *unsafe { maps::SERVICES.get(key) }.ok_or(Reason::PassNotVip)?;
+            let Some(service) = unsafe { maps::SERVICES.get(key) }.copied() else {
+                return forward::nat::reply(ctx, l3, &pkt);
+            };
+            if is_nat(service.forward) {
+                let (sent, backend) = forward::nat::forward(ctx, l3, &pkt, &service)?;
+                return Ok(account(ctx, &service, &backend, sent));
+            }
             (
                 service,
                 select::backend_for(&service, &pkt, &maps::CONNTRACK)?,
@@ -95,7 +105,13 @@ fn balance(ctx: &XdpContext) -> Result<Sent, Reason> {
                 proto: pkt.flow.proto,
                 _pad: 0,
             };
-            let service = *unsafe { maps::SERVICES_V6.get(key) }.ok_or(Reason::PassNotVip)?;
+            let Some(service) = unsafe { maps::SERVICES_V6.get(key) }.copied() else {
+                return forward::nat::reply(ctx, l3, &pkt);
+            };
+            if is_nat(service.forward) {
+                let (sent, backend) = forward::nat::forward(ctx, l3, &pkt, &service)?;
+                return Ok(account(ctx, &service, &backend, sent));
+            }
             (
                 service,
                 select::backend_for(&service, &pkt, &maps::CONNTRACK_V6)?,
@@ -112,7 +128,17 @@ fn balance(ctx: &XdpContext) -> Result<Sent, Reason> {
         }
         _ => return Err(Reason::DropInternal),
     };
+    Ok(account(ctx, &service, &backend, sent))
+}
 
+#[inline(always)]
+fn is_nat(forward: u8) -> bool {
+    forward == FORWARD_NAT || forward == FORWARD_FULLNAT
+}
+
+/// Counts a packet sent to a backend in its service's and backend's traffic.
+#[inline(always)]
+fn account(ctx: &XdpContext, service: &Service, backend: &Chosen, sent: Sent) -> Sent {
     let len = (ctx.data_end() - ctx.data()) as u64;
     stats::count_traffic(&maps::SERVICE_STATS, service.id, len, backend.placed);
     stats::count_traffic(&maps::BACKEND_STATS, backend.id, len, backend.placed);
@@ -126,7 +152,7 @@ fn balance(ctx: &XdpContext) -> Result<Sent, Reason> {
             u8::from(backend.placed)
         );
     }
-    Ok(sent)
+    sent
 }
 
 #[inline(always)]

@@ -30,7 +30,10 @@ pub enum Route {
     /// The next hop's MAC is not known: the kernel forwards the packet.
     Kernel,
     /// Longer than the egress MTU (`mtu`, of the whole IP packet).
-    TooBig { mtu: u16 },
+    TooBig {
+        #[allow(dead_code, reason = "for ICMP too-big answers; nat drops such packets")]
+        mtu: u16,
+    },
 }
 
 /// What the program did with a packet it handled: the counter and the XDP action.
