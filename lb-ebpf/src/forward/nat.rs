@@ -9,10 +9,12 @@
 //! client, for replies) may be behind the interface the packet came in on or another attached
 //! one. Checksums are updated incrementally (RFC 1624), never recomputed over the payload.
 //!
-//! The heavy steps (`pick`, `commit`, `translate_v4/v6`) are BPF subprograms (`inline(never)`),
-//! called one after the other: inlined into the balancer, their IPv6 keys, reply entries, hash
-//! and FIB parameters next to the other modes' overflowed the 512-byte stack; as calls, each
-//! gets a frame of its own on top of the balancer's.
+//! Verifier limits shape the code: the heavy steps (`commit`, `translate_v4/v6`) are BPF
+//! subprograms (`inline(never)`) called one after the other, since inlined into the balancer
+//! their IPv6 keys, reply entries and FIB parameters overflowed the 512-byte stack (each call
+//! gets a frame of its own on top of the balancer's, 288 + 224 bytes at most today); a new
+//! flow's reply key and entry are built in a per-CPU scratch value, not on the stack; and the
+//! scheduler is a global function (`lb_nat_pick`), verified once.
 
 use aya_ebpf::{
     bindings::BPF_NOEXIST, helpers::bpf_csum_diff, maps::HashMap, programs::XdpContext,
@@ -241,7 +243,7 @@ fn commit<K: NatFlow>(
         0
     };
     if select::place(K::flows(), pkt, id, backend.generation, now, nat_port).is_err() {
-        let _ = K::replies().remove(&*key);
+        let _ = K::replies().remove(key);
         return Err(Reason::DropNatNoPort);
     }
     Ok(Chosen {
@@ -389,7 +391,15 @@ fn translate_v6(
         (*ip).dst = to.dst;
         u16::from_be((*ip).payload_len)
     };
-    rewrite_l4(ctx, pkt.l4, pkt.flow.proto, addrs, to.sport, to.dport, false)?;
+    rewrite_l4(
+        ctx,
+        pkt.l4,
+        pkt.flow.proto,
+        addrs,
+        to.sport,
+        to.dport,
+        false,
+    )?;
     let tot_len = payload_len.saturating_add(size_of::<Ipv6Wire>() as u16);
     let route = route::lookup_v6(ctx, &to.src, &to.dst, tot_len)?;
     route::send(ctx, route, reason)
@@ -589,7 +599,14 @@ impl NatFlow for FlowKeyV6 {
         self.sport
     }
     #[inline(always)]
-    unsafe fn write_reply_key(&self, key: *mut Self, addr: [u32; 4], port: u16, dst: [u32; 4], dport: u16) {
+    unsafe fn write_reply_key(
+        &self,
+        key: *mut Self,
+        addr: [u32; 4],
+        port: u16,
+        dst: [u32; 4],
+        dport: u16,
+    ) {
         // SAFETY: the caller's promise.
         unsafe {
             (*key).src = addr;

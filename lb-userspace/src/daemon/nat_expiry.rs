@@ -16,7 +16,9 @@
 use std::collections::{HashMap, HashSet};
 use std::hash::Hash;
 
-use lb_common::{FLOW_F_CLOSED, FlowKeyV4, FlowKeyV6, FlowState, NatReplyV4, NatReplyV6, PROTO_TCP};
+use lb_common::{
+    FLOW_F_CLOSED, FlowKeyV4, FlowKeyV6, FlowState, NatReplyV4, NatReplyV6, PROTO_TCP,
+};
 
 /// Ticks (`FLOW_TICK_SHIFT`, ~1.07 s) a closed flow is kept: late retransmissions and the final
 /// ACK still find it.
@@ -270,7 +272,11 @@ mod tests {
     fn udp_idles_out_sooner_than_tcp() {
         let flows = [(forward(PROTO_UDP, 1000), state(100, 0, 0))];
         let replies = [reply(PROTO_UDP, 1000, 0, 100, 0)];
-        assert!(expired(&flows, &replies, 100 + UDP_IDLE - 1).flows.is_empty());
+        assert!(
+            expired(&flows, &replies, 100 + UDP_IDLE - 1)
+                .flows
+                .is_empty()
+        );
         assert_eq!(expired(&flows, &replies, 100 + UDP_IDLE).flows.len(), 1);
     }
 
@@ -312,7 +318,10 @@ mod tests {
         // Another generation of the same id, or another SNAT port, is not the flow's either.
         let mut regen = state(100, 0, 0);
         regen.generation = 2;
-        assert_eq!(expired(&[(flows[0].0, regen)], &replies, 100).replies.len(), 1);
+        assert_eq!(
+            expired(&[(flows[0].0, regen)], &replies, 100).replies.len(),
+            1
+        );
         let other_port = [(forward(PROTO_TCP, 1000), state(100, 0, 40001))];
         let fullnat_reply = [reply(PROTO_TCP, 1000, 40000, 90, 0)];
         assert_eq!(expired(&other_port, &fullnat_reply, 100).replies.len(), 1);
