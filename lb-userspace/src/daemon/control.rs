@@ -918,6 +918,30 @@ impl<P: Prober> Control<P> {
         }
     }
 
+    /// Deletes closed and idle nat/fullnat flows (see `nat_expiry`); run every few seconds.
+    pub fn sweep_nat(&mut self) {
+        self.sweep_nat_at(monotonic_ticks());
+    }
+
+    /// `sweep_nat` as if the clock read `now` (ticks of `FLOW_TICK_SHIFT`).
+    pub fn sweep_nat_at(&mut self, now: u32) {
+        let tables = match self.dp.nat_tables() {
+            Ok(t) => t,
+            Err(e) => {
+                warn!("reading the NAT tables: {e}");
+                return;
+            }
+        };
+        let v4 = super::nat_expiry::expired(&tables.flows_v4, &tables.replies_v4, now);
+        let v6 = super::nat_expiry::expired(&tables.flows_v6, &tables.replies_v6, now);
+        if let Err(e) = self
+            .dp
+            .remove_nat(&v4.flows, &v4.replies, &v6.flows, &v6.replies)
+        {
+            warn!("expiring NAT flows: {e}");
+        }
+    }
+
     /// Finishes drains: a draining backend whose last flow ended (the kernel's count of its
     /// active flows is zero) or whose deadline passed becomes drained, and its remaining flows
     /// move to other backends.

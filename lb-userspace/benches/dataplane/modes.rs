@@ -1,0 +1,243 @@
+//! Per-packet cost of each forwarding mode, established flows. The routed modes ask the kernel's
+//! FIB for the next hop, so this part runs in a namespace of its own with a real one: a veth
+//! (forwarding on) with a PERMANENT neighbour as the next hop to the backends' and the clients'
+//! networks; every packet is run as if received on that veth.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::process::Command;
+
+use lb_common::{
+    AF_INET, AF_INET6, BACKEND_F_ALIVE, Backend, CONFIG_F_NAT, DataplaneConfig, FORWARD_DSR,
+    FORWARD_FULLNAT, FORWARD_GUE, FORWARD_IPIP, FORWARD_NAT, RING_SIZE, SCHED_MAGLEV, Service,
+    ServiceKeyV4, names,
+};
+use lb_userspace::{
+    dataplane::{Dataplane, ServiceKey, Sizing},
+    maglev::{MaglevBackend, build_table},
+};
+
+use super::{Report, XDP_TX, flow_frame, measure_from, run_once_from, template, vip};
+
+const NS: &str = "lbbench-modes";
+const BACKENDS: u32 = 100;
+const FLOWS: u32 = 16_384;
+
+/// The namespace and its FIB; removed on drop.
+struct Fib;
+
+fn ip(args: &str) {
+    let st = Command::new("ip")
+        .args(["-n", NS])
+        .args(args.split_whitespace())
+        .status()
+        .expect("running ip");
+    assert!(st.success(), "ip -n {NS} {args} failed");
+}
+
+impl Fib {
+    fn new() -> Self {
+        let _ = Command::new("ip").args(["netns", "del", NS]).status();
+        let st = Command::new("ip")
+            .args(["netns", "add", NS])
+            .status()
+            .expect("ip netns add");
+        assert!(st.success(), "ip netns add {NS}");
+        let fib = Fib;
+        ip("link add lbe0 type veth peer name lbe1");
+        ip("link set lbe0 up");
+        ip("link set lbe1 up");
+        for (k, v) in [
+            ("net.ipv4.ip_forward", "1"),
+            ("net.ipv6.conf.all.forwarding", "1"),
+        ] {
+            let st = Command::new("ip")
+                .args(["netns", "exec", NS, "sysctl", "-qw", &format!("{k}={v}")])
+                .status()
+                .expect("sysctl");
+            assert!(st.success(), "sysctl {k}");
+        }
+        ip("addr add 10.1.0.1/24 dev lbe0");
+        ip("-6 addr add fd00:1::1/64 dev lbe0 nodad");
+        ip("neigh add 10.1.0.2 lladdr 02:aa:00:00:00:01 nud permanent dev lbe0");
+        ip("neigh add fd00:1::2 lladdr 02:aa:00:00:00:01 nud permanent dev lbe0");
+        // Backends, and the clients (10.0.0.0/16: the benchmark's flow sources).
+        ip("route add 10.2.0.0/16 via 10.1.0.2 dev lbe0");
+        ip("route add 10.0.0.0/16 via 10.1.0.2 dev lbe0");
+        ip("-6 route add fd00:2::/64 via fd00:1::2 dev lbe0");
+        fib
+    }
+}
+
+impl Drop for Fib {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", NS]).status();
+    }
+}
+
+fn ifindex(dev: &str) -> u32 {
+    let name = std::ffi::CString::new(dev).expect("interface name");
+    // SAFETY: a valid NUL-terminated name.
+    let i = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    assert!(i != 0, "no interface {dev}");
+    i
+}
+
+/// One service (the benchmark's VIP 0, TCP) of `BACKENDS` backends forwarded with `forward`;
+/// backends are 10.2.x.y, or fd00:2::x with `v6_backends`.
+fn balancer(forward: u8, v6_backends: bool) -> Dataplane {
+    let mut dp = Dataplane::load(
+        Sizing {
+            max_services: 2,
+            max_backends: BACKENDS,
+            conntrack_size: 1 << 20,
+            nat_size: 1 << 18,
+        },
+        false,
+    )
+    .expect("load the balancer");
+    let addr = |b: u32| -> IpAddr {
+        if v6_backends {
+            Ipv6Addr::new(0xfd00, 2, 0, 0, 0, 0, 0, (b + 1) as u16).into()
+        } else {
+            Ipv4Addr::from(0x0a02_0000 | (b + 1)).into()
+        }
+    };
+    let members: Vec<MaglevBackend> = (0..BACKENDS)
+        .map(|b| MaglevBackend::new(addr(b), 80, 1))
+        .collect();
+    let table = build_table(&members, RING_SIZE).expect("maglev");
+    for b in 0..BACKENDS {
+        let mut bytes = [0u8; 16];
+        let family = match addr(b) {
+            IpAddr::V4(v4) => {
+                bytes[..4].copy_from_slice(&v4.octets());
+                AF_INET
+            }
+            IpAddr::V6(v6) => {
+                bytes.copy_from_slice(&v6.octets());
+                AF_INET6
+            }
+        };
+        dp.set_backend(
+            b,
+            Backend {
+                addr: bytes,
+                mac: [2, 0, 0, 0, 0, b as u8],
+                port: 80u16.to_be(),
+                generation: 1,
+                flags: BACKEND_F_ALIVE,
+                family,
+                _pad: [0; 2],
+            },
+        )
+        .expect("backend");
+    }
+    dp.write_ring(0, &table).expect("ring");
+    dp.set_service(
+        ServiceKey::V4(ServiceKeyV4 {
+            addr: u32::from_ne_bytes(vip(0).octets()),
+            port: 80u16.to_be(),
+            proto: 6,
+            _pad: 0,
+        }),
+        Service {
+            id: 0,
+            ring: 0,
+            forward,
+            scheduler: SCHED_MAGLEV,
+            flags: 0,
+            _pad: 0,
+        },
+    )
+    .expect("service");
+    let nat = matches!(forward, FORWARD_NAT | FORWARD_FULLNAT);
+    dp.set_config(&DataplaneConfig {
+        encap_src4: u32::from_ne_bytes([10, 1, 0, 1]),
+        encap_src6: lb_userspace::daemon::ipv6_words(&"fd00:1::1".parse().expect("address")),
+        encap_src_hash_bits: 0,
+        _pad0: 0,
+        gue_port: lb_common::DEFAULT_GUE_PORT.to_be(),
+        snat4: u32::from_ne_bytes([10, 1, 0, 1]),
+        snat6: lb_userspace::daemon::ipv6_words(&"fd00:1::1".parse().expect("address")),
+        snat_port_min: 1024,
+        snat_port_max: 65535,
+        flags: if nat { CONFIG_F_NAT } else { 0 },
+    })
+    .expect("config");
+    dp.program(names::PROG_BALANCER).expect("verifier");
+    dp
+}
+
+/// The packet a backend sends back for the translated packet `out` (addresses and ports
+/// swapped, MACs as if from the next hop).
+fn reply_to(out: &[u8]) -> Vec<u8> {
+    let mut r = out.to_vec();
+    r[0..6].copy_from_slice(&out[6..12]);
+    r[6..12].copy_from_slice(&out[0..6]);
+    r[26..30].copy_from_slice(&out[30..34]);
+    r[30..34].copy_from_slice(&out[26..30]);
+    r[34..36].copy_from_slice(&out[36..38]);
+    r[36..38].copy_from_slice(&out[34..36]);
+    r
+}
+
+/// Established flows through each mode, IPv4 clients: (name, forward, IPv6 backends).
+pub fn forwarding_modes(report: &mut Report, per_run: usize) {
+    println!("# forwarding modes: established, {FLOWS} flows, IPv4 VIP, next hop from the FIB");
+    let _fib = Fib::new();
+    let modes: [(&str, u8, bool); 6] = [
+        ("dsr", FORWARD_DSR, false),
+        ("ipip 4in4", FORWARD_IPIP, false),
+        ("gue 4in4", FORWARD_GUE, false),
+        ("ipip 4in6", FORWARD_IPIP, true),
+        ("nat", FORWARD_NAT, false),
+        ("fullnat", FORWARD_FULLNAT, false),
+    ];
+    let rows = std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                let file = std::fs::File::open(format!("/var/run/netns/{NS}")).expect("netns");
+                // SAFETY: setns on a descriptor we own; changes only this thread's namespace.
+                let rc = unsafe {
+                    libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET)
+                };
+                assert_eq!(rc, 0, "setns");
+                let ingress = Some(ifindex("lbe0"));
+                let t = template(vip(0), false);
+                let mut rows = Vec::new();
+                for (name, forward, v6) in modes {
+                    let mut dp = balancer(forward, v6);
+                    let prog = dp.program(names::PROG_BALANCER).expect("program");
+                    let mut out = vec![0u8; 512];
+                    let nat = matches!(forward, FORWARD_NAT | FORWARD_FULLNAT);
+                    let mut replies = Vec::new();
+                    for i in 0..FLOWS {
+                        let frame = flow_frame(&t, i);
+                        run_once_from(prog, &frame, &mut out, XDP_TX, ingress);
+                        if nat {
+                            replies.push(reply_to(&out[..frame.len()]));
+                        }
+                    }
+                    let mut frames = |k: usize| flow_frame(&t, k as u32 % FLOWS);
+                    rows.push((
+                        format!("{name}: established"),
+                        measure_from(prog, &mut frames, per_run, XDP_TX, ingress),
+                    ));
+                    if nat {
+                        let mut frames = |k: usize| replies[k % FLOWS as usize].clone();
+                        rows.push((
+                            format!("{name}: reply translated back"),
+                            measure_from(prog, &mut frames, per_run, XDP_TX, ingress),
+                        ));
+                    }
+                }
+                rows
+            })
+            .join()
+            .expect("the forwarding-mode benchmark thread")
+    });
+    for (name, figure) in rows {
+        report.row(&name, figure, None);
+    }
+    println!();
+}
