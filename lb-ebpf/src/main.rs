@@ -16,19 +16,23 @@ mod parse;
 mod select;
 mod stats;
 
+use aya_ebpf::bindings::xdp_md;
 use aya_ebpf::{
     bindings::xdp_action,
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };
 use aya_log_ebpf::debug;
-use forward::{Inner, route::Sent};
+use forward::{
+    Inner,
+    route::{Sent, pack, unpack},
+};
 use lb_common::{
-    DecapReason, FORWARD_DSR, FORWARD_GUE, FORWARD_IPIP, FlowKeyV4, FlowKeyV6, Reason,
-    ServiceKeyV4, ServiceKeyV6,
+    DecapReason, FORWARD_DSR, FORWARD_FULLNAT, FORWARD_GUE, FORWARD_IPIP, FORWARD_NAT, Reason,
+    Service, ServiceKeyV4, ServiceKeyV6,
 };
 use parse::L3;
-use select::FlowKey as _;
+use select::{Chosen, FlowKey};
 
 /// Set to non-zero by the loader (`lb daemon --debug-packets`) to log each forwarding decision.
 /// A read-only global: the verifier sees its value at load time and removes the logging code
@@ -74,112 +78,253 @@ pub fn lb_hc_egress(ctx: TcContext) -> i32 {
 
 #[inline(always)]
 fn balance(ctx: &XdpContext) -> Result<Sent, Reason> {
+    let (step, inner) = match parse::l2(ctx)? {
+        L3::V4(l3) => (balance_v4(ctx, l3), Inner { l3, v6: false }),
+        L3::V6(l3) => (balance_v6(ctx, l3), Inner { l3, v6: true }),
+    };
+    match step {
+        Ok(Step::Sent(sent)) => Ok(sent),
+        Ok(Step::Encap(step)) => encapsulate(ctx, &step),
+        Ok(Step::Nat(service)) => unpack(lb_nat(
+            ctx.ctx,
+            l3_arg(inner),
+            service.id,
+            service.ring,
+            u32::from(service.forward) | u32::from(service.scheduler) << 8,
+        )),
+        Err(Reason::PassNotVip) => unpack(lb_nat_reply(ctx.ctx, l3_arg(inner))),
+        Err(Reason::PassNotTcpUdp) => unpack(lb_unparsed(ctx.ctx, l3_arg(inner), 0)),
+        Err(Reason::PassFragment) => unpack(lb_unparsed(ctx.ctx, l3_arg(inner), 1)),
+        Err(reason) => Err(reason),
+    }
+}
+
+/// What a family's balancing step did: sent the packet, found a nat/fullnat service whose
+/// translation runs next in a subprogram of its own, or has an ipip/gue packet to encapsulate.
+enum Step {
+    Sent(Sent),
+    Nat(Service),
+    Encap(EncapStep),
+}
+
+// One BPF subprogram per family, one per family for NAT (forward and replies), and one for the
+// packets they do not balance (`unparsed`), each called from `balance`, not from each other:
+// inlined together, these paths shared one stack frame the size of all of them, and with the
+// encapsulation and NAT steps called on top of it the chain exceeded the verifier's 512
+// bytes. The NAT steps parse the packet again (a few ns, off the DSR path).
+
+#[inline(never)]
+fn balance_v4(ctx: &XdpContext, l3: usize) -> Result<Step, Reason> {
+    let pkt = parse::ipv4(ctx, l3)?;
+    let key = ServiceKeyV4 {
+        addr: pkt.flow.dst,
+        port: pkt.flow.dport,
+        proto: pkt.flow.proto,
+        _pad: 0,
+    };
     // SAFETY (service lookups): the value is copied out at once; userspace replaces entries
     // whole.
-    let (service, backend, flow) = match parse::l2(ctx)? {
-        L3::V4(l3) => {
-            let pkt = match parse::ipv4(ctx, l3) {
-                Ok(pkt) => pkt,
-                Err(reason) => return unparsed(ctx, Inner { l3, v6: false }, reason),
-            };
-            let key = ServiceKeyV4 {
-                addr: pkt.flow.dst,
-                port: pkt.flow.dport,
-                proto: pkt.flow.proto,
-                _pad: 0,
-            };
-            let service = *unsafe { maps::SERVICES.get(key) }.ok_or(Reason::PassNotVip)?;
-            (
-                service,
-                select::backend_for(&service, &pkt, &maps::CONNTRACK)?,
-                Flow::V4(l3, pkt.flow),
-            )
-        }
-        L3::V6(l3) => {
-            let pkt = match parse::ipv6(ctx, l3) {
-                Ok(pkt) => pkt,
-                Err(reason) => return unparsed(ctx, Inner { l3, v6: true }, reason),
-            };
-            let key = ServiceKeyV6 {
-                addr: pkt.flow.dst,
-                port: pkt.flow.dport,
-                proto: pkt.flow.proto,
-                _pad: 0,
-            };
-            let service = *unsafe { maps::SERVICES_V6.get(key) }.ok_or(Reason::PassNotVip)?;
-            (
-                service,
-                select::backend_for(&service, &pkt, &maps::CONNTRACK_V6)?,
-                Flow::V6(l3, pkt.flow),
-            )
-        }
+    let service = unsafe { maps::SERVICES.get(key) }
+        .copied()
+        .ok_or(Reason::PassNotVip)?;
+    if is_nat(service.forward) {
+        return Ok(Step::Nat(service));
+    }
+    let backend = select::backend_for(&service, &pkt, &maps::CONNTRACK)?;
+    send(ctx, &service, &backend, Inner { l3, v6: false }, &pkt.flow)
+}
+
+#[inline(never)]
+fn balance_v6(ctx: &XdpContext, l3: usize) -> Result<Step, Reason> {
+    let pkt = parse::ipv6(ctx, l3)?;
+    let key = ServiceKeyV6 {
+        addr: pkt.flow.dst,
+        port: pkt.flow.dport,
+        proto: pkt.flow.proto,
+        _pad: 0,
     };
-    let sent = match service.forward {
+    // SAFETY: as in balance_v4.
+    let service = unsafe { maps::SERVICES_V6.get(key) }
+        .copied()
+        .ok_or(Reason::PassNotVip)?;
+    if is_nat(service.forward) {
+        return Ok(Step::Nat(service));
+    }
+    let backend = select::backend_for(&service, &pkt, &maps::CONNTRACK_V6)?;
+    send(ctx, &service, &backend, Inner { l3, v6: true }, &pkt.flow)
+}
+
+/// Sends a packet of a dsr service to its chosen backend and counts it; for ipip and gue,
+/// says what to encapsulate (`balance` does it).
+#[inline(always)]
+fn send<K: FlowKey>(
+    ctx: &XdpContext,
+    service: &Service,
+    backend: &Chosen,
+    inner: Inner,
+    flow: &K,
+) -> Result<Step, Reason> {
+    match service.forward {
         FORWARD_DSR => {
             forward::dsr::rewrite(ctx, &backend.mac)?;
-            Sent {
+            let sent = Sent {
                 reason: Reason::Forwarded,
                 action: xdp_action::XDP_TX,
-            }
-        }
-        FORWARD_IPIP | FORWARD_GUE => {
-            let (inner, hash) = match flow {
-                Flow::V4(l3, key) => (Inner { l3, v6: false }, key.flow_hash()),
-                Flow::V6(l3, key) => (Inner { l3, v6: true }, key.flow_hash()),
             };
-            let gue = service.forward == FORWARD_GUE;
-            let sent = forward::encap::encapsulate(
-                ctx,
-                inner,
-                backend.id,
-                gue,
-                hash,
-                Reason::Forwarded,
-                true,
-            )?;
-            if sent.reason == Reason::IcmpTooBig {
-                // Answered, not forwarded: no traffic for the service.
-                return Ok(sent);
-            }
-            sent
+            Ok(Step::Sent(account(ctx, service, backend, sent)))
         }
-        _ => return Err(Reason::DropInternal),
-    };
+        FORWARD_IPIP | FORWARD_GUE => Ok(Step::Encap(EncapStep {
+            e: forward::encap::Encap {
+                inner,
+                id: backend.id,
+                hash: flow.flow_hash(),
+                gue: service.forward == FORWARD_GUE,
+                reply: true,
+                reason: Reason::Forwarded,
+            },
+            service: service.id,
+            placed: backend.placed,
+        })),
+        _ => Err(Reason::DropInternal),
+    }
+}
 
+/// An ipip/gue packet to encapsulate, and whom to count it for.
+struct EncapStep {
+    e: forward::encap::Encap,
+    service: u32,
+    placed: bool,
+}
+
+/// Encapsulates and sends; counts the packet unless it was answered "too big" instead. A
+/// subprogram, so its results stay out of `balance`'s frame, which every chain includes.
+#[inline(never)]
+fn encapsulate(ctx: &XdpContext, step: &EncapStep) -> Result<Sent, Reason> {
+    let sent = forward::encap::send(ctx, &step.e)?;
+    if sent.reason != Reason::IcmpTooBig {
+        count(ctx, step.service, step.e.id, step.placed);
+    }
+    Ok(sent)
+}
+
+#[inline(always)]
+fn is_nat(forward: u8) -> bool {
+    forward == FORWARD_NAT || forward == FORWARD_FULLNAT
+}
+
+/// Counts a packet sent to a backend in its service's and backend's traffic.
+#[inline(always)]
+fn account(ctx: &XdpContext, service: &Service, backend: &Chosen, sent: Sent) -> Sent {
+    count(ctx, service.id, backend.id, backend.placed);
+    sent
+}
+
+#[inline(always)]
+fn count(ctx: &XdpContext, service: u32, backend: u32, placed: bool) {
     let len = (ctx.data_end() - ctx.data()) as u64;
-    stats::count_traffic(&maps::SERVICE_STATS, service.id, len, backend.placed);
-    stats::count_traffic(&maps::BACKEND_STATS, backend.id, len, backend.placed);
+    stats::count_traffic(&maps::SERVICE_STATS, service, len, placed);
+    stats::count_traffic(&maps::BACKEND_STATS, backend, len, placed);
     // SAFETY: a read of a plain u32 global.
     if unsafe { core::ptr::read_volatile(&LB_DEBUG) } != 0 {
         debug!(
             ctx,
             "service {} -> backend {} (new flow: {})",
-            service.id,
-            backend.id,
-            u8::from(backend.placed)
+            service,
+            backend,
+            u8::from(placed)
         );
     }
-    Ok(sent)
 }
 
-/// Where the packet's IP header is and its 5-tuple, for the modes that need more than MACs.
-enum Flow {
-    V4(usize, FlowKeyV4),
-    V6(usize, FlowKeyV6),
-}
-
-/// A packet the parser does not balance: ICMP errors about a VIP's flows (icmp.rs) and
-/// fragments of services that take them (fragment.rs) are still forwarded; everything else
-/// keeps the parser's reason.
+/// The IP header's offset and family as one argument of the global functions below.
 #[inline(always)]
-fn unparsed(ctx: &XdpContext, inner: Inner, reason: Reason) -> Result<Sent, Reason> {
-    match (reason, inner.v6) {
-        (Reason::PassNotTcpUdp, false) => forward::icmp::error_v4(ctx, inner.l3),
-        (Reason::PassNotTcpUdp, true) => forward::icmp::error_v6(ctx, inner.l3),
-        (Reason::PassFragment, false) => forward::fragment::v4(ctx, inner.l3),
-        (Reason::PassFragment, true) => forward::fragment::v6(ctx, inner.l3),
-        _ => Err(reason),
-    }
+fn l3_arg(inner: Inner) -> u32 {
+    inner.l3 as u32 | u32::from(inner.v6) << 8
+}
+
+/// `l3_arg` back, bounded for the verifier (a global function knows nothing of its
+/// arguments): the IP header follows Ethernet and at most one VLAN tag.
+#[inline(always)]
+fn l3_of(arg: u32) -> Result<Inner, Reason> {
+    // One of two constants, not a range: with a range every header offset after it is a range
+    // too, and the verifier keeps many more states apart.
+    let l3 = match arg & 0xff {
+        14 => 14,
+        18 => 18,
+        _ => return Err(Reason::DropInternal),
+    };
+    Ok(Inner {
+        l3,
+        v6: arg & 0x100 != 0,
+    })
+}
+
+// The paths off the main one (NAT, NAT replies, ICMP errors, fragments) are global BPF
+// functions: the verifier checks each once, on its own, instead of again for every state of
+// the balancer that reaches it (which took the program past the verifier's budget of 1M
+// instructions), and each has its own stack frame. They take the context and scalars, and
+// return a packed result (`route::pack`).
+
+/// A packet of a nat/fullnat service (`fs`: forward | scheduler << 8).
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn lb_nat(ctx: *mut xdp_md, l3: u32, id: u32, ring: u32, fs: u32) -> i64 {
+    let ctx = XdpContext::new(ctx);
+    let service = Service {
+        id,
+        ring,
+        forward: fs as u8,
+        scheduler: (fs >> 8) as u8,
+        flags: 0,
+        _pad: 0,
+    };
+    pack(l3_of(l3).and_then(|inner| {
+        let (sent, backend) = if inner.v6 {
+            let mut pkt = parse::ipv6(&ctx, inner.l3)?;
+            // Without extension headers only: with them, every header length is a state of
+            // its own for the rest of the path, past the verifier's budget.
+            if pkt.l4 != inner.l3 + 40 {
+                return Err(Reason::PassNotTcpUdp);
+            }
+            pkt.l4 = inner.l3 + 40;
+            forward::nat::forward(&ctx, inner.l3, &pkt, &service)?
+        } else {
+            let pkt = parse::ipv4(&ctx, inner.l3)?;
+            forward::nat::forward(&ctx, inner.l3, &pkt, &service)?
+        };
+        Ok(account(&ctx, &service, &backend, sent))
+    }))
+}
+
+/// A packet to no VIP: a backend's reply in a nat/fullnat flow, or `PassNotVip`.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn lb_nat_reply(ctx: *mut xdp_md, l3: u32) -> i64 {
+    let ctx = XdpContext::new(ctx);
+    pack(l3_of(l3).and_then(|inner| {
+        if inner.v6 {
+            let pkt = parse::ipv6(&ctx, inner.l3)?;
+            forward::nat::reply(&ctx, inner.l3, &pkt)
+        } else {
+            let pkt = parse::ipv4(&ctx, inner.l3)?;
+            forward::nat::reply(&ctx, inner.l3, &pkt)
+        }
+    }))
+}
+
+/// A packet the parser does not balance (`fragment` 0: not TCP/UDP, 1: a fragment): ICMP
+/// errors about a VIP's flows (icmp.rs) and fragments of services that take them
+/// (fragment.rs) are still forwarded; everything else keeps the parser's reason.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn lb_unparsed(ctx: *mut xdp_md, l3: u32, fragment: u32) -> i64 {
+    let ctx = XdpContext::new(ctx);
+    pack(l3_of(l3).and_then(|inner| match (fragment != 0, inner.v6) {
+        (false, false) => forward::icmp::error_v4(&ctx, inner.l3),
+        (false, true) => forward::icmp::error_v6(&ctx, inner.l3),
+        (true, false) => forward::fragment::v4(&ctx, inner.l3),
+        (true, true) => forward::fragment::v6(&ctx, inner.l3),
+    }))
 }
 
 #[inline(always)]

@@ -13,6 +13,8 @@ use lb_common::{
     ServiceKeyV6, Traffic,
 };
 
+use crate::forward::nat::NatScratch;
+
 /// VIP:port/proto → service. One hash lookup per packet decides "is this ours".
 #[map]
 pub static SERVICES: HashMap<ServiceKeyV4, Service> =
@@ -89,6 +91,15 @@ pub static NAT_REPLIES: HashMap<FlowKeyV4, NatReplyV4> =
 #[map]
 pub static NAT_REPLIES_V6: HashMap<FlowKeyV6, NatReplyV6> =
     HashMap::with_max_entries(DEFAULT_NAT_SIZE, 0);
+
+/// Scratch space for placing a nat/fullnat flow (see `NatScratch`).
+#[map]
+pub static NAT_SCRATCH: PerCpuArray<NatScratch> = PerCpuArray::with_max_entries(1, 0);
+
+/// This CPU's `bpf_fib_lookup` parameter block (see `forward::route`).
+#[map]
+pub static FIB_SCRATCH: PerCpuArray<aya_ebpf::bindings::bpf_fib_lookup> =
+    PerCpuArray::with_max_entries(1, 0);
 
 /// The interfaces the balancer is attached to, by ifindex: a packet whose next hop is through
 /// another of them leaves with XDP_REDIRECT (one through the ingress interface uses XDP_TX).

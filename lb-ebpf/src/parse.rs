@@ -107,6 +107,8 @@ pub const TCP_ACK: u8 = 0x10;
 pub struct Packet<K> {
     pub flow: K,
     pub tcp_flags: u8,
+    /// Where the TCP/UDP header starts (the NAT modes rewrite it).
+    pub l4: usize,
 }
 
 /// The network layer found after the Ethernet header (and one optional VLAN tag).
@@ -169,7 +171,8 @@ pub fn ipv4(ctx: &XdpContext, l3: usize) -> Result<Packet<FlowKeyV4>, Reason> {
     if u16::from_be(unsafe { (*ip).frags }) & (IP_MF | IP_OFFSET) != 0 {
         return Err(Reason::PassFragment);
     }
-    let (sport, dport, tcp_flags) = l4(ctx, l3 + ihl, proto, total_len - ihl)?;
+    let l4_at = l3 + ihl;
+    let (sport, dport, tcp_flags) = l4(ctx, l4_at, proto, total_len - ihl)?;
     Ok(Packet {
         flow: FlowKeyV4 {
             src: unsafe { (*ip).src },
@@ -181,6 +184,7 @@ pub fn ipv4(ctx: &XdpContext, l3: usize) -> Result<Packet<FlowKeyV4>, Reason> {
             _pad1: 0,
         },
         tcp_flags,
+        l4: l4_at,
     })
 }
 
@@ -224,7 +228,8 @@ pub fn ipv6(ctx: &XdpContext, l3: usize) -> Result<Packet<FlowKeyV6>, Reason> {
     if ext > payload_len {
         return Err(Reason::DropMalformedIp);
     }
-    let (sport, dport, tcp_flags) = l4(ctx, l3 + IPV6_LEN + ext, next, payload_len - ext)?;
+    let l4_at = l3 + IPV6_LEN + ext;
+    let (sport, dport, tcp_flags) = l4(ctx, l4_at, next, payload_len - ext)?;
     Ok(Packet {
         flow: FlowKeyV6 {
             src: unsafe { (*ip).src },
@@ -236,6 +241,7 @@ pub fn ipv6(ctx: &XdpContext, l3: usize) -> Result<Packet<FlowKeyV6>, Reason> {
             _pad1: 0,
         },
         tcp_flags,
+        l4: l4_at,
     })
 }
 

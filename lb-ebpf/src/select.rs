@@ -4,7 +4,7 @@
 
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
-use aya_ebpf::maps::LruHashMap;
+use aya_ebpf::maps::{HashMap, LruHashMap};
 use lb_common::{
     BACKEND_F_ALIVE, BACKEND_NONE, FLOW_F_CLOSED, FlowKeyV4, FlowKeyV6, FlowState, LC_MAX_BACKENDS,
     RING_CHUNK, RING_CHUNKS, RING_SIZE, Reason, SCHED_LEAST_CONN, SCHED_ROUND_ROBIN,
@@ -26,6 +26,37 @@ pub struct Chosen {
     pub mac: [u8; 6],
     /// The flow was placed on this backend by this packet (not found in the connection table).
     pub placed: bool,
+    /// fullnat: the flow's SNAT port, network order (0 otherwise).
+    pub nat_port: u16,
+}
+
+/// A connection table: the LRU map of the dsr and encapsulating modes, or the NAT flow map
+/// (a plain hash map: a NAT entry must never be evicted while in use).
+pub trait FlowTable<K> {
+    fn entry(&self, key: &K) -> Option<*mut FlowState>;
+    fn put(&self, key: &K, state: &FlowState) -> Result<(), i32>;
+}
+
+impl<K> FlowTable<K> for LruHashMap<K, FlowState> {
+    #[inline(always)]
+    fn entry(&self, key: &K) -> Option<*mut FlowState> {
+        self.get_ptr_mut(key)
+    }
+    #[inline(always)]
+    fn put(&self, key: &K, state: &FlowState) -> Result<(), i32> {
+        self.insert(key, state, 0)
+    }
+}
+
+impl<K> FlowTable<K> for HashMap<K, FlowState> {
+    #[inline(always)]
+    fn entry(&self, key: &K) -> Option<*mut FlowState> {
+        self.get_ptr_mut(key)
+    }
+    #[inline(always)]
+    fn put(&self, key: &K, state: &FlowState) -> Result<(), i32> {
+        self.insert(key, state, 0)
+    }
 }
 
 /// A connection-table key: the 5-tuple of one address family.
@@ -59,58 +90,28 @@ impl FlowKey for FlowKeyV6 {
 }
 
 #[inline(always)]
-pub fn backend_for<K: FlowKey>(
+pub fn backend_for<K: FlowKey, T: FlowTable<K>>(
     service: &Service,
     pkt: &Packet<K>,
-    conntrack: &LruHashMap<K, FlowState>,
+    conntrack: &T,
 ) -> Result<Chosen, Reason> {
-    let now = CLOCK.get(0).copied().unwrap_or(0);
-    if let Some(state) = conntrack.get_ptr_mut(pkt.flow) {
-        // SAFETY: a pointer into the map's value, valid for this run of the program.
-        let state = unsafe { &mut *state };
-        if let Some(backend) = BACKENDS.get(state.backend)
-            && backend.flags & BACKEND_F_ALIVE != 0
-            && backend.generation == state.generation
-        {
-            track(state, pkt.tcp_flags, now);
-            return Ok(Chosen {
-                id: state.backend,
-                mac: backend.mac,
-                placed: false,
-            });
-        }
+    let now = clock();
+    if let Some(chosen) = established(pkt, conntrack, now) {
+        return Ok(chosen);
     }
-
-    let id = match service.scheduler {
-        SCHED_LEAST_CONN => least_loaded(service)?,
-        SCHED_ROUND_ROBIN => ring_entry(service, next_turn(service.id))?,
-        SCHED_SOURCE_HASH => ring_entry(service, pkt.flow.source_hash())?,
-        _ => ring_entry(service, pkt.flow.flow_hash())?,
-    };
-    if id == BACKEND_NONE {
-        return Err(Reason::DropNoBackend);
-    }
+    let id = schedule(service, pkt)?;
     let backend = BACKENDS.get(id).ok_or(Reason::DropInternal)?;
     if backend.flags & BACKEND_F_ALIVE == 0 {
         // The table is being replaced because this backend just went away.
         return Err(Reason::DropNoBackend);
     }
-    let closed = pkt.tcp_flags & (TCP_FIN | TCP_RST) != 0;
-    let state = FlowState {
-        backend: id,
-        generation: backend.generation,
-        last_seen: now,
-        flags: if closed { FLOW_F_CLOSED } else { 0 },
-        nat_port: 0,
-    };
     // A failed insert only costs a new choice on the next packet, so it is not an error.
-    if conntrack.insert(pkt.flow, state, 0).is_ok() && !closed {
-        add_flows(id, 1);
-    }
+    let _ = place(conntrack, pkt, id, backend.generation, now, 0);
     Ok(Chosen {
         id,
         mac: backend.mac,
         placed: true,
+        nat_port: 0,
     })
 }
 
@@ -127,6 +128,125 @@ pub fn by_hash(service: &Service, hash: u32) -> Result<u32, Reason> {
         return Err(Reason::DropNoBackend);
     }
     Ok(id)
+}
+
+/// The current tick (`FLOW_TICK_SHIFT`), as the daemon last wrote it.
+#[inline(always)]
+pub fn clock() -> u32 {
+    CLOCK.get(0).copied().unwrap_or(0)
+}
+
+/// The flow's backend from the connection table, if it is still alive and the same backend
+/// (generation) the flow was placed on; the entry's last-seen tick and TCP state are updated.
+#[inline(always)]
+pub fn established<K: FlowKey, T: FlowTable<K>>(
+    pkt: &Packet<K>,
+    conntrack: &T,
+    now: u32,
+) -> Option<Chosen> {
+    let state = conntrack.entry(&pkt.flow)?;
+    // SAFETY: a pointer into the map's value, valid for this run of the program.
+    let state = unsafe { &mut *state };
+    let backend = BACKENDS.get(state.backend)?;
+    if backend.flags & BACKEND_F_ALIVE == 0 || backend.generation != state.generation {
+        return None;
+    }
+    track(state, pkt.tcp_flags, now);
+    Some(Chosen {
+        id: state.backend,
+        mac: backend.mac,
+        placed: false,
+        nat_port: state.nat_port,
+    })
+}
+
+/// A new flow's backend id by the service's scheduler (not yet checked for being alive).
+#[inline(always)]
+pub fn schedule<K: FlowKey>(service: &Service, pkt: &Packet<K>) -> Result<u32, Reason> {
+    let hash = match service.scheduler {
+        SCHED_LEAST_CONN | SCHED_ROUND_ROBIN => 0,
+        SCHED_SOURCE_HASH => pkt.flow.source_hash(),
+        _ => pkt.flow.flow_hash(),
+    };
+    pick(service, hash)
+}
+
+/// `schedule_hashed` through the global function `lb_pick`.
+#[inline(always)]
+pub fn pick(service: &Service, hash: u32) -> Result<u32, Reason> {
+    let picked = lb_pick(service.id, service.ring, u32::from(service.scheduler), hash);
+    match u32::try_from(picked) {
+        Ok(id) => Ok(id),
+        _ if picked == PICK_NO_BACKEND => Err(Reason::DropNoBackend),
+        _ => Err(Reason::DropInternal),
+    }
+}
+
+const PICK_NO_BACKEND: i64 = -1;
+const PICK_INTERNAL: i64 = -2;
+
+/// The scheduler as a global BPF function: the verifier checks it once, on its own, instead of
+/// again for every state of the balancer that reaches it (the least-connections loop, verified
+/// in each such state, took the balancer past the verifier's budget of 1M instructions).
+/// Arguments are plain scalars, as a global function needs. Returns the backend id, or
+/// `PICK_*`. Called on new flows only.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn lb_pick(id: u32, ring: u32, scheduler: u32, hash: u32) -> i64 {
+    let service = Service {
+        id,
+        ring,
+        forward: 0,
+        scheduler: scheduler as u8,
+        flags: 0,
+        _pad: 0,
+    };
+    match schedule_hashed(&service, hash) {
+        Ok(id) => i64::from(id),
+        Err(Reason::DropNoBackend) => PICK_NO_BACKEND,
+        Err(_) => PICK_INTERNAL,
+    }
+}
+
+/// `schedule` with the flow's hash for the scheduler computed by the caller (the source hash
+/// for source-hash scheduling, the 5-tuple's otherwise; unused by the others).
+#[inline(always)]
+pub fn schedule_hashed(service: &Service, hash: u32) -> Result<u32, Reason> {
+    let id = match service.scheduler {
+        SCHED_LEAST_CONN => least_loaded(service)?,
+        SCHED_ROUND_ROBIN => ring_entry(service, next_turn(service.id))?,
+        _ => ring_entry(service, hash)?,
+    };
+    if id == BACKEND_NONE {
+        return Err(Reason::DropNoBackend);
+    }
+    Ok(id)
+}
+
+/// Records a new flow on backend `id` in the connection table and counts it as active (unless
+/// its first packet already closes it). Fails when the table refuses the entry.
+#[inline(always)]
+pub fn place<K: FlowKey, T: FlowTable<K>>(
+    conntrack: &T,
+    pkt: &Packet<K>,
+    id: u32,
+    generation: u32,
+    now: u32,
+    nat_port: u16,
+) -> Result<(), i32> {
+    let closed = pkt.tcp_flags & (TCP_FIN | TCP_RST) != 0;
+    let state = FlowState {
+        backend: id,
+        generation,
+        last_seen: now,
+        flags: if closed { FLOW_F_CLOSED } else { 0 },
+        nat_port,
+    };
+    conntrack.put(&pkt.flow, &state)?;
+    if !closed {
+        add_flows(id, 1);
+    }
+    Ok(())
 }
 
 /// Keeps an established flow's entry current: its last-seen tick (written at most once a

@@ -17,8 +17,8 @@ use aya::{
 };
 use lb_common::{
     Backend, DataplaneConfig, DecapAddr, DecapReason, FlowKeyV4, FlowKeyV6, FlowState, LcList,
-    RING_CHUNK, RING_CHUNKS, RING_SIZE, Reason, RingChunk, Service, ServiceKeyV4, ServiceKeyV6,
-    Traffic, names,
+    NatReplyV4, NatReplyV6, RING_CHUNK, RING_CHUNKS, RING_SIZE, Reason, RingChunk, Service,
+    ServiceKeyV4, ServiceKeyV6, Traffic, names,
 };
 
 /// A service's key in the kernel: the map depends on the VIP's family.
@@ -115,7 +115,21 @@ pub struct Dataplane {
     flow_counts: Array<MapData, i64>,
     lc_lists: Array<MapData, LcList>,
     clock: Array<MapData, u32>,
+    nat_flows: HashMap<MapData, FlowKeyV4, FlowState>,
+    nat_flows_v6: HashMap<MapData, FlowKeyV6, FlowState>,
+    nat_replies: HashMap<MapData, FlowKeyV4, NatReplyV4>,
+    nat_replies_v6: HashMap<MapData, FlowKeyV6, NatReplyV6>,
     sizing: Sizing,
+}
+
+/// The nat/fullnat tables, read whole: forward entries (client 5-tuple → flow) and reply
+/// entries (backend's 5-tuple → client and VIP), per family.
+#[derive(Clone, Debug, Default)]
+pub struct NatTables {
+    pub flows_v4: Vec<(FlowKeyV4, FlowState)>,
+    pub replies_v4: Vec<(FlowKeyV4, NatReplyV4)>,
+    pub flows_v6: Vec<(FlowKeyV6, FlowState)>,
+    pub replies_v6: Vec<(FlowKeyV6, NatReplyV6)>,
 }
 
 fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T>
@@ -193,6 +207,10 @@ impl Dataplane {
             flow_counts: take(&mut ebpf, names::FLOW_COUNTS)?,
             lc_lists: take(&mut ebpf, names::LC_LISTS)?,
             clock: take(&mut ebpf, names::CLOCK)?,
+            nat_flows: take(&mut ebpf, names::NAT_FLOWS)?,
+            nat_flows_v6: take(&mut ebpf, names::NAT_FLOWS_V6)?,
+            nat_replies: take(&mut ebpf, names::NAT_REPLIES)?,
+            nat_replies_v6: take(&mut ebpf, names::NAT_REPLIES_V6)?,
             ebpf,
             sizing,
         })
@@ -523,25 +541,63 @@ impl Dataplane {
         Ok(out)
     }
 
-    /// Every entry of both connection tables, as (protocol, state), read in batches of 4096
-    /// (one syscall each instead of two per entry: 1M flows read in well under a second).
+    /// Every entry of the connection tables (nat/fullnat flows included), as (protocol,
+    /// state), read in batches of 4096 (one syscall each instead of two per entry: 1M flows
+    /// read in well under a second).
     pub fn flows(&self) -> Result<Vec<(u8, FlowState)>> {
-        let io = |name| {
-            move |source| DataplaneError::Io {
-                what: "reading",
-                name,
-                source,
-            }
-        };
-        let fd = self.conntrack.map().fd().as_fd().as_raw_fd();
-        let v4 = lookup_batch::<FlowKeyV4>(fd).map_err(io(names::CONNTRACK))?;
-        let fd = self.conntrack_v6.map().fd().as_fd().as_raw_fd();
-        let v6 = lookup_batch::<FlowKeyV6>(fd).map_err(io(names::CONNTRACK_V6))?;
+        let v4 = batch::<FlowKeyV4, FlowState>(self.conntrack.map(), names::CONNTRACK)?;
+        let v6 = batch::<FlowKeyV6, FlowState>(self.conntrack_v6.map(), names::CONNTRACK_V6)?;
+        let nat_v4 = batch::<FlowKeyV4, FlowState>(self.nat_flows.map(), names::NAT_FLOWS)?;
+        let nat_v6 = batch::<FlowKeyV6, FlowState>(self.nat_flows_v6.map(), names::NAT_FLOWS_V6)?;
         Ok(v4
             .into_iter()
+            .chain(nat_v4)
             .map(|(k, s)| (k.proto, s))
-            .chain(v6.into_iter().map(|(k, s)| (k.proto, s)))
+            .chain(v6.into_iter().chain(nat_v6).map(|(k, s)| (k.proto, s)))
             .collect())
+    }
+
+    /// Every entry of the nat/fullnat tables.
+    pub fn nat_tables(&self) -> Result<NatTables> {
+        Ok(NatTables {
+            flows_v4: batch(self.nat_flows.map(), names::NAT_FLOWS)?,
+            replies_v4: batch(self.nat_replies.map(), names::NAT_REPLIES)?,
+            flows_v6: batch(self.nat_flows_v6.map(), names::NAT_FLOWS_V6)?,
+            replies_v6: batch(self.nat_replies_v6.map(), names::NAT_REPLIES_V6)?,
+        })
+    }
+
+    /// Deletes nat/fullnat entries that still hold the value given (one the program rewrote
+    /// since it was read is kept; one already gone is not an error). Forward entries go first:
+    /// a packet of the flow arriving between the two deletions places the flow again and
+    /// rewrites its reply entry, which is then kept for holding another value.
+    pub fn remove_nat(
+        &mut self,
+        flows_v4: &[(FlowKeyV4, FlowState)],
+        replies_v4: &[(FlowKeyV4, NatReplyV4)],
+        flows_v6: &[(FlowKeyV6, FlowState)],
+        replies_v6: &[(FlowKeyV6, NatReplyV6)],
+    ) -> Result<()> {
+        fn remove_all<K: aya::Pod, V: aya::Pod + PartialEq>(
+            map: &mut HashMap<MapData, K, V>,
+            entries: &[(K, V)],
+            name: &'static str,
+        ) -> Result<()> {
+            for (key, value) in entries {
+                if map.get(key, 0).ok().as_ref() != Some(value) {
+                    continue;
+                }
+                match map.remove(key) {
+                    Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                    Err(source) => return Err(DataplaneError::Map { name, source }),
+                }
+            }
+            Ok(())
+        }
+        remove_all(&mut self.nat_flows, flows_v4, names::NAT_FLOWS)?;
+        remove_all(&mut self.nat_replies, replies_v4, names::NAT_REPLIES)?;
+        remove_all(&mut self.nat_flows_v6, flows_v6, names::NAT_FLOWS_V6)?;
+        remove_all(&mut self.nat_replies_v6, replies_v6, names::NAT_REPLIES_V6)
     }
 
     /// The backend a flow is pinned to in the connection table, if any.
@@ -723,8 +779,17 @@ fn reset_traffic(
         .map_err(|source| DataplaneError::Map { name, source })
 }
 
-/// `BPF_MAP_LOOKUP_BATCH` over a hash map of flows (aya 0.14 has no wrapper).
-fn lookup_batch<K: aya::Pod>(map_fd: i32) -> std::io::Result<Vec<(K, FlowState)>> {
+/// Every entry of a hash map, by `lookup_batch`.
+fn batch<K: aya::Pod, V: aya::Pod>(map: &MapData, name: &'static str) -> Result<Vec<(K, V)>> {
+    lookup_batch(map.fd().as_fd().as_raw_fd()).map_err(|source| DataplaneError::Io {
+        what: "reading",
+        name,
+        source,
+    })
+}
+
+/// `BPF_MAP_LOOKUP_BATCH` over a hash map (aya 0.14 has no wrapper).
+fn lookup_batch<K: aya::Pod, V: aya::Pod>(map_fd: i32) -> std::io::Result<Vec<(K, V)>> {
     // The kernel's `union bpf_attr` layout for the batch commands.
     #[repr(C)]
     #[derive(Default)]
@@ -741,18 +806,9 @@ fn lookup_batch<K: aya::Pod>(map_fd: i32) -> std::io::Result<Vec<(K, FlowState)>
     const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
     const CHUNK: usize = 4096;
     let mut out = Vec::new();
-    // SAFETY: K is Pod: every bit pattern, zeros included, is a valid value.
+    // SAFETY: K and V are Pod: every bit pattern, zeros included, is a valid value.
     let mut keys: Vec<K> = vec![unsafe { std::mem::zeroed() }; CHUNK];
-    let mut values = vec![
-        FlowState {
-            backend: 0,
-            generation: 0,
-            last_seen: 0,
-            flags: 0,
-            nat_port: 0,
-        };
-        CHUNK
-    ];
+    let mut values: Vec<V> = vec![unsafe { std::mem::zeroed() }; CHUNK];
     // Hash maps use a bucket index as the batch cursor.
     let (mut cursor_in, mut cursor_out) = (0u32, 0u32);
     let mut first = true;

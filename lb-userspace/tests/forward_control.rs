@@ -186,21 +186,6 @@ fn in_netns(body: impl FnOnce() + Send + 'static) {
 }
 
 #[test]
-fn nat_and_fullnat_are_refused_while_their_data_plane_is_missing() {
-    in_netns(|| {
-        let mut bed = Bed::new(0);
-        for forward in [Forward::Nat, Forward::Fullnat] {
-            let err = bed
-                .try_add_service("10.200.0.11:80/tcp", Scheduler::Maglev, forward, false)
-                .expect_err("a mode whose packets would all be dropped is refused");
-            assert!(err.contains("not available yet"), "{err}");
-        }
-        assert!(bed.control.running().is_empty());
-    });
-}
-
-#[test]
-#[ignore = "nat/fullnat are refused until their XDP code is merged (issue 6): un-ignore then"]
 fn a_nat_service_writes_its_mode_and_each_backends_mapped_port() {
     in_netns(|| {
         let mut bed = Bed::new(0);
@@ -357,7 +342,6 @@ fn the_fragments_option_writes_the_service_under_port_zero_while_it_is_on() {
 }
 
 #[test]
-#[ignore = "nat/fullnat are refused until their XDP code is merged (issue 6): un-ignore then"]
 fn config_is_written_with_the_nat_flag_only_while_a_nat_service_exists() {
     in_netns(|| {
         let mut bed = Bed::new(0);
@@ -446,7 +430,6 @@ fn config_is_written_with_the_nat_flag_only_while_a_nat_service_exists() {
 }
 
 #[test]
-#[ignore = "nat/fullnat are refused until their XDP code is merged (issue 6): un-ignore then"]
 fn a_reload_changing_the_mode_rewrites_the_service_in_place() {
     in_netns(|| {
         let mut bed = Bed::new(2);

@@ -204,7 +204,6 @@ fn path_mtu_discovery_lets_a_large_upload_through_ipip() {
 }
 
 #[test]
-#[ignore = "nat/fullnat: the XDP code is not merged yet (the combined program exceeds the verifier's stack and instruction budgets); the control plane refuses these modes"]
 fn nat_through_one_interface_reaches_backends_without_the_vip_with_a_mapped_port() {
     let mut tb = Testbed::builder()
         .layout(Layout::NatOneArm)
@@ -249,7 +248,6 @@ fn nat_through_one_interface_reaches_backends_without_the_vip_with_a_mapped_port
 }
 
 #[test]
-#[ignore = "nat/fullnat: the XDP code is not merged yet (the combined program exceeds the verifier's stack and instruction budgets); the control plane refuses these modes"]
 fn fullnat_through_two_interfaces_needs_no_route_back_from_backends() {
     let mut tb = Testbed::builder()
         .layout(Layout::NatTwoArm)
@@ -268,7 +266,6 @@ fn fullnat_through_two_interfaces_needs_no_route_back_from_backends() {
 }
 
 #[test]
-#[ignore = "nat/fullnat: the XDP code is not merged yet (the combined program exceeds the verifier's stack and instruction budgets); the control plane refuses these modes"]
 fn nat_through_two_interfaces_keeps_the_client_address() {
     let mut tb = Testbed::builder()
         .layout(Layout::NatTwoArm)

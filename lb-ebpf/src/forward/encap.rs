@@ -16,7 +16,7 @@
 //! (icmp.rs). A VLAN tag on the received frame is not carried over: the outer packet is routed,
 //! and leaves untagged through the interface the FIB names.
 
-use aya_ebpf::{helpers::generated::bpf_xdp_adjust_head, programs::XdpContext};
+use aya_ebpf::{bindings::xdp_md, helpers::generated::bpf_xdp_adjust_head, programs::XdpContext};
 use lb_common::{
     AF_INET6, DataplaneConfig, PROTO_IPIP, PROTO_IPV6, PROTO_UDP, Reason, hash::gue_source_port,
 };
@@ -56,20 +56,39 @@ pub struct EthWire {
     pub ether_type: u16,
 }
 
-/// Encapsulates the packet at `inner` to backend `id` (GUE when `gue`, else IP-in-IP) and
-/// sends it along the kernel's route to the backend, counted as `reason`. `hash` is the flow
-/// hash. When the result would exceed the route's MTU: an ICMP "too big" goes back to the
-/// sender if `reply` (icmp.rs), else the packet is dropped.
+/// What to encapsulate, and how (the arguments of `encapsulate`, in one value: a BPF
+/// function takes at most five arguments).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Encap {
+    /// The packet to carry.
+    pub inner: Inner,
+    /// The backend.
+    pub id: u32,
+    /// The flow hash (outer source bits, GUE source port, IPv6 flow label).
+    pub hash: u32,
+    /// GUE, else IP-in-IP.
+    pub gue: bool,
+    /// Answer "too big" to the sender (never for a packet that is itself an ICMP error).
+    pub reply: bool,
+    /// The counter of a packet sent.
+    pub reason: Reason,
+}
+
+/// Encapsulates the packet at `e.inner` to backend `e.id` and sends it along the kernel's
+/// route to the backend. When the result would exceed the route's MTU: `TooBig` with the MTU
+/// left for the inner packet if `e.reply`, else the packet is dropped.
+///
+/// Run through `lb_encapsulate`, a global BPF function.
 #[inline(always)]
-pub fn encapsulate(
-    ctx: &XdpContext,
-    inner: Inner,
-    id: u32,
-    gue: bool,
-    hash: u32,
-    reason: Reason,
-    reply: bool,
-) -> Result<Sent, Reason> {
+fn encapsulate(ctx: &XdpContext, e: &Encap) -> Result<Encapsulated, Reason> {
+    let (mut inner, id, hash, gue) = (e.inner, e.id, e.hash, e.gue);
+    // A global function knows nothing of its arguments: the IP header starts after Ethernet
+    // and at most one VLAN tag, and the verifier must see that bound.
+    if inner.l3 > ETH_HLEN + 4 {
+        return Err(Reason::DropInternal);
+    }
+    inner.l3 &= 0x1f;
     let backend = BACKENDS.get(id).ok_or(Reason::DropInternal)?;
     // SAFETY: `addr` is the first field of a 4-aligned `#[repr(C)]` struct.
     let dst: [u32; 4] = unsafe { *backend.addr.as_ptr().cast::<[u32; 4]>() };
@@ -99,10 +118,10 @@ pub fn encapsulate(
         route::lookup_v4(ctx, outer_src4(cfg, hash), dst[0], outer_len)?
     };
     if let Route::TooBig { mtu } = route {
-        if !reply {
+        if !e.reply {
             return Err(Reason::DropTooBig);
         }
-        return icmp::too_big(ctx, inner, mtu.saturating_sub(overhead as u16));
+        return Ok(Encapsulated::TooBig(mtu.saturating_sub(overhead as u16)));
     }
 
     push(ctx, inner.l3, overhead, outer_v6)?;
@@ -116,15 +135,15 @@ pub fn encapsulate(
     if outer_v6 {
         let ip: *mut Ipv6Wire = ptr_at_mut(ctx, ETH_HLEN).ok_or(Reason::DropInternal)?;
         // SAFETY (writes): pointers from ptr_at_mut, bounds checked after the adjustment.
+        // Field by field: a whole `Ipv6Wire` value is built on the stack first, and this
+        // subprogram's frame is on the verifier's 512-byte budget with the balancer's.
         unsafe {
-            *ip = Ipv6Wire {
-                vtc_flow: ((6 << 28) | (u32::from(tos) << 20) | (hash & 0xf_ffff)).to_be(),
-                payload_len: ((inner_len + udp as u32) as u16).to_be(),
-                next_hdr: proto,
-                hop_limit: OUTER_TTL,
-                src: outer_src6(cfg, hash),
-                dst,
-            };
+            (*ip).vtc_flow = ((6 << 28) | (u32::from(tos) << 20) | (hash & 0xf_ffff)).to_be();
+            (*ip).payload_len = ((inner_len + udp as u32) as u16).to_be();
+            (*ip).next_hdr = proto;
+            (*ip).hop_limit = OUTER_TTL;
+            (*ip).src = outer_src6(cfg, hash);
+            (*ip).dst = dst;
         }
     } else {
         let mut h = Ipv4Wire {
@@ -154,7 +173,58 @@ pub fn encapsulate(
             };
         }
     }
-    route::send(ctx, route, reason)
+    route::send(ctx, route, e.reason).map(Encapsulated::Sent)
+}
+
+/// What `encapsulate` did.
+pub enum Encapsulated {
+    Sent(Sent),
+    /// Too big for the route: the sender must be told this MTU (`send` does).
+    TooBig(u16),
+}
+
+/// Encapsulates and sends (`lb_encapsulate`), or answers "too big" (icmp.rs). Two subprograms
+/// called one after the other, not nested, so their stack frames never add up.
+#[inline(always)]
+pub fn send(ctx: &XdpContext, e: &Encap) -> Result<Sent, Reason> {
+    let packed = lb_encapsulate(ctx.ctx, core::ptr::from_ref(e));
+    if packed < 0 {
+        // SAFETY: negative values are `-(reason + 1)` of a valid `Reason` (see pack).
+        return Err(unsafe { core::mem::transmute::<u32, Reason>((-packed - 1) as u32) });
+    }
+    if packed & TOO_BIG != 0 {
+        return icmp::too_big(ctx, e.inner, packed as u16);
+    }
+    // SAFETY: as above, the reason of a `Sent`.
+    let reason = unsafe { core::mem::transmute::<u32, Reason>((packed >> 32) as u32 & 0xff) };
+    Ok(Sent {
+        reason,
+        action: packed as u32,
+    })
+}
+
+/// Marks a packed `TooBig` (the MTU in the low 16 bits).
+const TOO_BIG: i64 = 1 << 62;
+
+/// `encapsulate` as a global BPF function: the verifier checks it once, on its own, instead
+/// of again at each of its callers in every state that reaches them (which took the balancer
+/// past the verifier's budget of 1M instructions), and its frame is its own. Global functions
+/// take the context and scalars or pointers to plain structs, and return a scalar: the result
+/// is packed (`Sent` as reason << 32 | action, `TooBig` as TOO_BIG | mtu, an error as
+/// -(reason + 1)).
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn lb_encapsulate(ctx: *mut xdp_md, e: *const Encap) -> i64 {
+    let ctx = XdpContext::new(ctx);
+    // SAFETY: the verifier checks that `e` points at a readable `Encap`.
+    let e = unsafe { &*e };
+    match encapsulate(&ctx, e) {
+        Ok(Encapsulated::Sent(sent)) => {
+            (i64::from(sent.reason as u32) << 32) | i64::from(sent.action)
+        }
+        Ok(Encapsulated::TooBig(mtu)) => TOO_BIG | i64::from(mtu),
+        Err(reason) => -i64::from(reason as u32) - 1,
+    }
 }
 
 /// Makes room for `overhead` bytes of outer headers in front of the packet at `l3`, replacing

@@ -65,9 +65,19 @@ struct IcmpWire {
     rest: u32,
 }
 
-/// Answers the packet at `inner` with "too big" for a path that leaves `mtu` bytes for it.
-#[inline(always)]
+/// Answers the packet at `inner` with "too big" for a path that leaves `mtu` bytes for it. A
+/// subprogram of its own (see `encap::send`).
+#[inline(never)]
 pub fn too_big(ctx: &XdpContext, inner: Inner, mtu: u16) -> Result<Sent, Reason> {
+    // The offset came through memory, where the verifier loses its bound: Ethernet and at
+    // most one VLAN tag.
+    if inner.l3 > super::encap::ETH_HLEN + 4 {
+        return Err(Reason::DropInternal);
+    }
+    let inner = Inner {
+        l3: inner.l3 & 0x1f,
+        v6: inner.v6,
+    };
     if inner.v6 {
         too_big6(ctx, inner.l3, mtu)
     } else {

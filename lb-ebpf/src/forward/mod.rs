@@ -3,6 +3,7 @@ pub mod dsr;
 pub mod encap;
 pub mod fragment;
 pub mod icmp;
+pub mod nat;
 pub mod route;
 
 use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
@@ -13,6 +14,7 @@ use crate::maps::BACKENDS;
 
 /// The packet a forwarding mode carries: where its IP header starts (after the Ethernet header
 /// and an optional VLAN tag) and its family.
+#[repr(C)]
 #[derive(Clone, Copy)]
 pub struct Inner {
     pub l3: usize,
@@ -44,7 +46,15 @@ pub fn to_backend(
             })
         }
         FORWARD_IPIP | FORWARD_GUE => {
-            encap::encapsulate(ctx, inner, id, forward == FORWARD_GUE, hash, reason, reply)
+            let e = encap::Encap {
+                inner,
+                id,
+                hash,
+                gue: forward == FORWARD_GUE,
+                reply,
+                reason,
+            };
+            encap::send(ctx, &e)
         }
         _ => Err(Reason::DropInternal),
     }

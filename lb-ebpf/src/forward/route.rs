@@ -12,7 +12,10 @@ use aya_ebpf::{
 use lb_common::{AF_INET, AF_INET6, Reason};
 use network_types::eth::EthHdr;
 
-use crate::{maps::TX_PORTS, parse::ptr_at_mut};
+use crate::{
+    maps::{FIB_SCRATCH, TX_PORTS},
+    parse::ptr_at_mut,
+};
 
 /// `BPF_FIB_LKUP_RET_*` results we act on (linux/bpf.h).
 const FIB_SUCCESS: i64 = 0;
@@ -30,7 +33,10 @@ pub enum Route {
     /// The next hop's MAC is not known: the kernel forwards the packet.
     Kernel,
     /// Longer than the egress MTU (`mtu`, of the whole IP packet).
-    TooBig { mtu: u16 },
+    TooBig {
+        #[allow(dead_code, reason = "for ICMP too-big answers; nat drops such packets")]
+        mtu: u16,
+    },
 }
 
 /// What the program did with a packet it handled: the counter and the XDP action.
@@ -42,14 +48,10 @@ pub struct Sent {
 /// The route to an IPv4 destination for a packet of `tot_len` bytes (IP header included).
 #[inline(always)]
 pub fn lookup_v4(ctx: &XdpContext, src: u32, dst: u32, tot_len: u16) -> Result<Route, Reason> {
-    // SAFETY: FibParams is plain old data; all-zero is a valid (empty) request.
-    let mut p: FibParams = unsafe { core::mem::zeroed() };
-    p.family = AF_INET;
-    p.ifindex = ingress(ctx);
-    p.__bindgen_anon_1.tot_len = tot_len;
+    let p = params(ctx, AF_INET, tot_len)?;
     p.__bindgen_anon_3.ipv4_src = src;
     p.__bindgen_anon_4.ipv4_dst = dst;
-    lookup(ctx, &mut p)
+    lookup(ctx, p)
 }
 
 /// The route to an IPv6 destination for a packet of `tot_len` bytes (fixed header included).
@@ -60,14 +62,28 @@ pub fn lookup_v6(
     dst: &[u32; 4],
     tot_len: u16,
 ) -> Result<Route, Reason> {
-    // SAFETY: as above.
-    let mut p: FibParams = unsafe { core::mem::zeroed() };
-    p.family = AF_INET6;
-    p.ifindex = ingress(ctx);
-    p.__bindgen_anon_1.tot_len = tot_len;
+    let p = params(ctx, AF_INET6, tot_len)?;
     p.__bindgen_anon_3.ipv6_src = *src;
     p.__bindgen_anon_4.ipv6_dst = *dst;
-    lookup(ctx, &mut p)
+    lookup(ctx, p)
+}
+
+/// This CPU's parameter block, cleared and filled with what every lookup sets. In a per-CPU
+/// map rather than on the stack: its 64 bytes in each caller's frame pushed the program's
+/// call chain past the verifier's 512-byte stack.
+#[inline(always)]
+fn params(ctx: &XdpContext, family: u8, tot_len: u16) -> Result<&'static mut FibParams, Reason> {
+    let p = FIB_SCRATCH.get_ptr_mut(0).ok_or(Reason::DropInternal)?;
+    // SAFETY: this CPU's scratch value, used by nothing else while the program runs;
+    // FibParams is plain old data, all-zero a valid (empty) request.
+    let p = unsafe {
+        core::ptr::write_bytes(p, 0, 1);
+        &mut *p
+    };
+    p.family = family;
+    p.ifindex = ingress(ctx);
+    p.__bindgen_anon_1.tot_len = tot_len;
+    Ok(p)
 }
 
 #[inline(always)]
@@ -136,6 +152,33 @@ pub fn send(ctx: &XdpContext, route: Route, reason: Reason) -> Result<Sent, Reas
         Ok(action) => Ok(Sent { reason, action }),
         Err(_) => Err(Reason::DropNoRoute),
     }
+}
+
+/// A result as a global BPF function returns it (a scalar): `Sent` as reason << 32 | action,
+/// an error as -(reason + 1).
+#[inline(always)]
+pub fn pack(result: Result<Sent, Reason>) -> i64 {
+    match result {
+        Ok(sent) => (i64::from(sent.reason as u32) << 32) | i64::from(sent.action),
+        Err(reason) => -i64::from(reason as u32) - 1,
+    }
+}
+
+/// The inverse of `pack`.
+#[inline(always)]
+pub fn unpack(packed: i64) -> Result<Sent, Reason> {
+    let reason = |n: i64| {
+        let n = (n as u32).min(Reason::COUNT - 1);
+        // SAFETY: `Reason` is `repr(u32)` with every value below `Reason::COUNT`.
+        unsafe { core::mem::transmute::<u32, Reason>(n) }
+    };
+    if packed < 0 {
+        return Err(reason(-packed - 1));
+    }
+    Ok(Sent {
+        reason: reason(packed >> 32),
+        action: packed as u32,
+    })
 }
 
 #[inline(always)]

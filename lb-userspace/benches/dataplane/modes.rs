@@ -191,11 +191,13 @@ fn reply_to(out: &[u8]) -> Vec<u8> {
 pub fn forwarding_modes(report: &mut Report, per_run: usize) {
     println!("# forwarding modes: established, {FLOWS} flows, IPv4 VIP, next hop from the FIB");
     let _fib = Fib::new();
-    let modes: [(&str, u8, bool); 4] = [
+    let modes: [(&str, u8, bool); 6] = [
         ("dsr", FORWARD_DSR, false),
         ("ipip 4in4", FORWARD_IPIP, false),
         ("gue 4in4", FORWARD_GUE, false),
         ("ipip 4in6", FORWARD_IPIP, true),
+        ("nat", FORWARD_NAT, false),
+        ("fullnat", FORWARD_FULLNAT, false),
     ];
     let rows = std::thread::scope(|scope| {
         scope

@@ -607,7 +607,6 @@ impl<P: Prober> Control<P> {
         if fragments {
             self.check_fragments(&addr, scheduler, forward)?;
         }
-        check_available(forward)?;
         self.check_sources(&addr, forward, std::iter::empty())?;
         if health.rise == 0 || health.fall == 0 {
             return Err(ControlError::Invalid(
@@ -919,6 +918,30 @@ impl<P: Prober> Control<P> {
         }
     }
 
+    /// Deletes closed and idle nat/fullnat flows (see `nat_expiry`); run every few seconds.
+    pub fn sweep_nat(&mut self) {
+        self.sweep_nat_at(monotonic_ticks());
+    }
+
+    /// `sweep_nat` as if the clock read `now` (ticks of `FLOW_TICK_SHIFT`).
+    pub fn sweep_nat_at(&mut self, now: u32) {
+        let tables = match self.dp.nat_tables() {
+            Ok(t) => t,
+            Err(e) => {
+                warn!("reading the NAT tables: {e}");
+                return;
+            }
+        };
+        let v4 = super::nat_expiry::expired(&tables.flows_v4, &tables.replies_v4, now);
+        let v6 = super::nat_expiry::expired(&tables.flows_v6, &tables.replies_v6, now);
+        if let Err(e) = self
+            .dp
+            .remove_nat(&v4.flows, &v4.replies, &v6.flows, &v6.replies)
+        {
+            warn!("expiring NAT flows: {e}");
+        }
+    }
+
     /// Finishes drains: a draining backend whose last flow ended (the kernel's count of its
     /// active flows is zero) or whose deadline passed becomes drained, and its remaining flows
     /// move to other backends.
@@ -1216,7 +1239,6 @@ impl<P: Prober> Control<P> {
                 .and_then(|()| crate::api::check_backend_port(&addr, settings.forward, *ip, b.port))
                 .map_err(ControlError::Invalid)?;
         }
-        check_available(settings.forward)?;
         self.check_sources(&addr, settings.forward, entry.backends.keys().copied())?;
         if settings.fragments {
             self.check_fragments(&addr, settings.scheduler, settings.forward)?;
@@ -1384,19 +1406,6 @@ fn probe_target(
             mark: Some(lb_common::HC_MARK_TAG | id),
             backend: ip,
         },
-    }
-}
-
-/// nat and fullnat are parsed and planned (ports, SNAT settings, pins) but their XDP code is
-/// not in this build yet: a service using them would drop every packet, so it is refused.
-fn check_available(forward: Forward) -> Result<(), ControlError> {
-    match forward {
-        Forward::Nat | Forward::Fullnat => Err(ControlError::Invalid(format!(
-            "forwarding mode {} is not available yet in this build (its data plane is still \
-             being integrated); use dsr, ipip or gue",
-            forward.name()
-        ))),
-        Forward::Dsr | Forward::Ipip | Forward::Gue => Ok(()),
     }
 }
 

@@ -8,6 +8,7 @@ pub mod config;
 mod control;
 mod health;
 pub mod metrics;
+pub mod nat_expiry;
 mod reload;
 mod routed;
 mod server;
@@ -389,6 +390,7 @@ fn control_loop<P: Prober>(control: &mut Control<P>, inbox: &mpsc::Receiver<Even
         let now = Instant::now();
         if now >= next_recount {
             control.recount_flows();
+            control.sweep_nat();
             next_recount = now + FLOW_RECOUNT;
         }
         if now >= next_refresh {
