@@ -100,7 +100,7 @@ pub struct NatScratch {
 
 /// Whether packets to no VIP may be NAT replies (some service uses nat or fullnat).
 #[inline(always)]
-fn enabled() -> bool {
+pub fn enabled() -> bool {
     CONFIG.get(0).is_some_and(|c| c.flags & CONFIG_F_NAT != 0)
 }
 
