@@ -485,11 +485,22 @@ fn assert_only_translation_changed(sent: &[u8], out: &[u8]) {
         if !s.v6 {
             f[s.l3 + 10..s.l3 + 12].fill(0);
         }
+        // The TTL / hop limit: checked below.
+        f[s.l3 + if s.v6 { 7 } else { 8 }] = 0;
         f[s.l4..s.l4 + 4].fill(0);
         let at = s.l4 + if s.proto == TCP { 16 } else { 6 };
         f[at..at + 2].fill(0);
     }
-    assert_eq!(a, b, "only MACs, addresses, ports and checksums change");
+    assert_eq!(
+        a, b,
+        "only MACs, addresses, ports, TTL and checksums change"
+    );
+    let ttl_at = s.l3 + if s.v6 { 7 } else { 8 };
+    assert_eq!(
+        out[ttl_at],
+        sent[ttl_at] - 1,
+        "the TTL / hop limit goes down by one"
+    );
     assert_eq!(o.proto, s.proto);
 }
 
@@ -930,5 +941,25 @@ fn the_sweep_removes_closed_and_idle_pairs_and_keeps_the_rest() {
         );
         control.sweep_nat_at(t0 + 299);
         assert_eq!(sports(&mut control), (vec![], 0, 0), "idle TCP pairs went");
+    });
+}
+
+#[test]
+fn a_packet_whose_ttl_runs_out_goes_to_the_kernel_untranslated() {
+    in_netns(|| {
+        let mut bed = Bed::one_arm();
+        for (v6, proto) in CASES {
+            bed.service(v6, proto, FORWARD_NAT, 0, &[1]);
+            let mut sent = frame(proto, client(v6), 5100, vip(v6), VPORT, SYN);
+            let v = View::of(&sent);
+            // TTL / hop limit 1: forwarding it would make it 0.
+            sent[v.l3 + if v6 { 7 } else { 8 }] = 1;
+            let before = bed.reason(Reason::PassToKernel);
+            let client_if = bed.client_if;
+            let (verdict, out) = bed.run_on(client_if, &sent);
+            assert_eq!(verdict, XDP_PASS, "v6={v6} proto={proto}");
+            assert_eq!(&out[..sent.len()], &sent[..], "passed as received");
+            assert_eq!(bed.reason(Reason::PassToKernel), before + 1);
+        }
     });
 }

@@ -308,12 +308,25 @@ fn translate_v4(
     reason: Reason,
 ) -> Result<Sent, Reason> {
     let ip: *mut Ipv4Wire = ptr_at_mut(ctx, l3).ok_or(Reason::DropInternal)?;
+    // Forwarded as a router forwards: the TTL goes down by one, and a packet whose TTL runs
+    // out goes to the kernel, which answers "time exceeded".
+    // SAFETY (packet reads and writes here): bounds checked by ptr_at_mut.
+    let (ttl, proto) = unsafe { ((*ip).ttl, (*ip).proto) };
+    if ttl <= 1 {
+        return Ok(route::to_kernel());
+    }
+    let mut header = Delta::default();
+    header.word16(
+        u16::from_ne_bytes([ttl, proto]),
+        u16::from_ne_bytes([ttl - 1, proto]),
+    );
     let mut addrs = Delta::default();
     addrs.word32(pkt.flow.src, to.src);
     addrs.word32(pkt.flow.dst, to.dst);
-    // SAFETY (packet writes here): bounds checked by ptr_at_mut.
+    header.0 += addrs.0;
     let tot_len = unsafe {
-        (*ip).check = addrs.apply((*ip).check);
+        (*ip).ttl = ttl - 1;
+        (*ip).check = header.apply((*ip).check);
         (*ip).src = to.src;
         (*ip).dst = to.dst;
         u16::from_be((*ip).tot_len)
@@ -350,8 +363,14 @@ fn translate_v6(
         return Err(Reason::DropInternal);
     }
     let addrs = Delta(diff as u64 & 0xffff_ffff);
-    // SAFETY: bounds checked by ptr_at_mut.
+    // SAFETY: bounds checked by ptr_at_mut. The hop limit as in translate_v4 (no header
+    // checksum in IPv6).
+    let hop_limit = unsafe { (*ip).hop_limit };
+    if hop_limit <= 1 {
+        return Ok(route::to_kernel());
+    }
     let payload_len = unsafe {
+        (*ip).hop_limit = hop_limit - 1;
         (*ip).src = to.src;
         (*ip).dst = to.dst;
         u16::from_be((*ip).payload_len)

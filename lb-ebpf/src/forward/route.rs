@@ -181,8 +181,9 @@ pub fn unpack(packed: i64) -> Result<Sent, Reason> {
     })
 }
 
+/// Passes the packet to the kernel, counted as `PassToKernel`.
 #[inline(always)]
-fn to_kernel() -> Sent {
+pub fn to_kernel() -> Sent {
     Sent {
         reason: Reason::PassToKernel,
         action: xdp_action::XDP_PASS,
