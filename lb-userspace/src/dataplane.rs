@@ -28,6 +28,27 @@ pub enum ServiceKey {
     V6(ServiceKeyV6),
 }
 
+impl ServiceKey {
+    /// The key of `vip`:`port` (host order) for protocol `proto`, in the program's byte order.
+    pub fn new(vip: std::net::IpAddr, port: u16, proto: u8) -> Self {
+        let port = port.to_be();
+        match vip {
+            std::net::IpAddr::V4(v4) => ServiceKey::V4(ServiceKeyV4 {
+                addr: u32::from_ne_bytes(v4.octets()),
+                port,
+                proto,
+                _pad: 0,
+            }),
+            std::net::IpAddr::V6(v6) => ServiceKey::V6(ServiceKeyV6 {
+                addr: crate::daemon::ipv6_words(&v6),
+                port,
+                proto,
+                _pad: 0,
+            }),
+        }
+    }
+}
+
 use crate::pins::PinDir;
 
 /// The XDP object built by build.rs from lb-ebpf.

@@ -11,7 +11,7 @@
 mod common;
 mod packet;
 
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use aya::{TestRun as _, TestRunOptions};
@@ -19,7 +19,7 @@ use common::netns;
 use lb_common::{
     AF_INET, AF_INET6, BACKEND_F_ALIVE, Backend, DataplaneConfig, FORWARD_DSR, FORWARD_GUE,
     FORWARD_IPIP, FORWARD_NAT, FlowKeyV4, PROTO_IPIP, PROTO_IPV6, RING_SIZE, Reason, SCHED_MAGLEV,
-    SCHED_SOURCE_HASH, SERVICE_F_FRAGMENTS, Service, ServiceKeyV4, ServiceKeyV6,
+    SCHED_SOURCE_HASH, SERVICE_F_FRAGMENTS, Service,
     hash::{flow_hash_v4, flow_hash_v6, gue_source_port, source_hash},
     names,
 };
@@ -279,21 +279,12 @@ impl Lb {
 }
 
 fn key(v6: bool, port: u16, proto: u8) -> ServiceKey {
-    if v6 {
-        ServiceKey::V6(ServiceKeyV6 {
-            addr: ipv6_words(&VIP6),
-            port: port.to_be(),
-            proto,
-            _pad: 0,
-        })
+    let vip = if v6 {
+        IpAddr::V6(VIP6)
     } else {
-        ServiceKey::V4(ServiceKeyV4 {
-            addr: u32::from_ne_bytes(VIP.octets()),
-            port: port.to_be(),
-            proto,
-            _pad: 0,
-        })
-    }
+        IpAddr::V4(VIP)
+    };
+    ServiceKey::new(vip, port, proto)
 }
 
 fn hash4(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, proto: u8) -> u32 {

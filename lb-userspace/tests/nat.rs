@@ -16,8 +16,7 @@ use std::process::Command;
 use aya::{TestRun as _, TestRunOptions};
 use lb_common::{
     AF_INET, AF_INET6, BACKEND_F_ALIVE, Backend, CONFIG_F_NAT, DataplaneConfig, FLOW_F_CLOSED,
-    FORWARD_FULLNAT, FORWARD_NAT, RING_SIZE, Reason, SCHED_MAGLEV, Service, ServiceKeyV4,
-    ServiceKeyV6, names,
+    FORWARD_FULLNAT, FORWARD_NAT, RING_SIZE, Reason, SCHED_MAGLEV, Service, ServiceKeyV4, names,
 };
 use lb_userspace::{
     api::HealthCheck,
@@ -238,21 +237,7 @@ impl Bed {
             .map(|i| backend_id(ns[i % ns.len()], v6))
             .collect();
         self.dp.write_ring(ring, &table).unwrap();
-        let key = if v6 {
-            ServiceKey::V6(ServiceKeyV6 {
-                addr: ipv6_words(&VIP6),
-                port: VPORT.to_be(),
-                proto,
-                _pad: 0,
-            })
-        } else {
-            ServiceKey::V4(ServiceKeyV4 {
-                addr: u32::from_ne_bytes(VIP.octets()),
-                port: VPORT.to_be(),
-                proto,
-                _pad: 0,
-            })
-        };
+        let key = ServiceKey::new(vip(v6), VPORT, proto);
         let service = Service {
             id: 0,
             ring,

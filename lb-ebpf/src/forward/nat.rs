@@ -456,9 +456,84 @@ impl Delta {
     }
 }
 
+/// The `NatFlow` methods whose code is the same for both families (the keys and reply entries
+/// have the same field names; only the address type differs).
+macro_rules! same_fields {
+    ($addr:ty, $reply:ty) => {
+        #[inline(always)]
+        fn src(&self) -> $addr {
+            self.src
+        }
+        #[inline(always)]
+        fn sport(&self) -> u16 {
+            self.sport
+        }
+        #[inline(always)]
+        unsafe fn write_reply_key(
+            &self,
+            key: *mut Self,
+            addr: $addr,
+            port: u16,
+            dst: $addr,
+            dport: u16,
+        ) {
+            // SAFETY: the caller's promise.
+            unsafe {
+                (*key).src = addr;
+                (*key).dst = dst;
+                (*key).sport = port;
+                (*key).dport = dport;
+                (*key).proto = self.proto;
+                (*key)._pad0 = 0;
+                (*key)._pad1 = 0;
+            }
+        }
+        #[inline(always)]
+        fn set_dport(&mut self, port: u16) {
+            self.dport = port;
+        }
+        #[inline(always)]
+        unsafe fn write_reply(&self, r: *mut $reply, id: u32, generation: u32, now: u32) {
+            // SAFETY: the caller's promise.
+            unsafe {
+                (*r).client = self.src;
+                (*r).vip = self.dst;
+                (*r).client_port = self.sport;
+                (*r).vip_port = self.dport;
+                (*r).backend = id;
+                (*r).generation = generation;
+                (*r).last_seen = now;
+                (*r).flags = 0;
+                (*r)._pad = 0;
+            }
+        }
+        #[inline(always)]
+        fn owns(&self, r: &$reply) -> bool {
+            r.client == self.src
+                && r.vip == self.dst
+                && r.client_port == self.sport
+                && r.vip_port == self.dport
+        }
+        #[inline(always)]
+        fn touch(r: &mut $reply, tcp_flags: u8) {
+            touch_state(&mut r.last_seen, &mut r.flags, tcp_flags);
+        }
+        #[inline(always)]
+        fn back(r: &$reply) -> Translation<$addr> {
+            Translation {
+                src: r.vip,
+                dst: r.client,
+                sport: r.vip_port,
+                dport: r.client_port,
+            }
+        }
+    };
+}
+
 impl NatFlow for FlowKeyV4 {
     type Addr = u32;
     type Reply = NatReplyV4;
+    same_fields!(u32, NatReplyV4);
     #[inline(always)]
     fn flows() -> &'static HashMap<Self, FlowState> {
         &NAT_FLOWS
@@ -477,69 +552,9 @@ impl NatFlow for FlowKeyV4 {
         cfg.snat4
     }
     #[inline(always)]
-    fn src(&self) -> u32 {
-        self.src
-    }
-    #[inline(always)]
-    fn sport(&self) -> u16 {
-        self.sport
-    }
-    #[inline(always)]
-    unsafe fn write_reply_key(&self, key: *mut Self, addr: u32, port: u16, dst: u32, dport: u16) {
-        // SAFETY: the caller's promise.
-        unsafe {
-            (*key).src = addr;
-            (*key).dst = dst;
-            (*key).sport = port;
-            (*key).dport = dport;
-            (*key).proto = self.proto;
-            (*key)._pad0 = 0;
-            (*key)._pad1 = 0;
-        }
-    }
-    #[inline(always)]
-    fn set_dport(&mut self, port: u16) {
-        self.dport = port;
-    }
-    #[inline(always)]
-    unsafe fn write_reply(&self, r: *mut NatReplyV4, id: u32, generation: u32, now: u32) {
-        // SAFETY: the caller's promise.
-        unsafe {
-            (*r).client = self.src;
-            (*r).vip = self.dst;
-            (*r).client_port = self.sport;
-            (*r).vip_port = self.dport;
-            (*r).backend = id;
-            (*r).generation = generation;
-            (*r).last_seen = now;
-            (*r).flags = 0;
-            (*r)._pad = 0;
-        }
-    }
-    #[inline(always)]
     fn scratch(s: *mut NatScratch) -> (*mut Self, *mut NatReplyV4) {
         // SAFETY: field addresses of a valid pointer, nothing read.
         unsafe { (&raw mut (*s).v4_key, &raw mut (*s).v4_reply) }
-    }
-    #[inline(always)]
-    fn owns(&self, r: &NatReplyV4) -> bool {
-        r.client == self.src
-            && r.vip == self.dst
-            && r.client_port == self.sport
-            && r.vip_port == self.dport
-    }
-    #[inline(always)]
-    fn touch(r: &mut NatReplyV4, tcp_flags: u8) {
-        touch_state(&mut r.last_seen, &mut r.flags, tcp_flags);
-    }
-    #[inline(always)]
-    fn back(r: &NatReplyV4) -> Translation<u32> {
-        Translation {
-            src: r.vip,
-            dst: r.client,
-            sport: r.vip_port,
-            dport: r.client_port,
-        }
     }
     #[inline(always)]
     fn translate(
@@ -556,6 +571,7 @@ impl NatFlow for FlowKeyV4 {
 impl NatFlow for FlowKeyV6 {
     type Addr = [u32; 4];
     type Reply = NatReplyV6;
+    same_fields!([u32; 4], NatReplyV6);
     #[inline(always)]
     fn flows() -> &'static HashMap<Self, FlowState> {
         &NAT_FLOWS_V6
@@ -575,76 +591,9 @@ impl NatFlow for FlowKeyV6 {
         cfg.snat6
     }
     #[inline(always)]
-    fn src(&self) -> [u32; 4] {
-        self.src
-    }
-    #[inline(always)]
-    fn sport(&self) -> u16 {
-        self.sport
-    }
-    #[inline(always)]
-    unsafe fn write_reply_key(
-        &self,
-        key: *mut Self,
-        addr: [u32; 4],
-        port: u16,
-        dst: [u32; 4],
-        dport: u16,
-    ) {
-        // SAFETY: the caller's promise.
-        unsafe {
-            (*key).src = addr;
-            (*key).dst = dst;
-            (*key).sport = port;
-            (*key).dport = dport;
-            (*key).proto = self.proto;
-            (*key)._pad0 = 0;
-            (*key)._pad1 = 0;
-        }
-    }
-    #[inline(always)]
-    fn set_dport(&mut self, port: u16) {
-        self.dport = port;
-    }
-    #[inline(always)]
-    unsafe fn write_reply(&self, r: *mut NatReplyV6, id: u32, generation: u32, now: u32) {
-        // SAFETY: the caller's promise.
-        unsafe {
-            (*r).client = self.src;
-            (*r).vip = self.dst;
-            (*r).client_port = self.sport;
-            (*r).vip_port = self.dport;
-            (*r).backend = id;
-            (*r).generation = generation;
-            (*r).last_seen = now;
-            (*r).flags = 0;
-            (*r)._pad = 0;
-        }
-    }
-    #[inline(always)]
     fn scratch(s: *mut NatScratch) -> (*mut Self, *mut NatReplyV6) {
         // SAFETY: as above.
         unsafe { (&raw mut (*s).v6_key, &raw mut (*s).v6_reply) }
-    }
-    #[inline(always)]
-    fn owns(&self, r: &NatReplyV6) -> bool {
-        r.client == self.src
-            && r.vip == self.dst
-            && r.client_port == self.sport
-            && r.vip_port == self.dport
-    }
-    #[inline(always)]
-    fn touch(r: &mut NatReplyV6, tcp_flags: u8) {
-        touch_state(&mut r.last_seen, &mut r.flags, tcp_flags);
-    }
-    #[inline(always)]
-    fn back(r: &NatReplyV6) -> Translation<[u32; 4]> {
-        Translation {
-            src: r.vip,
-            dst: r.client,
-            sport: r.vip_port,
-            dport: r.client_port,
-        }
     }
     #[inline(always)]
     fn translate(

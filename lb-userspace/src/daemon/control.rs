@@ -11,10 +11,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use lb_common::{
-    AF_INET, BACKEND_F_ALIVE, BACKEND_NONE, RING_SIZE, Reason, SERVICE_F_FRAGMENTS, ServiceKeyV4,
-    ServiceKeyV6,
-};
+use lb_common::{AF_INET, BACKEND_F_ALIVE, BACKEND_NONE, RING_SIZE, Reason, SERVICE_F_FRAGMENTS};
 use tracing::{info, warn};
 
 use super::{
@@ -1485,22 +1482,7 @@ pub fn service_key(addr: &ServiceAddr) -> Result<ServiceKey, ControlError> {
 }
 
 fn key_of(addr: &ServiceAddr) -> ServiceKey {
-    let port = addr.port.to_be();
-    let proto = addr.proto.number();
-    match addr.vip {
-        IpAddr::V4(v4) => ServiceKey::V4(ServiceKeyV4 {
-            addr: u32::from_ne_bytes(v4.octets()),
-            port,
-            proto,
-            _pad: 0,
-        }),
-        IpAddr::V6(v6) => ServiceKey::V6(ServiceKeyV6 {
-            addr: ipv6_words(&v6),
-            port,
-            proto,
-            _pad: 0,
-        }),
-    }
+    ServiceKey::new(addr.vip, addr.port, addr.proto.number())
 }
 
 /// An IPv6 address as the four raw words the program reads from the packet.
