@@ -135,9 +135,8 @@ pub fn build_table(backends: &[MaglevBackend], size: u32) -> Result<Vec<u32>, Ma
     if order.len() > table_len {
         return Err(too_many(order.len()));
     }
-    let mut table = vec![BACKEND_NONE; table_len];
     if order.is_empty() {
-        return Ok(table);
+        return Ok(vec![BACKEND_NONE; table_len]);
     }
 
     let max_weight = order
@@ -162,13 +161,46 @@ pub fn build_table(backends: &[MaglevBackend], size: u32) -> Result<Vec<u32>, Ma
     // Weighted fill rounds. Each round every backend adds its weight to a credit counter and
     // takes one entry when the credit reaches the largest weight (paying that much), so a
     // backend of maximal weight takes one entry per round and the others proportionally fewer;
-    // with equal weights this is exactly the paper's round-robin. Scanning every backend every
-    // round would cost rounds x N, which blows up when one weight dwarfs the rest; instead each
-    // backend's next turn is computed directly (`ceil(k * max / weight)` for its k-th entry).
-    // Turns in the next round, the common case, are queued in key order as they come; turns
-    // further out wait in a heap ordered by (round, key order) and are merged in when their
-    // round comes. Same order as the scan, O(M) with equal weights (a heap for everything was
-    // 2.5x slower at 1000 backends), O(M log N) at worst.
+    // with equal weights this is exactly the paper's round-robin. A backend's k-th entry comes
+    // in round `ceil(k * max / weight)`. Scanning every backend every round costs rounds x N,
+    // cheap while weights are close (about M x max / mean weight) and ruinous when one weight
+    // dwarfs the rest: then a turn queue takes over, same order, O(M log N) at worst.
+    let total_weight: u64 = fill.iter().map(|f| f.weight).sum();
+    let rounds = u64::from(size) * max_weight / total_weight + 1;
+    let scan_steps = rounds.saturating_mul(fill.len() as u64);
+    let mut slots = Slots::new(table_len);
+    if scan_steps <= 4 * u64::from(size) {
+        fill_by_scan(&mut fill, &mut slots, max_weight, size);
+    } else {
+        fill_by_queue(&mut fill, &mut slots, max_weight, size);
+    }
+    debug_assert!(!slots.table.contains(&BACKEND_NONE));
+    Ok(slots.table)
+}
+
+/// Fills `slots` round by round, visiting every backend in key order each round.
+fn fill_by_scan(fill: &mut [Filler], slots: &mut Slots, max_weight: u64, size: u32) {
+    let mut turns: Vec<u64> = fill
+        .iter()
+        .map(|f| f.round_of_next_turn(max_weight))
+        .collect();
+    for round in 1.. {
+        for (f, turn) in fill.iter_mut().zip(&mut turns) {
+            if *turn == round {
+                if slots.take_next_free(f, size) {
+                    return;
+                }
+                *turn = f.round_of_next_turn(max_weight);
+            }
+        }
+    }
+}
+
+/// Fills `slots` in the same order as `fill_by_scan`, touching only the backends whose turn it
+/// is. Turns in the next round, the common case, are queued in key order as they come; turns
+/// further out wait in a heap ordered by (round, key order) and are merged in when their round
+/// comes.
+fn fill_by_queue(fill: &mut [Filler], slots: &mut Slots, max_weight: u64, size: u32) {
     let mut round: u64 = 1;
     let mut due: Vec<usize> = Vec::with_capacity(fill.len());
     let mut upcoming: Vec<usize> = Vec::with_capacity(fill.len());
@@ -179,26 +211,12 @@ pub fn build_table(backends: &[MaglevBackend], size: u32) -> Result<Vec<u32>, Ma
             r => later.push(Reverse((r, rank))),
         }
     }
-    let mut filled = 0;
     loop {
         for &rank in &due {
             let f = &mut fill[rank];
-            // Walk the backend's permutation to its next preferred entry still free. One
-            // exists (filled < table_len) and the walk reaches it: the permutation is complete.
-            loop {
-                let entry = &mut table[f.next as usize];
-                f.next = advance(f.next, f.skip, size);
-                if *entry == BACKEND_NONE {
-                    *entry = f.caller_index;
-                    break;
-                }
+            if slots.take_next_free(f, size) {
+                return;
             }
-            filled += 1;
-            if filled == table_len {
-                debug_assert!(!table.contains(&BACKEND_NONE));
-                return Ok(table);
-            }
-            f.placed += 1;
             match f.round_of_next_turn(max_weight) {
                 r if r == round + 1 => upcoming.push(rank),
                 r => later.push(Reverse((r, rank))),
@@ -224,6 +242,41 @@ pub fn build_table(backends: &[MaglevBackend], size: u32) -> Result<Vec<u32>, Ma
             due.push(rank);
         }
         due.extend(queued);
+    }
+}
+
+/// The table being filled.
+struct Slots {
+    table: Vec<u32>,
+    /// Entries still `BACKEND_NONE`.
+    free: usize,
+}
+
+impl Slots {
+    fn new(len: usize) -> Self {
+        Self {
+            table: vec![BACKEND_NONE; len],
+            free: len,
+        }
+    }
+
+    /// Gives `f` the next entry of its permutation still free and returns whether the table is
+    /// now full. One exists (the table is not full yet) and the walk reaches it: the
+    /// permutation is complete.
+    fn take_next_free(&mut self, f: &mut Filler, size: u32) -> bool {
+        let mut next = f.next;
+        loop {
+            let entry = &mut self.table[next as usize];
+            next = advance(next, f.skip, size);
+            if *entry == BACKEND_NONE {
+                *entry = f.caller_index;
+                break;
+            }
+        }
+        f.next = next;
+        f.placed += 1;
+        self.free -= 1;
+        self.free == 0
     }
 }
 
@@ -392,6 +445,9 @@ mod tests {
             .zip([1000, 1, 999, 500, 0, 3])
             .map(|(b, weight)| MaglevBackend { weight, ..b })
             .collect();
+        let mut lopsided = backends(50, 1);
+        lopsided[7].weight = 100;
+        lopsided[20].weight = 3;
         for (list, size) in [
             (backends(1, 1), 2),
             (backends(2, 1), 2),
@@ -401,6 +457,8 @@ mod tests {
             (mixed.clone(), 13),
             (mixed.clone(), 4099),
             (skewed.clone(), 4099),
+            // One weight 100 times the others': too many rounds to scan, the turn queue fills.
+            (lopsided, 4099),
             (backends(100, 1), RING_SIZE),
             (mixed, RING_SIZE),
         ] {
