@@ -7,12 +7,14 @@
 //! verdict is checked. Baselines built in the same build and measured in the same run give the
 //! fixed cost (baseline 1, an XDP_DROP program) that is subtracted to compare work.
 
+#[path = "dataplane/katran.rs"]
+mod katran;
 #[path = "dataplane/modes.rs"]
 mod modes;
 #[path = "../tests/packet/mod.rs"]
 mod packet;
 
-use std::{net::Ipv4Addr, time::Instant};
+use std::{net::Ipv4Addr, path::PathBuf, time::Instant};
 
 use aya::{Ebpf, TestRun as _, TestRunOptions, maps::HashMap as BpfHashMap, programs::Xdp};
 use lb_common::{
@@ -35,6 +37,12 @@ const BASELINES: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/
 
 /// Katran's figures on this kind of machine (issue 5), raw ns per packet, same method.
 const KATRAN_FIXED: f64 = 34.0;
+
+/// The rows that have a Katran counterpart (`--katran`), named once for both.
+const PASS: &str = "pass path (not a VIP)";
+const ESTABLISHED_1: &str = "established, 1 flow";
+const ESTABLISHED_16K: &str = "established, 16,384 flows";
+const NEW_EMPTY: &str = "new flow every packet, table nearly empty";
 
 /// Where the flows of the frames come from: flow `i` has a distinct source address and port.
 fn flow_frame(template: &[u8], i: u32) -> Vec<u8> {
@@ -127,25 +135,59 @@ struct Report {
     baseline1: f64,
     baseline3: f64,
     figures: Vec<serde_json::Value>,
+    /// Katran is measured in this run (`--katran`): the last column compares with its figures
+    /// instead of issue 5's.
+    katran_here: bool,
 }
 
 const METHOD: &str = "BPF_PROG_TEST_RUN, one call per packet, fresh frame, kernel-reported ns, \
                       mean per run, median of 5 runs";
 
 impl Report {
-    fn row(&mut self, name: &str, (median, min, max): (f64, f64, f64), katran: Option<f64>) {
+    /// A row; `katran` is issue 5's raw figure for Katran on the same path, if any.
+    fn row(&mut self, name: &str, figure: (f64, f64, f64), katran: Option<f64>) {
+        self.compare(name, figure, katran, None);
+    }
+
+    /// A row with, besides issue 5's figure, Katran's figure on the same path in this run.
+    fn compare(
+        &mut self,
+        name: &str,
+        figure: (f64, f64, f64),
+        katran: Option<f64>,
+        same_run: Option<(f64, f64, f64)>,
+    ) {
+        self.push_row(name, figure, katran, same_run, METHOD);
+    }
+
+    /// A row of Katran's own figures (`--katran`); `how` says how Katran was run.
+    fn katran_row(&mut self, name: &str, figure: (f64, f64, f64), how: &str) {
+        self.push_row(name, figure, None, None, &format!("{METHOD}; {how}"));
+    }
+
+    fn push_row(
+        &mut self,
+        name: &str,
+        (median, min, max): (f64, f64, f64),
+        katran: Option<f64>,
+        same_run: Option<(f64, f64, f64)>,
+        method: &str,
+    ) {
         let work = median - self.baseline1;
         let floor = self.baseline3 - self.baseline1;
         let katran_work = katran.map(|k| k - KATRAN_FIXED);
-        let katran_col = katran_work.map_or_else(
-            || "-".to_string(),
-            |k| format!("{k:>4.0} -> {:.2}x", work / k),
-        );
+        let here_work = same_run.map(|(k, ..)| k - self.baseline1);
+        let katran_col = match (self.katran_here, katran_work, here_work) {
+            (false, Some(k), _) => format!("{k:>4.0} -> {:.2}x", work / k),
+            (true, _, Some(k)) => format!("{k:>6.1} -> {:.2}x", work / k),
+            _ => "-".to_string(),
+        };
         println!(
-            "{name:<46} {median:>7.1} ({min:>6.1}..{max:>6.1}) {work:>7.1} {:>8.2}x  {katran_col}",
-            work / floor
+            "{name:<w$} {median:>7.1} ({min:>6.1}..{max:>6.1}) {work:>7.1} {:>8.2}x  {katran_col}",
+            work / floor,
+            w = self.width()
         );
-        self.figures.push(serde_json::json!({
+        let mut figure = serde_json::json!({
             "name": name,
             "value": median,
             "unit": "ns/packet",
@@ -156,12 +198,22 @@ impl Report {
             "baseline": "work of baseline 3 (parse + one hash lookup + XDP_TX), same run",
             "katran_work_ns": katran_work,
             "katran_ratio": katran_work.map(|k| work / k),
-            "method": METHOD,
-        }));
+            "method": method,
+        });
+        if self.katran_here {
+            figure["katran_same_run_work_ns"] = here_work.into();
+            figure["katran_same_run_ratio"] = here_work.map(|k| work / k).into();
+        }
+        self.figures.push(figure);
+    }
+
+    /// Width of the name column: Katran's rows (`--katran`) have longer names.
+    fn width(&self) -> usize {
+        if self.katran_here { 54 } else { 46 }
     }
 
     fn figure(&mut self, name: &str, value: f64, unit: &str, method: &str) {
-        println!("{name:<46} {value:>9.2} {unit}");
+        println!("{name:<w$} {value:>9.2} {unit}", w = self.width());
         self.figures.push(serde_json::json!({
             "name": name, "value": value, "unit": unit, "baseline_ratio": null, "method": method,
         }));
@@ -283,8 +335,16 @@ fn main() {
         "the benchmark loads BPF programs: run it as root (cargo xtask bench)"
     );
     let quick = std::env::args().any(|a| a == "--quick");
+    let katran_object = katran_object();
     let per_run = if quick { 2_000 } else { 50_000 };
-    let million = if quick { 50_000 } else { 1_000_000 };
+    let sizes = katran::Sizes {
+        per_run,
+        million: if quick { 50_000 } else { 1_000_000 },
+        // Connection table of production size (Katran's 4M).
+        conntrack: if quick { 1 << 18 } else { 4 << 20 },
+        // The table that is full when new flows are measured.
+        small: if quick { 1 << 15 } else { 1 << 20 },
+    };
 
     println!("# lb data-plane benchmark: BPF_PROG_TEST_RUN, one call per packet (repeat = 1),");
     println!(
@@ -293,10 +353,22 @@ fn main() {
     println!(
         "# work = ns - baseline 1 (fixed test-run cost); vs floor = work / work of baseline 3;"
     );
-    println!(
-        "# Katran column: Katran's work on the same path (its raw figure - 34 ns) and our work / its work (target <= 0.70x)."
-    );
+    if katran_object.is_some() {
+        println!(
+            "# Katran column: Katran's work on the same path, measured in this run by the same method, and our work / its work (target <= 0.70x)."
+        );
+    } else {
+        println!(
+            "# Katran column: Katran's work on the same path (its raw figure - 34 ns) and our work / its work (target <= 0.70x)."
+        );
+    }
     println!();
+
+    // Katran's connection tables are per CPU, so its rows run on one CPU; the rows compared
+    // with them (and the baselines they are all measured against) run on the same one.
+    let pinned = katran_object.as_ref().map(|_| {
+        katran::PinnedCpu::here().unwrap_or_else(|e| fail(&format!("pinning to a CPU: {e:#}")))
+    });
 
     let mut base = aya::EbpfLoader::new()
         .load(BASELINES)
@@ -327,69 +399,43 @@ fn main() {
         p.load().unwrap();
         measure(p, &mut |_| flow_frame(&t, 0), per_run, XDP_TX)
     };
+
+    let katran = match (&katran_object, &pinned) {
+        (Some(object), Some(pinned)) => Some(
+            katran::measure_all(object, &sizes, pinned.cpu)
+                .unwrap_or_else(|e| fail(&format!("measuring Katran: {e:#}"))),
+        ),
+        _ => None,
+    };
+    if let Some(k) = &katran {
+        for note in &k.notes {
+            println!("# {note}");
+        }
+        println!();
+    }
+
     let mut report = Report {
         baseline1: b1.0,
         baseline3: b3.0,
         figures: Vec::new(),
+        katran_here: katran.is_some(),
     };
     println!(
-        "{:<46} {:>7} {:>17} {:>7} {:>9}  Katran work -> ratio",
-        "path", "ns", "(min..max)", "work", "vs floor"
+        "{:<w$} {:>7} {:>17} {:>7} {:>9}  Katran work -> ratio",
+        "path",
+        "ns",
+        "(min..max)",
+        "work",
+        "vs floor",
+        w = report.width()
     );
     report.row("baseline 1: XDP_DROP", b1, Some(34.0));
     report.row("baseline 2: swap MACs + XDP_TX", b2, Some(37.0));
     report.row("baseline 3: parse + 1 hash lookup + XDP_TX", b3, Some(46.0));
     println!();
 
-    // 1 service, 100 backends, connection table of production size (Katran's 4M).
-    let conntrack = if quick { 1 << 18 } else { 4 << 20 };
-    let mut dp = balancer(1, 100, conntrack);
-    let other = template(Ipv4Addr::new(10, 99, 0, 2), false);
-    let pass = measure(prog(&mut dp), &mut |_| other.clone(), per_run, XDP_PASS);
-    report.row("pass path (not a VIP)", pass, Some(59.0));
-    report.row(
-        "established, 1 flow",
-        established(&mut dp, 1, 1, false, per_run),
-        Some(103.0),
-    );
-    report.row(
-        "established, 16,384 flows",
-        established(&mut dp, 1, 16_384, false, per_run),
-        Some(150.0),
-    );
-    report.row(
-        &format!("established, {million} flows"),
-        established(&mut dp, 1, million, false, per_run),
-        Some(249.0),
-    );
-    report.row(
-        "established UDP, 16,384 flows",
-        established(&mut dp, 1, 16_384, true, per_run),
-        None,
-    );
-    drop(dp);
-
-    let mut dp = balancer(1, 100, conntrack);
-    report.row(
-        "new flow every packet, table nearly empty",
-        new_flows(&mut dp, 1, 0, per_run),
-        Some(437.0),
-    );
-    drop(dp);
-    // A table already full: fill it past capacity, then every new flow evicts one.
-    let small = if quick { 1 << 15 } else { 1 << 20 };
-    let mut dp = balancer(1, 100, small);
-    warm(&mut dp, 1, small + small / 4, false);
-    report.row(
-        &format!("new flow every packet, table full ({small})"),
-        new_flows(&mut dp, 1, 2 * small, per_run),
-        Some(653.0),
-    );
-    drop(dp);
-    println!(
-        "(hash ring alone: not measurable by itself; every flow the balancer forwards is inserted)"
-    );
-    println!();
+    per_packet(&mut report, &sizes, katran.as_ref());
+    drop(pinned);
 
     println!("# shape: established (16,384 flows over all services) and new-flow cost");
     let (services_set, backends_set): (&[u32], &[u32]) = if quick {
@@ -429,6 +475,108 @@ fn main() {
     )
     .expect("write the JSON figures");
     println!("\nfigures written to {}", path.display());
+}
+
+/// The per-packet rows of one service of 100 backends; with `katran`, each row that has a
+/// Katran counterpart is compared with it, and Katran's rows follow ours.
+fn per_packet(report: &mut Report, sizes: &katran::Sizes, katran: Option<&katran::Figures>) {
+    let &katran::Sizes {
+        per_run,
+        million,
+        conntrack,
+        small,
+    } = sizes;
+    let established_million = format!("established, {million} flows");
+    let new_full = format!("new flow every packet, table full ({small})");
+
+    let mut dp = balancer(1, 100, conntrack);
+    let other = template(Ipv4Addr::new(10, 99, 0, 2), false);
+    let pass = measure(prog(&mut dp), &mut |_| other.clone(), per_run, XDP_PASS);
+    report.compare(PASS, pass, Some(59.0), katran.map(|k| k.pass));
+    report.compare(
+        ESTABLISHED_1,
+        established(&mut dp, 1, 1, false, per_run),
+        Some(103.0),
+        katran.map(|k| k.established_1),
+    );
+    report.compare(
+        ESTABLISHED_16K,
+        established(&mut dp, 1, 16_384, false, per_run),
+        Some(150.0),
+        katran.map(|k| k.established_16k),
+    );
+    report.compare(
+        &established_million,
+        established(&mut dp, 1, million, false, per_run),
+        Some(249.0),
+        katran.map(|k| k.established_million),
+    );
+    report.row(
+        "established UDP, 16,384 flows",
+        established(&mut dp, 1, 16_384, true, per_run),
+        None,
+    );
+    drop(dp);
+
+    let mut dp = balancer(1, 100, conntrack);
+    report.compare(
+        NEW_EMPTY,
+        new_flows(&mut dp, 1, 0, per_run),
+        Some(437.0),
+        katran.map(|k| k.new_empty),
+    );
+    drop(dp);
+    // A table already full: fill it past capacity, then every new flow evicts one.
+    let mut dp = balancer(1, 100, small);
+    warm(&mut dp, 1, small + small / 4, false);
+    report.compare(
+        &new_full,
+        new_flows(&mut dp, 1, 2 * small, per_run),
+        Some(653.0),
+        katran.map(|k| k.new_full),
+    );
+    drop(dp);
+    println!(
+        "(hash ring alone: not measurable by itself; every flow the balancer forwards is inserted)"
+    );
+    if let Some(k) = katran {
+        for (name, figure) in [
+            (PASS, k.pass),
+            (ESTABLISHED_1, k.established_1),
+            (ESTABLISHED_16K, k.established_16k),
+            (&established_million, k.established_million),
+            (NEW_EMPTY, k.new_empty),
+            (&new_full, k.new_full),
+            ("hash ring alone (F_LRU_BYPASS)", k.ring_alone),
+        ] {
+            report.katran_row(&format!("Katran: {name}"), figure, &k.method);
+        }
+    }
+    println!();
+}
+
+/// `--katran PATH` (or `--katran=PATH`): Katran's balancer.bpf.o, measured beside ours.
+fn katran_object() -> Option<PathBuf> {
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        if arg == "--katran" {
+            let path = args.next().unwrap_or_else(|| {
+                fail(
+                    "--katran needs the path of Katran's balancer.bpf.o (scripts/katran-object.sh)",
+                )
+            });
+            return Some(path.into());
+        }
+        if let Some(path) = arg.strip_prefix("--katran=") {
+            return Some(path.into());
+        }
+    }
+    None
+}
+
+fn fail(message: &str) -> ! {
+    eprintln!("dataplane benchmark: {message}");
+    std::process::exit(1)
 }
 
 /// Maglev build time, failure-to-removal time, and time to configure many services, through
