@@ -39,6 +39,11 @@ enum Cmd {
         /// Fewer packets and smaller tables: a quick look, not figures to publish.
         #[arg(long)]
         quick: bool,
+        /// Katran's XDP object (balancer.bpf.o, built by scripts/katran-object.sh from a Katran
+        /// checkout): measured in the same run by the same method, and our per-packet cost
+        /// compared with its on each path.
+        #[arg(long, value_name = "PATH")]
+        katran: Option<PathBuf>,
     },
 }
 
@@ -59,10 +64,17 @@ fn main() -> anyhow::Result<()> {
                     .arg(root.join("target/release/lb")),
             )
         }
-        Cmd::Bench { quick } => {
+        Cmd::Bench { quick, katran } => {
+            // Checked first: a wrong path should not cost a build.
+            let katran = katran
+                .map(|path| {
+                    std::fs::canonicalize(&path)
+                        .with_context(|| format!("the Katran object {}", path.display()))
+                })
+                .transpose()?;
             setup(&root)?;
             build(&root)?;
-            bench(&root, quick)
+            bench(&root, quick, katran.as_deref())
         }
         Cmd::Test { args } => {
             setup(&root)?;
@@ -104,7 +116,7 @@ fn main() -> anyhow::Result<()> {
             // The benchmarks in quick mode, so they never rot: they print figures and assert
             // only that every packet got the verdict it should (no timing is asserted).
             if args.is_empty() {
-                bench(&root, true)?;
+                bench(&root, true, None)?;
             }
             Ok(())
         }
@@ -125,12 +137,16 @@ fn build(root: &Path) -> anyhow::Result<()> {
     exec(cargo(root).args(["build", "--release"]))
 }
 
-fn bench(root: &Path, quick: bool) -> anyhow::Result<()> {
+/// `katran`: an absolute path (cargo runs benchmarks in the package's directory).
+fn bench(root: &Path, quick: bool, katran: Option<&Path>) -> anyhow::Result<()> {
     for bench in ["dataplane", "throughput"] {
         let mut cmd = cargo(root);
         cmd.args(["bench", "-p", "lb-userspace", "--bench", bench, "--"]);
         if quick {
             cmd.arg("--quick");
+        }
+        if let (Some(object), "dataplane") = (katran, bench) {
+            cmd.arg("--katran").arg(object);
         }
         exec(&mut cmd)?;
     }
