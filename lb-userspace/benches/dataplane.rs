@@ -7,6 +7,8 @@
 //! verdict is checked. Baselines built in the same build and measured in the same run give the
 //! fixed cost (baseline 1, an XDP_DROP program) that is subtracted to compare work.
 
+#[path = "throughput/cpu.rs"]
+mod cpu;
 #[path = "dataplane/katran.rs"]
 mod katran;
 #[path = "dataplane/modes.rs"]
@@ -14,7 +16,11 @@ mod modes;
 #[path = "../tests/packet/mod.rs"]
 mod packet;
 
-use std::{net::Ipv4Addr, path::PathBuf, time::Instant};
+use std::{
+    net::Ipv4Addr,
+    path::PathBuf,
+    time::{Duration, Instant},
+};
 
 use aya::{Ebpf, TestRun as _, TestRunOptions, maps::HashMap as BpfHashMap, programs::Xdp};
 use lb_common::{
@@ -369,6 +375,7 @@ fn main() {
     let pinned = katran_object.as_ref().map(|_| {
         katran::PinnedCpu::here().unwrap_or_else(|e| fail(&format!("pinning to a CPU: {e:#}")))
     });
+    let other_work = OtherWork::start();
 
     let mut base = aya::EbpfLoader::new()
         .load(BASELINES)
@@ -435,6 +442,9 @@ fn main() {
     println!();
 
     per_packet(&mut report, &sizes, katran.as_ref());
+    if katran.is_some() {
+        other_work.report(&mut report);
+    }
     drop(pinned);
 
     println!("# shape: established (16,384 flows over all services) and new-flow cost");
@@ -553,6 +563,56 @@ fn per_packet(report: &mut Report, sizes: &katran::Sizes, katran: Option<&katran
         }
     }
     println!();
+}
+
+/// How much else ran on the machine over a stretch of the benchmark: the busy time of all CPUs
+/// (/proc/stat) minus this process's own, per second. Ours and Katran's rows are measured one
+/// after the other, so a build beside the benchmark (two CPUs, shared caches) can shift some
+/// rows and not their counterparts.
+struct OtherWork {
+    machine: cpu::Stat,
+    own: Duration,
+    since: Instant,
+}
+
+impl OtherWork {
+    fn start() -> Self {
+        Self {
+            machine: cpu::Stat::read(),
+            own: own_cpu_time(),
+            since: Instant::now(),
+        }
+    }
+
+    fn report(&self, report: &mut Report) {
+        let busy = cpu::Stat::read().busy_since(&self.machine);
+        let own = own_cpu_time().saturating_sub(self.own);
+        let others = busy.saturating_sub(own).as_secs_f64() / self.since.elapsed().as_secs_f64();
+        report.figure(
+            "other work during the rows compared with Katran",
+            others,
+            "CPUs",
+            "busy CPU time of the machine (/proc/stat) minus the benchmark's own, per second",
+        );
+        if others > 0.25 {
+            println!("(other work shifts rows unevenly: rerun on an idle machine to publish)");
+        }
+        println!();
+    }
+}
+
+/// CPU time of this process, all threads (the test runs count as its system time).
+fn own_cpu_time() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid timespec to write into; on failure it stays zero.
+    unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
+    Duration::new(
+        u64::try_from(ts.tv_sec).unwrap_or(0),
+        u32::try_from(ts.tv_nsec).unwrap_or(0),
+    )
 }
 
 /// `--katran PATH` (or `--katran=PATH`): Katran's balancer.bpf.o, measured beside ours.
