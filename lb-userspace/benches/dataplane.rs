@@ -18,11 +18,13 @@ mod packet;
 
 use std::{
     net::Ipv4Addr,
+    ops::Range,
     path::PathBuf,
     time::{Duration, Instant},
 };
 
 use aya::{Ebpf, TestRun as _, TestRunOptions, maps::HashMap as BpfHashMap, programs::Xdp};
+use katran::Traffic;
 use lb_common::{
     AF_INET, BACKEND_F_ALIVE, Backend, FORWARD_DSR, FlowKeyV4, RING_SIZE, Service, ServiceKeyV4,
     names,
@@ -105,6 +107,9 @@ fn run_once_from(
     r.duration.as_nanos() as f64
 }
 
+/// ns per packet: (median, min, max) of the means of `RUNS` runs.
+type Figure = (f64, f64, f64);
+
 /// Mean ns per packet over `frames`, `RUNS` times: (median, min, max).
 fn measure(
     prog: &mut Xdp,
@@ -124,7 +129,7 @@ fn measure_from(
     ingress: Option<u32>,
 ) -> (f64, f64, f64) {
     let mut out = vec![0u8; 512];
-    let mut means: Vec<f64> = (0..RUNS)
+    let means: Vec<f64> = (0..RUNS)
         .map(|run| {
             let total: f64 = (0..n)
                 .map(|i| run_once_from(prog, &frames(run * n + i), &mut out, expect, ingress))
@@ -132,8 +137,60 @@ fn measure_from(
             total / n as f64
         })
         .collect();
+    spread(means)
+}
+
+/// (median, min, max) of the runs' means.
+fn spread(mut means: Vec<f64>) -> Figure {
     means.sort_by(f64::total_cmp);
     (means[RUNS / 2], means[0], means[RUNS - 1])
+}
+
+/// One program's part in a measurement: its frames and the verdict each call must give.
+struct Side<'a> {
+    prog: &'a mut Xdp,
+    frames: Box<dyn FnMut(usize) -> Vec<u8> + 'a>,
+    expect: u32,
+}
+
+impl Side<'_> {
+    /// Runs frames `ks` once each; the sum of their ns.
+    fn run(&mut self, ks: Range<usize>, out: &mut [u8]) -> f64 {
+        ks.map(|k| run_once(self.prog, &(self.frames)(k), out, self.expect))
+            .sum()
+    }
+}
+
+/// Packets a program runs before the next one takes its turn in `measure_together`.
+const TURN: usize = 1_000;
+
+/// `measure` for several programs together: their calls take turns of `TURN` packets, the one
+/// that opens a turn rotating, so whatever else slows the machine for a while (other virtual
+/// machines on the host, a build beside the benchmark) slows them alike, and their differences
+/// and ratios hold. `run(side, frames, out)` runs the frames numbered `frames` of program
+/// `side` and returns the sum of their ns: each program gets the frames, verdict checks and
+/// statistics it would get from `measure`.
+fn measure_together(
+    sides: usize,
+    n: usize,
+    mut run: impl FnMut(usize, Range<usize>, &mut [u8]) -> f64,
+) -> Vec<Figure> {
+    let mut out = vec![0u8; 512];
+    let mut means = vec![Vec::with_capacity(RUNS); sides];
+    for r in 0..RUNS {
+        let mut totals = vec![0.0; sides];
+        for (turn, start) in (0..n).step_by(TURN).enumerate() {
+            let frames = r * n + start..r * n + (start + TURN).min(n);
+            for k in 0..sides {
+                let side = (r + turn + k) % sides;
+                totals[side] += run(side, frames.clone(), &mut out);
+            }
+        }
+        for (mean, total) in means.iter_mut().zip(totals) {
+            mean.push(total / n as f64);
+        }
+    }
+    means.into_iter().map(spread).collect()
 }
 
 /// Prints each figure as a table row and keeps it for the JSON file.
@@ -152,37 +209,35 @@ const METHOD: &str = "BPF_PROG_TEST_RUN, one call per packet, fresh frame, kerne
 impl Report {
     /// A row; `katran` is issue 5's raw figure for Katran on the same path, if any.
     fn row(&mut self, name: &str, figure: (f64, f64, f64), katran: Option<f64>) {
-        self.compare(name, figure, katran, None);
+        self.push_row(name, figure, self.baseline1, katran, None, METHOD);
     }
 
-    /// A row with, besides issue 5's figure, Katran's figure on the same path in this run.
-    fn compare(
-        &mut self,
-        name: &str,
-        figure: (f64, f64, f64),
-        katran: Option<f64>,
-        same_run: Option<(f64, f64, f64)>,
-    ) {
-        self.push_row(name, figure, katran, same_run, METHOD);
+    /// A row measured together with Katran's same path (`--katran`), with the figure of each
+    /// and of baseline 1 (`base`, ns) from the same turns.
+    fn compare(&mut self, name: &str, figure: Figure, katran: Figure, base: f64) {
+        self.push_row(name, figure, base, None, Some(katran), METHOD);
     }
 
-    /// A row of Katran's own figures (`--katran`); `how` says how Katran was run.
-    fn katran_row(&mut self, name: &str, figure: (f64, f64, f64), how: &str) {
-        self.push_row(name, figure, None, None, &format!("{METHOD}; {how}"));
+    /// A row of Katran's own figures (`--katran`); `base`: baseline 1 from the same turns;
+    /// `how` says how Katran was run.
+    fn katran_row(&mut self, name: &str, figure: Figure, base: f64, how: &str) {
+        self.push_row(name, figure, base, None, None, &format!("{METHOD}; {how}"));
     }
 
+    /// Work is ns − `base`, baseline 1 as measured with this row.
     fn push_row(
         &mut self,
         name: &str,
         (median, min, max): (f64, f64, f64),
+        base: f64,
         katran: Option<f64>,
         same_run: Option<(f64, f64, f64)>,
         method: &str,
     ) {
-        let work = median - self.baseline1;
+        let work = median - base;
         let floor = self.baseline3 - self.baseline1;
         let katran_work = katran.map(|k| k - KATRAN_FIXED);
-        let here_work = same_run.map(|(k, ..)| k - self.baseline1);
+        let here_work = same_run.map(|(k, ..)| k - base);
         let katran_col = match (self.katran_here, katran_work, here_work) {
             (false, Some(k), _) => format!("{k:>4.0} -> {:.2}x", work / k),
             (true, _, Some(k)) => format!("{k:>6.1} -> {:.2}x", work / k),
@@ -207,6 +262,7 @@ impl Report {
             "method": method,
         });
         if self.katran_here {
+            figure["baseline1_ns"] = base.into();
             figure["katran_same_run_work_ns"] = here_work.into();
             figure["katran_same_run_ratio"] = here_work.map(|k| work / k).into();
         }
@@ -318,21 +374,31 @@ fn established(
     per_run: usize,
 ) -> (f64, f64, f64) {
     warm(dp, services, flows, udp);
-    let templates: Vec<Vec<u8>> = (0..services).map(|s| template(vip(s), udp)).collect();
-    let mut frames = |k: usize| {
-        let i = (k as u32) % flows;
-        flow_frame(&templates[(i % services) as usize], i)
-    };
+    let mut frames = established_frames(services, flows, udp);
     measure(prog(dp), &mut frames, per_run, XDP_TX)
 }
 
+/// Packets of the established flows `0..flows`, round robin.
+fn established_frames(services: u32, flows: u32, udp: bool) -> impl FnMut(usize) -> Vec<u8> {
+    let templates: Vec<Vec<u8>> = (0..services).map(|s| template(vip(s), udp)).collect();
+    move |k: usize| {
+        let i = (k as u32) % flows;
+        flow_frame(&templates[(i % services) as usize], i)
+    }
+}
+
 fn new_flows(dp: &mut Dataplane, services: u32, first: u32, per_run: usize) -> (f64, f64, f64) {
+    let mut frames = new_flow_frames(services, first);
+    measure(prog(dp), &mut frames, per_run, XDP_TX)
+}
+
+/// A new flow every packet: flows `first..`.
+fn new_flow_frames(services: u32, first: u32) -> impl FnMut(usize) -> Vec<u8> {
     let templates: Vec<Vec<u8>> = (0..services).map(|s| template(vip(s), false)).collect();
-    let mut frames = |k: usize| {
+    move |k: usize| {
         let i = first + k as u32;
         flow_frame(&templates[(i % services) as usize], i)
-    };
-    measure(prog(dp), &mut frames, per_run, XDP_TX)
+    }
 }
 
 fn main() {
@@ -407,15 +473,28 @@ fn main() {
         measure(p, &mut |_| flow_frame(&t, 0), per_run, XDP_TX)
     };
 
-    let katran = match (&katran_object, &pinned) {
-        (Some(object), Some(pinned)) => Some(
-            katran::measure_all(object, &sizes, pinned.cpu)
-                .unwrap_or_else(|e| fail(&format!("measuring Katran: {e:#}"))),
-        ),
+    let mut beside = match (&katran_object, &pinned) {
+        (Some(object), Some(pinned)) => {
+            let xdp_drop: &mut Xdp = base
+                .program_mut("baseline_drop")
+                .expect("baseline_drop")
+                .try_into()
+                .expect("an XDP program");
+            let t = template(vip(0), false);
+            Some(Beside {
+                katran: katran_ok(katran::Katran::load(object, &sizes, pinned.cpu)),
+                baseline: Side {
+                    prog: xdp_drop,
+                    frames: Box::new(move |_| t.clone()),
+                    expect: XDP_DROP,
+                },
+                rows: Vec::new(),
+            })
+        }
         _ => None,
     };
-    if let Some(k) = &katran {
-        for note in &k.notes {
+    if let Some(b) = &beside {
+        for note in b.katran.notes() {
             println!("# {note}");
         }
         println!();
@@ -425,7 +504,7 @@ fn main() {
         baseline1: b1.0,
         baseline3: b3.0,
         figures: Vec::new(),
-        katran_here: katran.is_some(),
+        katran_here: beside.is_some(),
     };
     println!(
         "{:<w$} {:>7} {:>17} {:>7} {:>9}  Katran work -> ratio",
@@ -441,10 +520,12 @@ fn main() {
     report.row("baseline 3: parse + 1 hash lookup + XDP_TX", b3, Some(46.0));
     println!();
 
-    per_packet(&mut report, &sizes, katran.as_ref());
-    if katran.is_some() {
+    per_packet(&mut report, &sizes, beside.as_mut());
+    if let Some(b) = &beside {
+        println!("# {}", b.katran.flood_guard());
         other_work.report(&mut report);
     }
+    drop(beside);
     drop(pinned);
 
     println!("# shape: established (16,384 flows over all services) and new-flow cost");
@@ -487,9 +568,18 @@ fn main() {
     println!("\nfigures written to {}", path.display());
 }
 
-/// The per-packet rows of one service of 100 backends; with `katran`, each row that has a
-/// Katran counterpart is compared with it, and Katran's rows follow ours.
-fn per_packet(report: &mut Report, sizes: &katran::Sizes, katran: Option<&katran::Figures>) {
+/// Katran measured beside our rows (`--katran`): its program, baseline 1 (measured in the same
+/// turns as each pair of rows), and Katran's figures so far, each with the name of our row it
+/// compares with and that row's baseline 1 (ns).
+struct Beside<'b> {
+    katran: katran::Katran,
+    baseline: Side<'b>,
+    rows: Vec<(String, Figure, f64)>,
+}
+
+/// The per-packet rows of one service of 100 backends; with Katran beside them, each row that
+/// has a Katran counterpart is measured together with it, and Katran's rows follow ours.
+fn per_packet(report: &mut Report, sizes: &katran::Sizes, mut beside: Option<&mut Beside<'_>>) {
     let &katran::Sizes {
         per_run,
         million,
@@ -501,26 +591,29 @@ fn per_packet(report: &mut Report, sizes: &katran::Sizes, katran: Option<&katran
 
     let mut dp = balancer(1, 100, conntrack);
     let other = template(Ipv4Addr::new(10, 99, 0, 2), false);
-    let pass = measure(prog(&mut dp), &mut |_| other.clone(), per_run, XDP_PASS);
-    report.compare(PASS, pass, Some(59.0), katran.map(|k| k.pass));
-    report.compare(
-        ESTABLISHED_1,
-        established(&mut dp, 1, 1, false, per_run),
-        Some(103.0),
-        katran.map(|k| k.established_1),
-    );
-    report.compare(
-        ESTABLISHED_16K,
-        established(&mut dp, 1, 16_384, false, per_run),
-        Some(150.0),
-        katran.map(|k| k.established_16k),
-    );
-    report.compare(
-        &established_million,
-        established(&mut dp, 1, million, false, per_run),
-        Some(249.0),
-        katran.map(|k| k.established_million),
-    );
+    let pass = Side {
+        prog: prog(&mut dp),
+        frames: Box::new(move |_| other.clone()),
+        expect: XDP_PASS,
+    };
+    let with_katran = beside.as_deref_mut().map(|b| (b, Traffic::Pass));
+    compare_path(report, PASS, Some(59.0), pass, with_katran, per_run);
+    for (name, flows, issue) in [
+        (ESTABLISHED_1, 1, 103.0),
+        (ESTABLISHED_16K, 16_384, 150.0),
+        (established_million.as_str(), million, 249.0),
+    ] {
+        warm(&mut dp, 1, flows, false);
+        let ours = Side {
+            prog: prog(&mut dp),
+            frames: Box::new(established_frames(1, flows, false)),
+            expect: XDP_TX,
+        };
+        let with_katran = beside
+            .as_deref_mut()
+            .map(|b| (b, Traffic::Established(flows)));
+        compare_path(report, name, Some(issue), ours, with_katran, per_run);
+    }
     report.row(
         "established UDP, 16,384 flows",
         established(&mut dp, 1, 16_384, true, per_run),
@@ -529,40 +622,92 @@ fn per_packet(report: &mut Report, sizes: &katran::Sizes, katran: Option<&katran
     drop(dp);
 
     let mut dp = balancer(1, 100, conntrack);
-    report.compare(
-        NEW_EMPTY,
-        new_flows(&mut dp, 1, 0, per_run),
-        Some(437.0),
-        katran.map(|k| k.new_empty),
-    );
+    if let Some(b) = beside.as_deref_mut() {
+        katran_ok(b.katran.fresh_tables(conntrack));
+    }
+    let ours = Side {
+        prog: prog(&mut dp),
+        frames: Box::new(new_flow_frames(1, 0)),
+        expect: XDP_TX,
+    };
+    let with_katran = beside
+        .as_deref_mut()
+        .map(|b| (b, Traffic::NewFlows { first: 0 }));
+    compare_path(report, NEW_EMPTY, Some(437.0), ours, with_katran, per_run);
     drop(dp);
     // A table already full: fill it past capacity, then every new flow evicts one.
     let mut dp = balancer(1, 100, small);
     warm(&mut dp, 1, small + small / 4, false);
-    report.compare(
-        &new_full,
-        new_flows(&mut dp, 1, 2 * small, per_run),
-        Some(653.0),
-        katran.map(|k| k.new_full),
-    );
+    if let Some(b) = beside.as_deref_mut() {
+        katran_ok(b.katran.fresh_tables(small));
+        katran_ok(b.katran.warm(small + small / 4));
+    }
+    let ours = Side {
+        prog: prog(&mut dp),
+        frames: Box::new(new_flow_frames(1, 2 * small)),
+        expect: XDP_TX,
+    };
+    let first = 2 * small;
+    let with_katran = beside
+        .as_deref_mut()
+        .map(|b| (b, Traffic::NewFlows { first }));
+    compare_path(report, &new_full, Some(653.0), ours, with_katran, per_run);
     drop(dp);
     println!(
         "(hash ring alone: not measurable by itself; every flow the balancer forwards is inserted)"
     );
-    if let Some(k) = katran {
-        for (name, figure) in [
-            (PASS, k.pass),
-            (ESTABLISHED_1, k.established_1),
-            (ESTABLISHED_16K, k.established_16k),
-            (&established_million, k.established_million),
-            (NEW_EMPTY, k.new_empty),
-            (&new_full, k.new_full),
-            ("hash ring alone (F_LRU_BYPASS)", k.ring_alone),
-        ] {
-            report.katran_row(&format!("Katran: {name}"), figure, &k.method);
+    if let Some(b) = beside {
+        let mut ring = katran_ok(b.katran.ring_alone(4 * small));
+        let figures = measure_together(2, per_run, |side, frames, out| match side {
+            0 => b.baseline.run(frames, out),
+            _ => ring.run(frames, out),
+        });
+        drop(ring);
+        let name = "hash ring alone (F_LRU_BYPASS)".to_string();
+        b.rows.push((name, figures[1], figures[0].0));
+        katran_ok(b.katran.check_no_fallback());
+        let method = b.katran.method();
+        for (name, figure, base) in &b.rows {
+            report.katran_row(&format!("Katran: {name}"), *figure, *base, &method);
         }
     }
     println!();
+}
+
+/// Measures one of our paths and prints its row. With Katran, measures Katran's same path and
+/// baseline 1 together with it (`measure_together`), checks what Katran did, and keeps
+/// Katran's figure.
+fn compare_path(
+    report: &mut Report,
+    name: &str,
+    issue: Option<f64>,
+    mut ours: Side,
+    katran: Option<(&mut Beside, Traffic)>,
+    n: usize,
+) {
+    let Some((beside, traffic)) = katran else {
+        let figure = measure(ours.prog, &mut *ours.frames, n, ours.expect);
+        report.row(name, figure, issue);
+        return;
+    };
+    let figures = {
+        let mut theirs = katran_ok(beside.katran.side(traffic));
+        let baseline = &mut beside.baseline;
+        measure_together(3, n, |side, frames, out| match side {
+            0 => baseline.run(frames, out),
+            1 => ours.run(frames, out),
+            _ => theirs.run(frames, out),
+        })
+    };
+    katran_ok(beside.katran.check(traffic, n));
+    let base = figures[0].0;
+    report.compare(name, figures[1], figures[2], base);
+    beside.rows.push((name.to_string(), figures[2], base));
+}
+
+/// The value, or the benchmark stops with what went wrong with Katran.
+fn katran_ok<T>(result: anyhow::Result<T>) -> T {
+    result.unwrap_or_else(|e| fail(&format!("measuring Katran: {e:#}")))
 }
 
 /// How much else ran on the machine over a stretch of the benchmark: the busy time of all CPUs
