@@ -13,7 +13,10 @@ use lb_common::{
     ServiceKeyV6, Traffic,
 };
 
-use crate::forward::nat::NatScratch;
+use crate::forward::{
+    nat::NatScratch,
+    route::{CachedRoute, ROUTE_CACHE_SLOTS},
+};
 
 /// VIP:port/proto → service. One hash lookup per packet decides "is this ours".
 #[map]
@@ -100,6 +103,12 @@ pub static NAT_SCRATCH: PerCpuArray<NatScratch> = PerCpuArray::with_max_entries(
 #[map]
 pub static FIB_SCRATCH: PerCpuArray<aya_ebpf::bindings::bpf_fib_lookup> =
     PerCpuArray::with_max_entries(1, 0);
+
+/// This CPU's cache of `bpf_fib_lookup` results, direct-mapped by destination (see
+/// `forward::route`). Per CPU: written on misses without locks or shared cache lines.
+#[map]
+pub static ROUTE_CACHE: PerCpuArray<CachedRoute> =
+    PerCpuArray::with_max_entries(ROUTE_CACHE_SLOTS, 0);
 
 /// The interfaces the balancer is attached to, by ifindex: a packet whose next hop is through
 /// another of them leaves with XDP_REDIRECT (one through the ingress interface uses XDP_TX).
