@@ -83,7 +83,13 @@ fn balance(ctx: &XdpContext) -> Result<Sent, Reason> {
         L3::V6(l3) => (balance_v6(ctx, l3), Inner { l3, v6: true }),
     };
     match step {
-        Ok(Step::Sent(sent)) => Ok(sent),
+        Ok(Step::Dsr(to)) => {
+            count(ctx, to.service, to.backend, to.placed);
+            Ok(Sent {
+                reason: Reason::Forwarded,
+                action: xdp_action::XDP_TX,
+            })
+        }
         Ok(Step::Encap(step)) => encapsulate(ctx, &step),
         Ok(Step::Nat(service)) => unpack(lb_nat(
             ctx.ctx,
@@ -102,12 +108,22 @@ fn balance(ctx: &XdpContext) -> Result<Sent, Reason> {
     }
 }
 
-/// What a family's balancing step did: sent the packet, found a nat/fullnat service whose
-/// translation runs next in a subprogram of its own, or has an ipip/gue packet to encapsulate.
+/// What a family's balancing step did: rewrote the packet for L2 DSR (`balance` counts it),
+/// found a nat/fullnat service whose translation runs next in a subprogram of its own, or has
+/// an ipip/gue packet to encapsulate.
 enum Step {
-    Sent(Sent),
+    Dsr(Tally),
     Nat(Service),
     Encap(EncapStep),
+}
+
+/// Whom to count a packet for. Counted by `balance`, not in the family's subprogram: the
+/// counting code calls the `--debug-packets` logger, a subprogram with a large frame of its
+/// own, and under the family's frame the chain passed the verifier's 512 bytes.
+struct Tally {
+    service: u32,
+    backend: u32,
+    placed: bool,
 }
 
 // One BPF subprogram per family, one per family for NAT (forward and replies), and one for the
@@ -116,9 +132,28 @@ enum Step {
 // encapsulation and NAT steps called on top of it the chain exceeded the verifier's 512
 // bytes. The NAT steps parse the packet again (a few ns, off the DSR path).
 
+// The order of the lookups: the VIP filter (an array word) sends most packets that are not for
+// a service on their way at once; then the connection table, whose entry and the backend's
+// (which names its service and mode) are all an established flow needs; the service map only
+// for the rest: new flows, nat/fullnat (their flows are in tables of their own) and packets
+// whose filter bit another key set. The service lookup was a quarter of an established
+// packet's cost.
+
 #[inline(never)]
 fn balance_v4(ctx: &XdpContext, l3: usize) -> Result<Step, Reason> {
     let pkt = parse::ipv4(ctx, l3)?;
+    if !maybe_vip(pkt.flow.vip_filter_bit()) {
+        return Err(Reason::PassNotVip);
+    }
+    let inner = Inner { l3, v6: false };
+    let now = select::clock();
+    // A nat/fullnat backend here: the service changed mode in place; its flows are placed
+    // again in the NAT tables.
+    if let Some(backend) = select::established(&pkt, &maps::CONNTRACK, now)
+        && !is_nat(backend.forward)
+    {
+        return send(ctx, &backend, inner, &pkt.flow);
+    }
     let key = ServiceKeyV4 {
         addr: pkt.flow.dst,
         port: pkt.flow.dport,
@@ -133,13 +168,25 @@ fn balance_v4(ctx: &XdpContext, l3: usize) -> Result<Step, Reason> {
     if is_nat(service.forward) {
         return Ok(Step::Nat(service));
     }
-    let backend = select::backend_for(&service, &pkt, &maps::CONNTRACK)?;
-    send(ctx, &service, &backend, Inner { l3, v6: false }, &pkt.flow)
+    let backend = select::place_new(&service, &pkt, &maps::CONNTRACK, now)?;
+    send(ctx, &backend, inner, &pkt.flow)
 }
 
 #[inline(never)]
 fn balance_v6(ctx: &XdpContext, l3: usize) -> Result<Step, Reason> {
     let pkt = parse::ipv6(ctx, l3)?;
+    if !maybe_vip(pkt.flow.vip_filter_bit()) {
+        return Err(Reason::PassNotVip);
+    }
+    let inner = Inner { l3, v6: true };
+    let now = select::clock();
+    // A nat/fullnat backend here: the service changed mode in place; its flows are placed
+    // again in the NAT tables.
+    if let Some(backend) = select::established(&pkt, &maps::CONNTRACK_V6, now)
+        && !is_nat(backend.forward)
+    {
+        return send(ctx, &backend, inner, &pkt.flow);
+    }
     let key = ServiceKeyV6 {
         addr: pkt.flow.dst,
         port: pkt.flow.dport,
@@ -153,39 +200,46 @@ fn balance_v6(ctx: &XdpContext, l3: usize) -> Result<Step, Reason> {
     if is_nat(service.forward) {
         return Ok(Step::Nat(service));
     }
-    let backend = select::backend_for(&service, &pkt, &maps::CONNTRACK_V6)?;
-    send(ctx, &service, &backend, Inner { l3, v6: true }, &pkt.flow)
+    let backend = select::place_new(&service, &pkt, &maps::CONNTRACK_V6, now)?;
+    send(ctx, &backend, inner, &pkt.flow)
 }
 
-/// Sends a packet of a dsr service to its chosen backend and counts it; for ipip and gue,
-/// says what to encapsulate (`balance` does it).
+/// Whether the VIP filter has `bit` set: the packet may be for a service.
+#[inline(always)]
+fn maybe_vip(bit: u32) -> bool {
+    maps::VIP_FILTER
+        .get(bit / 64)
+        .is_some_and(|word| word & (1 << (bit % 64)) != 0)
+}
+
+/// Sends a packet to its chosen backend by the mode of the backend's service (dsr here; for
+/// ipip and gue, says what to encapsulate: `balance` does it) and counts it.
 #[inline(always)]
 fn send<K: FlowKey>(
     ctx: &XdpContext,
-    service: &Service,
     backend: &Chosen,
     inner: Inner,
     flow: &K,
 ) -> Result<Step, Reason> {
-    match service.forward {
+    match backend.forward {
         FORWARD_DSR => {
             forward::dsr::rewrite(ctx, &backend.mac)?;
-            let sent = Sent {
-                reason: Reason::Forwarded,
-                action: xdp_action::XDP_TX,
-            };
-            Ok(Step::Sent(account(ctx, service, backend, sent)))
+            Ok(Step::Dsr(Tally {
+                service: backend.service,
+                backend: backend.id,
+                placed: backend.placed,
+            }))
         }
         FORWARD_IPIP | FORWARD_GUE => Ok(Step::Encap(EncapStep {
             e: forward::encap::Encap {
                 inner,
                 id: backend.id,
                 hash: flow.flow_hash(),
-                gue: service.forward == FORWARD_GUE,
+                gue: backend.forward == FORWARD_GUE,
                 reply: true,
                 reason: Reason::Forwarded,
             },
-            service: service.id,
+            service: backend.service,
             placed: backend.placed,
         })),
         _ => Err(Reason::DropInternal),
@@ -217,26 +271,27 @@ fn is_nat(forward: u8) -> bool {
 
 /// Counts a packet sent to a backend in its service's and backend's traffic.
 #[inline(always)]
-fn account(ctx: &XdpContext, service: &Service, backend: &Chosen, sent: Sent) -> Sent {
-    count(ctx, service.id, backend.id, backend.placed);
-    sent
-}
-
-#[inline(always)]
 fn count(ctx: &XdpContext, service: u32, backend: u32, placed: bool) {
     let len = (ctx.data_end() - ctx.data()) as u64;
     stats::count_traffic(&maps::SERVICE_STATS, service, len, placed);
     stats::count_traffic(&maps::BACKEND_STATS, backend, len, placed);
     // SAFETY: a read of a plain u32 global.
     if unsafe { core::ptr::read_volatile(&LB_DEBUG) } != 0 {
-        debug!(
-            ctx,
-            "service {} -> backend {} (new flow: {})",
-            service,
-            backend,
-            u8::from(placed)
-        );
+        log_forwarded(ctx, service, backend, placed);
     }
+}
+
+/// `--debug-packets`: logs a forwarding decision. A subprogram: the logger's arguments and
+/// its call take stack of their own, which inlined went into every caller's frame.
+#[inline(never)]
+fn log_forwarded(ctx: &XdpContext, service: u32, backend: u32, placed: bool) {
+    debug!(
+        ctx,
+        "service {} -> backend {} (new flow: {})",
+        service,
+        backend,
+        u8::from(placed)
+    );
 }
 
 /// The IP header's offset and family as one argument of the global functions below.
@@ -295,7 +350,8 @@ pub extern "C" fn lb_nat(ctx: *mut xdp_md, l3: u32, id: u32, ring: u32, fs: u32)
             let pkt = parse::ipv4(&ctx, inner.l3)?;
             forward::nat::forward(&ctx, inner.l3, &pkt, &service)?
         };
-        Ok(account(&ctx, &service, &backend, sent))
+        count(&ctx, service.id, backend.id, backend.placed);
+        Ok(sent)
     }))
 }
 

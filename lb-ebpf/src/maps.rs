@@ -10,13 +10,17 @@ use lb_common::{
     Backend, DECAP_MAX_ADDRS, DEFAULT_CONNTRACK_SIZE, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_SERVICES,
     DEFAULT_NAT_SIZE, DataplaneConfig, DecapAddr, DecapReason, FlowKeyV4, FlowKeyV6, FlowState,
     LcList, NatReplyV4, NatReplyV6, RING_CHUNKS, Reason, RingChunk, Service, ServiceKeyV4,
-    ServiceKeyV6, Traffic,
+    ServiceKeyV6, Traffic, VIP_FILTER_WORDS,
 };
 
 use crate::forward::{
     nat::NatScratch,
     route::{CachedRoute, ROUTE_CACHE_SLOTS},
 };
+
+/// The VIP filter (`VIP_FILTER_BITS`): a packet whose key's bit is clear is not for a service.
+#[map]
+pub static VIP_FILTER: Array<u64> = Array::with_max_entries(VIP_FILTER_WORDS, 0);
 
 /// VIP:port/proto → service. One hash lookup per packet decides "is this ours".
 #[map]

@@ -202,7 +202,9 @@ fn balancer(services: u32, backends: u32, conntrack: u32) -> Dataplane {
                     generation: 1,
                     flags: BACKEND_F_ALIVE,
                     family: AF_INET,
-                    _pad: [0; 2],
+                    forward: FORWARD_DSR,
+                    _pad: 0,
+                    service: s,
                 },
             )
             .expect("backend");

@@ -191,6 +191,7 @@ impl Lb {
             }
             std::net::IpAddr::V6(a) => (a.octets(), AF_INET6),
         };
+        let (forward, service) = packet::owner_of(&self.dp, id);
         self.dp
             .set_backend(
                 id,
@@ -201,7 +202,9 @@ impl Lb {
                     generation: 1,
                     flags: BACKEND_F_ALIVE,
                     family,
-                    _pad: [0; 2],
+                    forward,
+                    _pad: 0,
+                    service,
                 },
             )
             .unwrap();
@@ -229,6 +232,7 @@ impl Lb {
             flags,
             _pad: 0,
         };
+        packet::own_backends(&mut self.dp, ids, id, forward);
         self.dp.set_service(key, service).unwrap();
     }
 

@@ -137,7 +137,9 @@ fn balancer(forward: u8, v6_vip: bool, v6_backends: bool) -> Dataplane {
                 generation: 1,
                 flags: BACKEND_F_ALIVE,
                 family,
-                _pad: [0; 2],
+                forward,
+                _pad: 0,
+                service: 0,
             },
         )
         .expect("backend");
