@@ -22,7 +22,8 @@ use crate::forward::{
 #[map]
 pub static VIP_FILTER: Array<u64> = Array::with_max_entries(VIP_FILTER_WORDS, 0);
 
-/// VIP:port/proto → service. One hash lookup per packet decides "is this ours".
+/// VIP:port/proto → service: looked up for new flows (an established one finds its service
+/// through its backend).
 #[map]
 pub static SERVICES: HashMap<ServiceKeyV4, Service> =
     HashMap::with_max_entries(DEFAULT_MAX_SERVICES, 0);
