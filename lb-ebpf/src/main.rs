@@ -20,6 +20,7 @@ use aya_ebpf::bindings::xdp_md;
 use aya_ebpf::{
     bindings::xdp_action,
     macros::{classifier, xdp},
+    maps::LruHashMap,
     programs::{TcContext, XdpContext},
 };
 use aya_log_ebpf::debug;
@@ -28,8 +29,8 @@ use forward::{
     route::{Sent, pack, unpack},
 };
 use lb_common::{
-    DecapReason, FORWARD_DSR, FORWARD_FULLNAT, FORWARD_GUE, FORWARD_IPIP, FORWARD_NAT, Reason,
-    Service, ServiceKeyV4, ServiceKeyV6,
+    DecapReason, FORWARD_DSR, FORWARD_FULLNAT, FORWARD_GUE, FORWARD_IPIP, FORWARD_NAT, FlowKeyV4,
+    FlowKeyV6, FlowState, Reason, Service, ServiceKeyV4, ServiceKeyV6,
 };
 use parse::L3;
 use select::{Chosen, FlowKey};
@@ -79,8 +80,11 @@ pub fn lb_hc_egress(ctx: TcContext) -> i32 {
 #[inline(always)]
 fn balance(ctx: &XdpContext) -> Result<Sent, Reason> {
     let (step, inner) = match parse::l2(ctx)? {
-        L3::V4(l3) => (balance_v4(ctx, l3), Inner { l3, v6: false }),
-        L3::V6(l3) => (balance_v6(ctx, l3), Inner { l3, v6: true }),
+        L3::V4(l3) => (
+            balance_family::<FlowKeyV4>(ctx, l3),
+            Inner { l3, v6: false },
+        ),
+        L3::V6(l3) => (balance_family::<FlowKeyV6>(ctx, l3), Inner { l3, v6: true }),
     };
     match step {
         Ok(Step::Dsr(to)) => {
@@ -117,9 +121,9 @@ enum Step {
     Encap(EncapStep),
 }
 
-/// Whom to count a packet for. Counted by `balance`, not in the family's subprogram: the
-/// counting code calls the `--debug-packets` logger, a subprogram with a large frame of its
-/// own, and under the family's frame the chain passed the verifier's 512 bytes.
+/// Whom to count a packet for. Counted by `balance`, not in the family's subprogram: that
+/// frame is on the call chain to the scheduler (`lb_pick`), which is near the verifier's
+/// 512-byte limit.
 struct Tally {
     service: u32,
     backend: u32,
@@ -139,68 +143,83 @@ struct Tally {
 // whose filter bit another key set. The service lookup was a quarter of an established
 // packet's cost.
 
-#[inline(never)]
-fn balance_v4(ctx: &XdpContext, l3: usize) -> Result<Step, Reason> {
-    let pkt = parse::ipv4(ctx, l3)?;
-    if !maybe_vip(pkt.flow.vip_filter_bit()) {
-        return Err(Reason::PassNotVip);
-    }
-    let inner = Inner { l3, v6: false };
-    let now = select::clock();
-    // A nat/fullnat backend here: the service changed mode in place; its flows are placed
-    // again in the NAT tables.
-    if let Some(backend) = select::established(&pkt, &maps::CONNTRACK, now)
-        && !is_nat(backend.forward)
-    {
-        return send(ctx, &backend, inner, &pkt.flow);
-    }
-    let key = ServiceKeyV4 {
-        addr: pkt.flow.dst,
-        port: pkt.flow.dport,
-        proto: pkt.flow.proto,
-        _pad: 0,
-    };
-    // SAFETY (service lookups): the value is copied out at once; userspace replaces entries
-    // whole.
-    let service = unsafe { maps::SERVICES.get(key) }
-        .copied()
-        .ok_or(Reason::PassNotVip)?;
-    if is_nat(service.forward) {
-        return Ok(Step::Nat(service));
-    }
-    let backend = select::place_new(&service, &pkt, &maps::CONNTRACK, now)?;
-    send(ctx, &backend, inner, &pkt.flow)
+/// What `balance_family` needs of an address family: its parser, connection table and
+/// service map.
+trait Family: FlowKey + Sized + 'static {
+    const V6: bool;
+    fn parse(ctx: &XdpContext, l3: usize) -> Result<parse::Packet<Self>, Reason>;
+    fn conntrack() -> &'static LruHashMap<Self, FlowState>;
+    /// The service the flow's destination, port and protocol name, if any.
+    fn service(&self) -> Option<Service>;
 }
 
+impl Family for FlowKeyV4 {
+    const V6: bool = false;
+    #[inline(always)]
+    fn parse(ctx: &XdpContext, l3: usize) -> Result<parse::Packet<Self>, Reason> {
+        parse::ipv4(ctx, l3)
+    }
+    #[inline(always)]
+    fn conntrack() -> &'static LruHashMap<Self, FlowState> {
+        &maps::CONNTRACK
+    }
+    #[inline(always)]
+    fn service(&self) -> Option<Service> {
+        let key = ServiceKeyV4 {
+            addr: self.dst,
+            port: self.dport,
+            proto: self.proto,
+            _pad: 0,
+        };
+        // SAFETY: the value is copied out at once; userspace replaces entries whole.
+        unsafe { maps::SERVICES.get(key) }.copied()
+    }
+}
+
+impl Family for FlowKeyV6 {
+    const V6: bool = true;
+    #[inline(always)]
+    fn parse(ctx: &XdpContext, l3: usize) -> Result<parse::Packet<Self>, Reason> {
+        parse::ipv6(ctx, l3)
+    }
+    #[inline(always)]
+    fn conntrack() -> &'static LruHashMap<Self, FlowState> {
+        &maps::CONNTRACK_V6
+    }
+    #[inline(always)]
+    fn service(&self) -> Option<Service> {
+        let key = ServiceKeyV6 {
+            addr: self.dst,
+            port: self.dport,
+            proto: self.proto,
+            _pad: 0,
+        };
+        // SAFETY: as for IPv4.
+        unsafe { maps::SERVICES_V6.get(key) }.copied()
+    }
+}
+
+/// One family's balancing step; a subprogram per family (see above).
 #[inline(never)]
-fn balance_v6(ctx: &XdpContext, l3: usize) -> Result<Step, Reason> {
-    let pkt = parse::ipv6(ctx, l3)?;
+fn balance_family<K: Family>(ctx: &XdpContext, l3: usize) -> Result<Step, Reason> {
+    let pkt = K::parse(ctx, l3)?;
     if !maybe_vip(pkt.flow.vip_filter_bit()) {
         return Err(Reason::PassNotVip);
     }
-    let inner = Inner { l3, v6: true };
+    let inner = Inner { l3, v6: K::V6 };
     let now = select::clock();
     // A nat/fullnat backend here: the service changed mode in place; its flows are placed
     // again in the NAT tables.
-    if let Some(backend) = select::established(&pkt, &maps::CONNTRACK_V6, now)
+    if let Some(backend) = select::established(&pkt, K::conntrack(), now)
         && !is_nat(backend.forward)
     {
         return send(ctx, &backend, inner, &pkt.flow);
     }
-    let key = ServiceKeyV6 {
-        addr: pkt.flow.dst,
-        port: pkt.flow.dport,
-        proto: pkt.flow.proto,
-        _pad: 0,
-    };
-    // SAFETY: as in balance_v4.
-    let service = unsafe { maps::SERVICES_V6.get(key) }
-        .copied()
-        .ok_or(Reason::PassNotVip)?;
+    let service = pkt.flow.service().ok_or(Reason::PassNotVip)?;
     if is_nat(service.forward) {
         return Ok(Step::Nat(service));
     }
-    let backend = select::place_new(&service, &pkt, &maps::CONNTRACK_V6, now)?;
+    let backend = select::place_new(&service, &pkt, K::conntrack(), now)?;
     send(ctx, &backend, inner, &pkt.flow)
 }
 
