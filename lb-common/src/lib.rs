@@ -70,6 +70,8 @@ pub mod names {
     pub const LC_LISTS: &str = "LC_LISTS";
     pub const CLOCK: &str = "CLOCK";
     pub const CONFIG: &str = "CONFIG";
+    /// Not pinned: rebuilt from the service maps whenever a data plane is loaded.
+    pub const VIP_FILTER: &str = "VIP_FILTER";
     pub const NAT_FLOWS: &str = "NAT_FLOWS";
     pub const NAT_FLOWS_V6: &str = "NAT_FLOWS_V6";
     pub const NAT_REPLIES: &str = "NAT_REPLIES";
@@ -109,6 +111,31 @@ pub struct ServiceKeyV6 {
     pub port: u16,
     pub proto: u8,
     pub _pad: u8,
+}
+
+/// Bits of the VIP filter (`VIP_FILTER`, `VIP_FILTER_WORDS` words of 64): a bit set for every
+/// service key, so a packet whose (VIP, port, protocol) bit is clear is not for a service and
+/// passes without a hash-map lookup. A set bit may be another key's (the program then looks
+/// the key up), never the other way round.
+pub const VIP_FILTER_BITS: u32 = 1 << 16;
+pub const VIP_FILTER_WORDS: u32 = VIP_FILTER_BITS / 64;
+
+impl ServiceKeyV4 {
+    /// This key's bit in the VIP filter.
+    #[inline(always)]
+    #[must_use]
+    pub fn filter_bit(&self) -> u32 {
+        hash::vip_filter_bit(self.addr, self.port, self.proto)
+    }
+}
+
+impl ServiceKeyV6 {
+    /// This key's bit in the VIP filter.
+    #[inline(always)]
+    #[must_use]
+    pub fn filter_bit(&self) -> u32 {
+        hash::vip_filter_bit_v6(&self.addr, self.port, self.proto)
+    }
 }
 
 /// Forwarding modes (`Service::forward`).
@@ -203,7 +230,12 @@ pub struct Backend {
     pub flags: u8,
     /// `AF_INET` or `AF_INET6`.
     pub family: u8,
-    pub _pad: [u8; 2],
+    /// The forwarding mode (`FORWARD_*`) of the backend's service: an established flow is
+    /// forwarded from its connection-table entry and this, without looking the service up.
+    pub forward: u8,
+    pub _pad: u8,
+    /// The id of the backend's service (each service has backends of its own), for its counters.
+    pub service: u32,
 }
 
 /// Key of the connection table: an IPv4 5-tuple, network order.
@@ -551,7 +583,7 @@ mod tests {
         assert_eq!(size_of::<ServiceKeyV6>(), 20);
         assert_eq!(size_of::<FlowKeyV6>(), 40);
         assert_eq!(size_of::<Service>(), 12);
-        assert_eq!(size_of::<Backend>(), 32);
+        assert_eq!(size_of::<Backend>(), 36);
         assert_eq!(size_of::<FlowKeyV4>(), 16);
         assert_eq!(size_of::<FlowState>(), 16);
         assert_eq!(size_of::<LcList>(), 8 + 8 * LC_MAX_BACKENDS as usize);

@@ -20,6 +20,7 @@ use aya_ebpf::bindings::xdp_md;
 use aya_ebpf::{
     bindings::xdp_action,
     macros::{classifier, xdp},
+    maps::LruHashMap,
     programs::{TcContext, XdpContext},
 };
 use aya_log_ebpf::debug;
@@ -28,8 +29,8 @@ use forward::{
     route::{Sent, pack, unpack},
 };
 use lb_common::{
-    DecapReason, FORWARD_DSR, FORWARD_FULLNAT, FORWARD_GUE, FORWARD_IPIP, FORWARD_NAT, Reason,
-    Service, ServiceKeyV4, ServiceKeyV6,
+    DecapReason, FORWARD_DSR, FORWARD_FULLNAT, FORWARD_GUE, FORWARD_IPIP, FORWARD_NAT, FlowKeyV4,
+    FlowKeyV6, FlowState, Reason, Service, ServiceKeyV4, ServiceKeyV6,
 };
 use parse::L3;
 use select::{Chosen, FlowKey};
@@ -79,11 +80,20 @@ pub fn lb_hc_egress(ctx: TcContext) -> i32 {
 #[inline(always)]
 fn balance(ctx: &XdpContext) -> Result<Sent, Reason> {
     let (step, inner) = match parse::l2(ctx)? {
-        L3::V4(l3) => (balance_v4(ctx, l3), Inner { l3, v6: false }),
-        L3::V6(l3) => (balance_v6(ctx, l3), Inner { l3, v6: true }),
+        L3::V4(l3) => (
+            balance_family::<FlowKeyV4>(ctx, l3),
+            Inner { l3, v6: false },
+        ),
+        L3::V6(l3) => (balance_family::<FlowKeyV6>(ctx, l3), Inner { l3, v6: true }),
     };
     match step {
-        Ok(Step::Sent(sent)) => Ok(sent),
+        Ok(Step::Dsr(to)) => {
+            count(ctx, to.service, to.backend, to.placed);
+            Ok(Sent {
+                reason: Reason::Forwarded,
+                action: xdp_action::XDP_TX,
+            })
+        }
         Ok(Step::Encap(step)) => encapsulate(ctx, &step),
         Ok(Step::Nat(service)) => unpack(lb_nat(
             ctx.ctx,
@@ -102,12 +112,22 @@ fn balance(ctx: &XdpContext) -> Result<Sent, Reason> {
     }
 }
 
-/// What a family's balancing step did: sent the packet, found a nat/fullnat service whose
-/// translation runs next in a subprogram of its own, or has an ipip/gue packet to encapsulate.
+/// What a family's balancing step did: rewrote the packet for L2 DSR (`balance` counts it),
+/// found a nat/fullnat service whose translation runs next in a subprogram of its own, or has
+/// an ipip/gue packet to encapsulate.
 enum Step {
-    Sent(Sent),
+    Dsr(Tally),
     Nat(Service),
     Encap(EncapStep),
+}
+
+/// Whom to count a packet for. Counted by `balance`, not in the family's subprogram: that
+/// frame is on the call chain to the scheduler (`lb_pick`), which is near the verifier's
+/// 512-byte limit.
+struct Tally {
+    service: u32,
+    backend: u32,
+    placed: bool,
 }
 
 // One BPF subprogram per family, one per family for NAT (forward and replies), and one for the
@@ -116,76 +136,129 @@ enum Step {
 // encapsulation and NAT steps called on top of it the chain exceeded the verifier's 512
 // bytes. The NAT steps parse the packet again (a few ns, off the DSR path).
 
+// The order of the lookups: the VIP filter (an array word) sends most packets that are not for
+// a service on their way at once; then the connection table, whose entry and the backend's
+// (which names its service and mode) are all an established flow needs; the service map only
+// for the rest: new flows, nat/fullnat (their flows are in tables of their own) and packets
+// whose filter bit another key set. The service lookup was a quarter of an established
+// packet's cost.
+
+/// What `balance_family` needs of an address family: its parser, connection table and
+/// service map.
+trait Family: FlowKey + Sized + 'static {
+    const V6: bool;
+    fn parse(ctx: &XdpContext, l3: usize) -> Result<parse::Packet<Self>, Reason>;
+    fn conntrack() -> &'static LruHashMap<Self, FlowState>;
+    /// The service the flow's destination, port and protocol name, if any.
+    fn service(&self) -> Option<Service>;
+}
+
+impl Family for FlowKeyV4 {
+    const V6: bool = false;
+    #[inline(always)]
+    fn parse(ctx: &XdpContext, l3: usize) -> Result<parse::Packet<Self>, Reason> {
+        parse::ipv4(ctx, l3)
+    }
+    #[inline(always)]
+    fn conntrack() -> &'static LruHashMap<Self, FlowState> {
+        &maps::CONNTRACK
+    }
+    #[inline(always)]
+    fn service(&self) -> Option<Service> {
+        let key = ServiceKeyV4 {
+            addr: self.dst,
+            port: self.dport,
+            proto: self.proto,
+            _pad: 0,
+        };
+        // SAFETY: the value is copied out at once; userspace replaces entries whole.
+        unsafe { maps::SERVICES.get(key) }.copied()
+    }
+}
+
+impl Family for FlowKeyV6 {
+    const V6: bool = true;
+    #[inline(always)]
+    fn parse(ctx: &XdpContext, l3: usize) -> Result<parse::Packet<Self>, Reason> {
+        parse::ipv6(ctx, l3)
+    }
+    #[inline(always)]
+    fn conntrack() -> &'static LruHashMap<Self, FlowState> {
+        &maps::CONNTRACK_V6
+    }
+    #[inline(always)]
+    fn service(&self) -> Option<Service> {
+        let key = ServiceKeyV6 {
+            addr: self.dst,
+            port: self.dport,
+            proto: self.proto,
+            _pad: 0,
+        };
+        // SAFETY: as for IPv4.
+        unsafe { maps::SERVICES_V6.get(key) }.copied()
+    }
+}
+
+/// One family's balancing step; a subprogram per family (see above).
 #[inline(never)]
-fn balance_v4(ctx: &XdpContext, l3: usize) -> Result<Step, Reason> {
-    let pkt = parse::ipv4(ctx, l3)?;
-    let key = ServiceKeyV4 {
-        addr: pkt.flow.dst,
-        port: pkt.flow.dport,
-        proto: pkt.flow.proto,
-        _pad: 0,
-    };
-    // SAFETY (service lookups): the value is copied out at once; userspace replaces entries
-    // whole.
-    let service = unsafe { maps::SERVICES.get(key) }
-        .copied()
-        .ok_or(Reason::PassNotVip)?;
+fn balance_family<K: Family>(ctx: &XdpContext, l3: usize) -> Result<Step, Reason> {
+    let pkt = K::parse(ctx, l3)?;
+    if !maybe_vip(pkt.flow.vip_filter_bit()) {
+        return Err(Reason::PassNotVip);
+    }
+    let inner = Inner { l3, v6: K::V6 };
+    let now = select::clock();
+    // A nat/fullnat backend here: the service changed mode in place; its flows are placed
+    // again in the NAT tables.
+    if let Some(backend) = select::established(&pkt, K::conntrack(), now)
+        && !is_nat(backend.forward)
+    {
+        return send(ctx, &backend, inner, &pkt.flow);
+    }
+    let service = pkt.flow.service().ok_or(Reason::PassNotVip)?;
     if is_nat(service.forward) {
         return Ok(Step::Nat(service));
     }
-    let backend = select::backend_for(&service, &pkt, &maps::CONNTRACK)?;
-    send(ctx, &service, &backend, Inner { l3, v6: false }, &pkt.flow)
+    let backend = select::place_new(&service, &pkt, K::conntrack(), now)?;
+    send(ctx, &backend, inner, &pkt.flow)
 }
 
-#[inline(never)]
-fn balance_v6(ctx: &XdpContext, l3: usize) -> Result<Step, Reason> {
-    let pkt = parse::ipv6(ctx, l3)?;
-    let key = ServiceKeyV6 {
-        addr: pkt.flow.dst,
-        port: pkt.flow.dport,
-        proto: pkt.flow.proto,
-        _pad: 0,
-    };
-    // SAFETY: as in balance_v4.
-    let service = unsafe { maps::SERVICES_V6.get(key) }
-        .copied()
-        .ok_or(Reason::PassNotVip)?;
-    if is_nat(service.forward) {
-        return Ok(Step::Nat(service));
-    }
-    let backend = select::backend_for(&service, &pkt, &maps::CONNTRACK_V6)?;
-    send(ctx, &service, &backend, Inner { l3, v6: true }, &pkt.flow)
+/// Whether the VIP filter has `bit` set: the packet may be for a service.
+#[inline(always)]
+fn maybe_vip(bit: u32) -> bool {
+    maps::VIP_FILTER
+        .get(bit / 64)
+        .is_some_and(|word| word & (1 << (bit % 64)) != 0)
 }
 
-/// Sends a packet of a dsr service to its chosen backend and counts it; for ipip and gue,
-/// says what to encapsulate (`balance` does it).
+/// Sends a packet to its chosen backend by the mode of the backend's service (dsr here; for
+/// ipip and gue, says what to encapsulate: `balance` does it) and counts it.
 #[inline(always)]
 fn send<K: FlowKey>(
     ctx: &XdpContext,
-    service: &Service,
     backend: &Chosen,
     inner: Inner,
     flow: &K,
 ) -> Result<Step, Reason> {
-    match service.forward {
+    match backend.forward {
         FORWARD_DSR => {
             forward::dsr::rewrite(ctx, &backend.mac)?;
-            let sent = Sent {
-                reason: Reason::Forwarded,
-                action: xdp_action::XDP_TX,
-            };
-            Ok(Step::Sent(account(ctx, service, backend, sent)))
+            Ok(Step::Dsr(Tally {
+                service: backend.service,
+                backend: backend.id,
+                placed: backend.placed,
+            }))
         }
         FORWARD_IPIP | FORWARD_GUE => Ok(Step::Encap(EncapStep {
             e: forward::encap::Encap {
                 inner,
                 id: backend.id,
                 hash: flow.flow_hash(),
-                gue: service.forward == FORWARD_GUE,
+                gue: backend.forward == FORWARD_GUE,
                 reply: true,
                 reason: Reason::Forwarded,
             },
-            service: service.id,
+            service: backend.service,
             placed: backend.placed,
         })),
         _ => Err(Reason::DropInternal),
@@ -217,26 +290,27 @@ fn is_nat(forward: u8) -> bool {
 
 /// Counts a packet sent to a backend in its service's and backend's traffic.
 #[inline(always)]
-fn account(ctx: &XdpContext, service: &Service, backend: &Chosen, sent: Sent) -> Sent {
-    count(ctx, service.id, backend.id, backend.placed);
-    sent
-}
-
-#[inline(always)]
 fn count(ctx: &XdpContext, service: u32, backend: u32, placed: bool) {
     let len = (ctx.data_end() - ctx.data()) as u64;
     stats::count_traffic(&maps::SERVICE_STATS, service, len, placed);
     stats::count_traffic(&maps::BACKEND_STATS, backend, len, placed);
     // SAFETY: a read of a plain u32 global.
     if unsafe { core::ptr::read_volatile(&LB_DEBUG) } != 0 {
-        debug!(
-            ctx,
-            "service {} -> backend {} (new flow: {})",
-            service,
-            backend,
-            u8::from(placed)
-        );
+        log_forwarded(ctx, service, backend, placed);
     }
+}
+
+/// `--debug-packets`: logs a forwarding decision. A subprogram: the logger's arguments and
+/// its call take stack of their own, which inlined went into every caller's frame.
+#[inline(never)]
+fn log_forwarded(ctx: &XdpContext, service: u32, backend: u32, placed: bool) {
+    debug!(
+        ctx,
+        "service {} -> backend {} (new flow: {})",
+        service,
+        backend,
+        u8::from(placed)
+    );
 }
 
 /// The IP header's offset and family as one argument of the global functions below.
@@ -295,7 +369,8 @@ pub extern "C" fn lb_nat(ctx: *mut xdp_md, l3: u32, id: u32, ring: u32, fs: u32)
             let pkt = parse::ipv4(&ctx, inner.l3)?;
             forward::nat::forward(&ctx, inner.l3, &pkt, &service)?
         };
-        Ok(account(&ctx, &service, &backend, sent))
+        count(&ctx, service.id, backend.id, backend.placed);
+        Ok(sent)
     }))
 }
 

@@ -10,12 +10,20 @@ use lb_common::{
     Backend, DECAP_MAX_ADDRS, DEFAULT_CONNTRACK_SIZE, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_SERVICES,
     DEFAULT_NAT_SIZE, DataplaneConfig, DecapAddr, DecapReason, FlowKeyV4, FlowKeyV6, FlowState,
     LcList, NatReplyV4, NatReplyV6, RING_CHUNKS, Reason, RingChunk, Service, ServiceKeyV4,
-    ServiceKeyV6, Traffic,
+    ServiceKeyV6, Traffic, VIP_FILTER_WORDS,
 };
 
-use crate::forward::nat::NatScratch;
+use crate::forward::{
+    nat::NatScratch,
+    route::{CachedRoute, ROUTE_CACHE_SLOTS},
+};
 
-/// VIP:port/proto → service. One hash lookup per packet decides "is this ours".
+/// The VIP filter (`VIP_FILTER_BITS`): a packet whose key's bit is clear is not for a service.
+#[map]
+pub static VIP_FILTER: Array<u64> = Array::with_max_entries(VIP_FILTER_WORDS, 0);
+
+/// VIP:port/proto → service: looked up for new flows (an established one finds its service
+/// through its backend).
 #[map]
 pub static SERVICES: HashMap<ServiceKeyV4, Service> =
     HashMap::with_max_entries(DEFAULT_MAX_SERVICES, 0);
@@ -100,6 +108,12 @@ pub static NAT_SCRATCH: PerCpuArray<NatScratch> = PerCpuArray::with_max_entries(
 #[map]
 pub static FIB_SCRATCH: PerCpuArray<aya_ebpf::bindings::bpf_fib_lookup> =
     PerCpuArray::with_max_entries(1, 0);
+
+/// This CPU's cache of `bpf_fib_lookup` results, direct-mapped by destination (see
+/// `forward::route`). Per CPU: written on misses without locks or shared cache lines.
+#[map]
+pub static ROUTE_CACHE: PerCpuArray<CachedRoute> =
+    PerCpuArray::with_max_entries(ROUTE_CACHE_SLOTS, 0);
 
 /// The interfaces the balancer is attached to, by ifindex: a packet whose next hop is through
 /// another of them leaves with XDP_REDIRECT (one through the ingress interface uses XDP_TX).

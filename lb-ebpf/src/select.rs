@@ -9,7 +9,7 @@ use lb_common::{
     BACKEND_F_ALIVE, BACKEND_NONE, FLOW_F_CLOSED, FlowKeyV4, FlowKeyV6, FlowState, LC_MAX_BACKENDS,
     RING_CHUNK, RING_CHUNKS, RING_SIZE, Reason, SCHED_LEAST_CONN, SCHED_ROUND_ROBIN,
     SCHED_SOURCE_HASH, Service,
-    hash::{flow_hash_v4, flow_hash_v6, source_hash},
+    hash::{flow_hash_v4, flow_hash_v6, source_hash, vip_filter_bit, vip_filter_bit_v6},
 };
 
 use crate::{
@@ -24,6 +24,9 @@ use crate::{
 pub struct Chosen {
     pub id: u32,
     pub mac: [u8; 6],
+    /// The backend's service and its forwarding mode.
+    pub service: u32,
+    pub forward: u8,
     /// The flow was placed on this backend by this packet (not found in the connection table).
     pub placed: bool,
     /// fullnat: the flow's SNAT port, network order (0 otherwise).
@@ -65,6 +68,8 @@ pub trait FlowKey: Copy {
     fn flow_hash(&self) -> u32;
     /// The hash of the client address alone (source-hash scheduling).
     fn source_hash(&self) -> u32;
+    /// The VIP filter bit of the flow's service key (destination, port, protocol).
+    fn vip_filter_bit(&self) -> u32;
 }
 
 impl FlowKey for FlowKeyV4 {
@@ -75,6 +80,10 @@ impl FlowKey for FlowKeyV4 {
     #[inline(always)]
     fn source_hash(&self) -> u32 {
         source_hash(&[self.src])
+    }
+    #[inline(always)]
+    fn vip_filter_bit(&self) -> u32 {
+        vip_filter_bit(self.dst, self.dport, self.proto)
     }
 }
 
@@ -87,18 +96,21 @@ impl FlowKey for FlowKeyV6 {
     fn source_hash(&self) -> u32 {
         source_hash(&self.src)
     }
+    #[inline(always)]
+    fn vip_filter_bit(&self) -> u32 {
+        vip_filter_bit_v6(&self.dst, self.dport, self.proto)
+    }
 }
 
+/// A backend for a flow the connection table does not place (`established` said `None`): the
+/// service's scheduler picks it and the flow is recorded.
 #[inline(always)]
-pub fn backend_for<K: FlowKey, T: FlowTable<K>>(
+pub fn place_new<K: FlowKey, T: FlowTable<K>>(
     service: &Service,
     pkt: &Packet<K>,
     conntrack: &T,
+    now: u32,
 ) -> Result<Chosen, Reason> {
-    let now = clock();
-    if let Some(chosen) = established(pkt, conntrack, now) {
-        return Ok(chosen);
-    }
     let id = schedule(service, pkt)?;
     let backend = BACKENDS.get(id).ok_or(Reason::DropInternal)?;
     if backend.flags & BACKEND_F_ALIVE == 0 {
@@ -110,6 +122,8 @@ pub fn backend_for<K: FlowKey, T: FlowTable<K>>(
     Ok(Chosen {
         id,
         mac: backend.mac,
+        service: service.id,
+        forward: service.forward,
         placed: true,
         nat_port: 0,
     })
@@ -155,6 +169,8 @@ pub fn established<K: FlowKey, T: FlowTable<K>>(
     Some(Chosen {
         id: state.backend,
         mac: backend.mac,
+        service: backend.service,
+        forward: backend.forward,
         placed: false,
         nat_port: state.nat_port,
     })

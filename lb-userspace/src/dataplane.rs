@@ -18,7 +18,7 @@ use aya::{
 use lb_common::{
     Backend, DataplaneConfig, DecapAddr, DecapReason, FlowKeyV4, FlowKeyV6, FlowState, LcList,
     NatReplyV4, NatReplyV6, RING_CHUNK, RING_CHUNKS, RING_SIZE, Reason, RingChunk, Service,
-    ServiceKeyV4, ServiceKeyV6, Traffic, names,
+    ServiceKeyV4, ServiceKeyV6, Traffic, VIP_FILTER_WORDS, names,
 };
 
 /// A service's key in the kernel: the map depends on the VIP's family.
@@ -45,6 +45,15 @@ impl ServiceKey {
                 proto,
                 _pad: 0,
             }),
+        }
+    }
+
+    /// The key's bit in the VIP filter.
+    #[must_use]
+    pub fn filter_bit(&self) -> u32 {
+        match self {
+            ServiceKey::V4(k) => k.filter_bit(),
+            ServiceKey::V6(k) => k.filter_bit(),
         }
     }
 }
@@ -140,6 +149,9 @@ pub struct Dataplane {
     nat_flows_v6: HashMap<MapData, FlowKeyV6, FlowState>,
     nat_replies: HashMap<MapData, FlowKeyV4, NatReplyV4>,
     nat_replies_v6: HashMap<MapData, FlowKeyV6, NatReplyV6>,
+    vip_filter: Array<MapData, u64>,
+    /// What `vip_filter` holds.
+    filter_words: Vec<u64>,
     sizing: Sizing,
 }
 
@@ -214,7 +226,7 @@ impl Dataplane {
             name: names::RINGS,
             source,
         })?;
-        Ok(Dataplane {
+        let mut dp = Dataplane {
             services: take(&mut ebpf, names::SERVICES)?,
             backends: take(&mut ebpf, names::BACKENDS)?,
             rings,
@@ -232,9 +244,14 @@ impl Dataplane {
             nat_flows_v6: take(&mut ebpf, names::NAT_FLOWS_V6)?,
             nat_replies: take(&mut ebpf, names::NAT_REPLIES)?,
             nat_replies_v6: take(&mut ebpf, names::NAT_REPLIES_V6)?,
+            vip_filter: take(&mut ebpf, names::VIP_FILTER)?,
+            filter_words: vec![0; VIP_FILTER_WORDS as usize],
             ebpf,
             sizing,
-        })
+        };
+        // Pinned service maps may already hold services: the filter must pass them.
+        dp.rebuild_vip_filter()?;
+        Ok(dp)
     }
 
     pub fn sizing(&self) -> Sizing {
@@ -329,6 +346,12 @@ impl Dataplane {
     }
 
     pub fn set_service(&mut self, key: ServiceKey, service: Service) -> Result<()> {
+        // The filter first: a service the filter does not pass would not get its packets.
+        let bit = key.filter_bit();
+        self.write_filter_word(
+            bit / 64,
+            self.filter_words[(bit / 64) as usize] | 1 << (bit % 64),
+        )?;
         let (result, name) = match key {
             ServiceKey::V4(k) => (self.services.insert(k, service, 0), names::SERVICES),
             ServiceKey::V6(k) => (self.services_v6.insert(k, service, 0), names::SERVICES_V6),
@@ -342,9 +365,39 @@ impl Dataplane {
             ServiceKey::V6(k) => (self.services_v6.remove(k), names::SERVICES_V6),
         };
         match result {
-            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-            Err(source) => Err(DataplaneError::Map { name, source }),
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+            Err(source) => return Err(DataplaneError::Map { name, source }),
         }
+        // Its bit may be another key's too: the filter is computed again from the keys left.
+        self.rebuild_vip_filter()
+    }
+
+    /// Writes the VIP filter for the service keys in the maps: a bit for each.
+    fn rebuild_vip_filter(&mut self) -> Result<()> {
+        let mut words = vec![0u64; VIP_FILTER_WORDS as usize];
+        for key in self.service_keys()? {
+            let bit = key.filter_bit();
+            words[(bit / 64) as usize] |= 1 << (bit % 64);
+        }
+        for (i, word) in words.into_iter().enumerate() {
+            self.write_filter_word(i as u32, word)?;
+        }
+        Ok(())
+    }
+
+    /// Writes word `index` of the VIP filter if it changes (a system call each).
+    fn write_filter_word(&mut self, index: u32, word: u64) -> Result<()> {
+        if self.filter_words[index as usize] == word {
+            return Ok(());
+        }
+        self.vip_filter
+            .set(index, word, 0)
+            .map_err(|source| DataplaneError::Map {
+                name: names::VIP_FILTER,
+                source,
+            })?;
+        self.filter_words[index as usize] = word;
+        Ok(())
     }
 
     /// The value stored under a service key (tests and diagnostics).

@@ -191,6 +191,7 @@ impl Lb {
             }
             std::net::IpAddr::V6(a) => (a.octets(), AF_INET6),
         };
+        let (forward, service) = packet::owner_of(&self.dp, id);
         self.dp
             .set_backend(
                 id,
@@ -201,7 +202,9 @@ impl Lb {
                     generation: 1,
                     flags: BACKEND_F_ALIVE,
                     family,
-                    _pad: [0; 2],
+                    forward,
+                    _pad: 0,
+                    service,
                 },
             )
             .unwrap();
@@ -229,6 +232,7 @@ impl Lb {
             flags,
             _pad: 0,
         };
+        packet::own_backends(&mut self.dp, ids, id, forward);
         self.dp.set_service(key, service).unwrap();
     }
 
@@ -555,6 +559,51 @@ fn an_unresolved_next_hop_passes_the_encapsulated_packet_to_the_kernel() {
     });
 }
 
+#[test]
+fn a_next_hop_is_remembered_for_a_clock_tick_and_an_unresolved_one_not_at_all() {
+    let bed = Bed::new();
+    let ip = |args: &str| {
+        let mut all = vec!["-n", bed.ns.as_str()];
+        all.extend(args.split_whitespace());
+        netns::ip(&all);
+    };
+    bed.run(|lb| {
+        lb.dp.set_clock(7).unwrap();
+        lb.backend(0, BE4.into());
+        lb.backend(1, BE4_UNRESOLVED.into());
+        lb.simple(false, FORWARD_IPIP, 0);
+        lb.service(key(false, 81, 6), 2, &[1], FORWARD_IPIP, SCHED_MAGLEV, 0);
+        let to = |port| Frame::tcp(CLIENT, port, VIP, 80).build();
+        let out = lb.expect(&to(1), XDP_TX, Reason::Forwarded);
+        assert_eq!(&out[0..6], &HOP_MAC, "to the next hop's MAC");
+
+        // The next hop's MAC changes: the balancer keeps the one it looked up until the
+        // daemon's clock moves on (about a second), then asks the kernel again.
+        let new_mac = [0x02, 0xaa, 0, 0, 0, 0x02];
+        ip(&format!(
+            "neigh replace {HOP4} lladdr {} nud permanent dev lbe0",
+            mac_str(&new_mac)
+        ));
+        let out = lb.expect(&to(2), XDP_TX, Reason::Forwarded);
+        assert_eq!(&out[0..6], &HOP_MAC, "remembered within the tick");
+        lb.dp.set_clock(8).unwrap();
+        let out = lb.expect(&to(3), XDP_TX, Reason::Forwarded);
+        assert_eq!(&out[0..6], &new_mac, "looked up again in the next tick");
+
+        // An unresolved next hop is not remembered: once the neighbour is known, the very
+        // next packet goes straight to it.
+        let frame = Frame::tcp(CLIENT, 4, VIP, 81).build();
+        lb.expect(&frame, XDP_PASS, Reason::PassToKernel);
+        ip(&format!(
+            "neigh replace {HOP4_UNRESOLVED} lladdr {} nud permanent dev lbe0",
+            mac_str(&new_mac)
+        ));
+        let out = lb.expect(&frame, XDP_TX, Reason::Forwarded);
+        assert_eq!(&out[0..6], &new_mac);
+        assert_eq!(&out[30..34], &BE4_UNRESOLVED.octets(), "to the backend");
+    });
+}
+
 /// Checks an ICMPv4 "fragmentation needed" built from `frame` (untagged), reporting `mtu`.
 fn check_frag_needed(out: &[u8], frame: &[u8], mtu: u16) {
     assert_eq!(out.len(), 14 + 20 + 8 + 84, "a 112-byte datagram");
@@ -598,6 +647,7 @@ fn too_big_for_the_route_answers_fragmentation_needed_or_drops_without_df() {
             .frags(0x4000)
             .payload_len(MTU4 - 20 - 40 + 1)
             .build();
+        // Answered from the route remembered for the first packet, with its MTU.
         let out = lb.expect(&big, XDP_TX, Reason::IcmpTooBig);
         check_frag_needed(&out, &big, (MTU4 - 20) as u16);
         // GUE costs 8 bytes more.

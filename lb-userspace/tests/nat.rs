@@ -222,7 +222,9 @@ impl Bed {
                     generation,
                     flags: if alive { BACKEND_F_ALIVE } else { 0 },
                     family: if v6 { AF_INET6 } else { AF_INET },
-                    _pad: [0; 2],
+                    forward: FORWARD_NAT,
+                    _pad: 0,
+                    service: 0,
                 },
             )
             .unwrap();

@@ -181,7 +181,7 @@ fn an_incompatible_pinned_map_refuses_the_start_and_touches_nothing() {
     };
     // One service: its ring map holds 2 tables of 4097 chunks.
     create("SERVICES", "hash", "8", "12", "1", "0");
-    create("BACKENDS", "array", "4", "32", "16", "0");
+    create("BACKENDS", "array", "4", "36", "16", "0");
     create("RINGS", "array", "4", "64", "8194", "1024");
     create("CONNTRACK", "lru_hash", "16", "8", "1024", "0");
     let out = Command::new("ip")

@@ -54,6 +54,7 @@ impl Harness {
     fn backend(&mut self, id: u32, generation: u32, alive: bool) {
         let mut addr = [0; 16];
         addr[..4].copy_from_slice(&[10, 99, 0, 11 + id as u8]);
+        let (forward, service) = packet::owner_of(&self.dp, id);
         self.dp
             .set_backend(
                 id,
@@ -64,7 +65,9 @@ impl Harness {
                     generation,
                     flags: if alive { BACKEND_F_ALIVE } else { 0 },
                     family: AF_INET,
-                    _pad: [0; 2],
+                    forward,
+                    _pad: 0,
+                    service,
                 },
             )
             .unwrap();
@@ -106,6 +109,7 @@ impl Harness {
             flags: 0,
             _pad: 0,
         };
+        packet::own_backends(&mut self.dp, ids, id, service.forward);
         self.dp.set_service(key, service).unwrap();
     }
 

@@ -214,6 +214,8 @@ fn commit<K: NatFlow>(
     Ok(Chosen {
         id,
         mac: backend.mac,
+        service: service.id,
+        forward: service.forward,
         placed: true,
         nat_port,
     })

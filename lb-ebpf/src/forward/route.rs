@@ -13,8 +13,9 @@ use lb_common::{AF_INET, AF_INET6, Reason};
 use network_types::eth::EthHdr;
 
 use crate::{
-    maps::{FIB_SCRATCH, TX_PORTS},
+    maps::{FIB_SCRATCH, ROUTE_CACHE, TX_PORTS},
     parse::ptr_at_mut,
+    select::clock,
 };
 
 /// `BPF_FIB_LKUP_RET_*` results we act on (linux/bpf.h).
@@ -23,6 +24,7 @@ const FIB_NO_NEIGH: i64 = 7;
 const FIB_FRAG_NEEDED: i64 = 8;
 
 /// Where a rewritten packet goes.
+#[derive(Clone, Copy)]
 pub enum Route {
     /// Out of `ifindex`, from `smac` to `dmac` (the next hop's MAC).
     Via {
@@ -48,10 +50,17 @@ pub struct Sent {
 /// The route to an IPv4 destination for a packet of `tot_len` bytes (IP header included).
 #[inline(always)]
 pub fn lookup_v4(ctx: &XdpContext, src: u32, dst: u32, tot_len: u16) -> Result<Route, Reason> {
+    let key = [dst, 0, 0, 0];
+    let slot = slot(AF_INET, &key);
+    if let Some(route) = cached(ctx, slot, AF_INET, &key, tot_len) {
+        return Ok(route);
+    }
     let p = params(ctx, AF_INET, tot_len)?;
     p.__bindgen_anon_3.ipv4_src = src;
     p.__bindgen_anon_4.ipv4_dst = dst;
-    lookup(ctx, p)
+    let route = lookup(ctx, p)?;
+    remember(ctx, slot, AF_INET, &key, &route, p, tot_len);
+    Ok(route)
 }
 
 /// The route to an IPv6 destination for a packet of `tot_len` bytes (fixed header included).
@@ -62,10 +71,118 @@ pub fn lookup_v6(
     dst: &[u32; 4],
     tot_len: u16,
 ) -> Result<Route, Reason> {
+    let slot = slot(AF_INET6, dst);
+    if let Some(route) = cached(ctx, slot, AF_INET6, dst, tot_len) {
+        return Ok(route);
+    }
     let p = params(ctx, AF_INET6, tot_len)?;
     p.__bindgen_anon_3.ipv6_src = *src;
     p.__bindgen_anon_4.ipv6_dst = *dst;
-    lookup(ctx, p)
+    let route = lookup(ctx, p)?;
+    remember(ctx, slot, AF_INET6, dst, &route, p, tot_len);
+    Ok(route)
+}
+
+/// Slots of `ROUTE_CACHE` (a power of two).
+pub const ROUTE_CACHE_SLOTS: u32 = 256;
+
+/// A resolved next hop, remembered for the clock tick (about a second, `FLOW_TICK_SHIFT`) it
+/// was looked up in. The FIB lookup was most of the routed modes' cost per packet (190 ns of
+/// 520 for ipip 4in4, 310 of 670 for 4in6), and a balancer sends most packets to few
+/// destinations (its backends, its router). Only complete answers are kept: a missing
+/// neighbour or no route is asked again on the next packet. A change of route or neighbour
+/// therefore takes effect within a tick. The source address is not part of the key: routes
+/// that depend on the source (policy rules, multipath hashing over it) are followed per
+/// destination, not per packet.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct CachedRoute {
+    /// Destination, IPv4 in the first word; with `family` the key.
+    dst: [u32; 4],
+    /// The interface the packets came in on: the lookup was an input lookup from it.
+    iif: u32,
+    /// The tick of the lookup + 1 (0: empty).
+    tick: u32,
+    ifindex: u32,
+    /// The route's MTU (of the whole IP packet).
+    mtu: u16,
+    family: u8,
+    _pad: u8,
+    smac: [u8; 6],
+    dmac: [u8; 6],
+}
+
+#[inline(always)]
+fn slot(family: u8, dst: &[u32; 4]) -> u32 {
+    let folded = dst[0] ^ dst[1] ^ dst[2] ^ dst[3] ^ u32::from(family);
+    folded.wrapping_mul(0x9e37_79b1) >> (32 - ROUTE_CACHE_SLOTS.trailing_zeros())
+}
+
+/// The route from this CPU's cache, if it holds one for `dst` from this tick.
+#[inline(always)]
+fn cached(ctx: &XdpContext, slot: u32, family: u8, dst: &[u32; 4], tot_len: u16) -> Option<Route> {
+    let c = ROUTE_CACHE.get_ptr(slot)?;
+    // SAFETY: a pointer to this CPU's value, valid for this run of the program.
+    let c = unsafe { &*c };
+    if c.tick != clock().wrapping_add(1)
+        || c.dst != *dst
+        || c.family != family
+        || c.iif != ingress(ctx)
+    {
+        return None;
+    }
+    if tot_len > c.mtu {
+        return Some(Route::TooBig { mtu: c.mtu });
+    }
+    Some(Route::Via {
+        ifindex: c.ifindex,
+        smac: c.smac,
+        dmac: c.dmac,
+    })
+}
+
+/// Keeps a complete answer of the FIB in this CPU's cache.
+#[inline(always)]
+fn remember(
+    ctx: &XdpContext,
+    slot: u32,
+    family: u8,
+    dst: &[u32; 4],
+    route: &Route,
+    p: &FibParams,
+    tot_len: u16,
+) {
+    let Route::Via {
+        ifindex,
+        smac,
+        dmac,
+    } = *route
+    else {
+        return;
+    };
+    // SAFETY: after a successful lookup the kernel (5.12 and later) left the route's MTU in
+    // the union that held tot_len.
+    let mtu = unsafe { p.__bindgen_anon_1.mtu_result };
+    if mtu < tot_len {
+        return;
+    }
+    let Some(c) = ROUTE_CACHE.get_ptr_mut(slot) else {
+        return;
+    };
+    // SAFETY: a pointer to this CPU's value, used by nothing else while the program runs.
+    unsafe {
+        *c = CachedRoute {
+            dst: *dst,
+            iif: ingress(ctx),
+            tick: clock().wrapping_add(1),
+            ifindex,
+            mtu,
+            family,
+            _pad: 0,
+            smac,
+            dmac,
+        };
+    }
 }
 
 /// This CPU's parameter block, cleared and filled with what every lookup sets. In a per-CPU

@@ -9,7 +9,7 @@ use std::process::Command;
 use lb_common::{
     AF_INET, AF_INET6, BACKEND_F_ALIVE, Backend, CONFIG_F_NAT, DataplaneConfig, FORWARD_DSR,
     FORWARD_FULLNAT, FORWARD_GUE, FORWARD_IPIP, FORWARD_NAT, RING_SIZE, SCHED_MAGLEV, Service,
-    ServiceKeyV4, names,
+    names,
 };
 use lb_userspace::{
     dataplane::{Dataplane, ServiceKey, Sizing},
@@ -67,6 +67,7 @@ impl Fib {
         ip("route add 10.2.0.0/16 via 10.1.0.2 dev lbe0");
         ip("route add 10.0.0.0/16 via 10.1.0.2 dev lbe0");
         ip("-6 route add fd00:2::/64 via fd00:1::2 dev lbe0");
+        ip("-6 route add fd00:99::/64 via fd00:1::2 dev lbe0");
         fib
     }
 }
@@ -88,9 +89,12 @@ fn ifindex(dev: &str) -> u32 {
     i
 }
 
-/// One service (the benchmark's VIP 0, TCP) of `BACKENDS` backends forwarded with `forward`;
-/// backends are 10.2.x.y, or fd00:2::x with `v6_backends`.
-fn balancer(forward: u8, v6_backends: bool) -> Dataplane {
+/// The IPv6 VIP.
+const VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x200, 0, 0, 0, 0, 0, 0x10);
+
+/// One service (the benchmark's VIP 0, or `VIP6` with `v6_vip`; TCP port 80) of `BACKENDS`
+/// backends forwarded with `forward`; backends are 10.2.x.y, or fd00:2::x with `v6_backends`.
+fn balancer(forward: u8, v6_vip: bool, v6_backends: bool) -> Dataplane {
     let mut dp = Dataplane::load(
         Sizing {
             max_services: 2,
@@ -133,19 +137,21 @@ fn balancer(forward: u8, v6_backends: bool) -> Dataplane {
                 generation: 1,
                 flags: BACKEND_F_ALIVE,
                 family,
-                _pad: [0; 2],
+                forward,
+                _pad: 0,
+                service: 0,
             },
         )
         .expect("backend");
     }
     dp.write_ring(0, &table).expect("ring");
+    let key = if v6_vip {
+        ServiceKey::new(VIP6.into(), 80, 6)
+    } else {
+        ServiceKey::new(vip(0).into(), 80, 6)
+    };
     dp.set_service(
-        ServiceKey::V4(ServiceKeyV4 {
-            addr: u32::from_ne_bytes(vip(0).octets()),
-            port: 80u16.to_be(),
-            proto: 6,
-            _pad: 0,
-        }),
+        key,
         Service {
             id: 0,
             ring: 0,
@@ -176,28 +182,42 @@ fn balancer(forward: u8, v6_backends: bool) -> Dataplane {
 
 /// The packet a backend sends back for the translated packet `out` (addresses and ports
 /// swapped, MACs as if from the next hop).
-fn reply_to(out: &[u8]) -> Vec<u8> {
+fn reply_to(out: &[u8], v6: bool) -> Vec<u8> {
+    // Offsets of the source address, its length, and of the source port.
+    let (src, len, sport) = if v6 { (22, 16, 54) } else { (26, 4, 34) };
+    let dst = src + len;
     let mut r = out.to_vec();
     r[0..6].copy_from_slice(&out[6..12]);
     r[6..12].copy_from_slice(&out[0..6]);
-    r[26..30].copy_from_slice(&out[30..34]);
-    r[30..34].copy_from_slice(&out[26..30]);
-    r[34..36].copy_from_slice(&out[36..38]);
-    r[36..38].copy_from_slice(&out[34..36]);
+    r[src..dst].copy_from_slice(&out[dst..dst + len]);
+    r[dst..dst + len].copy_from_slice(&out[src..dst]);
+    r[sport..sport + 2].copy_from_slice(&out[sport + 2..sport + 4]);
+    r[sport + 2..sport + 4].copy_from_slice(&out[sport..sport + 2]);
     r
 }
 
-/// Established flows through each mode, IPv4 clients: (name, forward, IPv6 backends).
+/// Flow `i` to `VIP6`: a distinct client address (fd00:99::/64) and port.
+fn flow_frame6(template: &[u8], i: u32) -> Vec<u8> {
+    let mut f = template.to_vec();
+    f[34..38].copy_from_slice(&((i >> 14) + 1).to_be_bytes());
+    f[54..56].copy_from_slice(&(1024 + (i & 0x3fff) as u16).to_be_bytes());
+    f
+}
+
+/// Established flows through each mode: (name, forward, IPv6 VIP and clients, IPv6 backends).
 pub fn forwarding_modes(report: &mut Report, per_run: usize) {
-    println!("# forwarding modes: established, {FLOWS} flows, IPv4 VIP, next hop from the FIB");
+    println!("# forwarding modes: established, {FLOWS} flows, next hop from the FIB");
     let _fib = Fib::new();
-    let modes: [(&str, u8, bool); 6] = [
-        ("dsr", FORWARD_DSR, false),
-        ("ipip 4in4", FORWARD_IPIP, false),
-        ("gue 4in4", FORWARD_GUE, false),
-        ("ipip 4in6", FORWARD_IPIP, true),
-        ("nat", FORWARD_NAT, false),
-        ("fullnat", FORWARD_FULLNAT, false),
+    let modes: [(&str, u8, bool, bool); 9] = [
+        ("dsr", FORWARD_DSR, false, false),
+        ("ipip 4in4", FORWARD_IPIP, false, false),
+        ("gue 4in4", FORWARD_GUE, false, false),
+        ("ipip 4in6", FORWARD_IPIP, false, true),
+        ("nat", FORWARD_NAT, false, false),
+        ("fullnat", FORWARD_FULLNAT, false, false),
+        ("IPv6 dsr", FORWARD_DSR, true, true),
+        ("IPv6 ipip 6in6", FORWARD_IPIP, true, true),
+        ("IPv6 nat", FORWARD_NAT, true, true),
     ];
     let rows = std::thread::scope(|scope| {
         scope
@@ -209,22 +229,31 @@ pub fn forwarding_modes(report: &mut Report, per_run: usize) {
                 };
                 assert_eq!(rc, 0, "setns");
                 let ingress = Some(ifindex("lbe0"));
-                let t = template(vip(0), false);
+                let t4 = template(vip(0), false);
+                let client6 = Ipv6Addr::new(0xfd00, 0x99, 0, 0, 0, 0, 0, 1);
+                let t6 = super::packet::Frame6::tcp(client6, 1, VIP6, 80).build();
                 let mut rows = Vec::new();
-                for (name, forward, v6) in modes {
-                    let mut dp = balancer(forward, v6);
+                for (name, forward, v6_vip, v6_backends) in modes {
+                    let mut dp = balancer(forward, v6_vip, v6_backends);
                     let prog = dp.program(names::PROG_BALANCER).expect("program");
                     let mut out = vec![0u8; 512];
                     let nat = matches!(forward, FORWARD_NAT | FORWARD_FULLNAT);
+                    let flow = |i: u32| {
+                        if v6_vip {
+                            flow_frame6(&t6, i)
+                        } else {
+                            flow_frame(&t4, i)
+                        }
+                    };
                     let mut replies = Vec::new();
                     for i in 0..FLOWS {
-                        let frame = flow_frame(&t, i);
+                        let frame = flow(i);
                         run_once_from(prog, &frame, &mut out, XDP_TX, ingress);
                         if nat {
-                            replies.push(reply_to(&out[..frame.len()]));
+                            replies.push(reply_to(&out[..frame.len()], v6_vip));
                         }
                     }
-                    let mut frames = |k: usize| flow_frame(&t, k as u32 % FLOWS);
+                    let mut frames = |k: usize| flow(k as u32 % FLOWS);
                     rows.push((
                         format!("{name}: established"),
                         measure_from(prog, &mut frames, per_run, XDP_TX, ingress),

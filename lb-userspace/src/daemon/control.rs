@@ -726,6 +726,7 @@ impl<P: Prober> Control<P> {
         crate::api::check_backend_port(&addr, entry.forward, ip, port)
             .map_err(ControlError::Invalid)?;
         let port = port.filter(|p| *p != addr.port);
+        let owner = (entry.id, entry.forward.kernel());
         self.check_sources(&addr, entry.forward, std::iter::once(ip))?;
         let unicast = match ip {
             IpAddr::V4(v4) => {
@@ -771,7 +772,15 @@ impl<P: Prober> Control<P> {
             "every backend slot is in use (--max-backends)",
         ))?;
         let generation = self.next_generation;
-        let written = kernel_backend(ip, port.unwrap_or(addr.port), None, generation, 0);
+        let written = kernel_backend(
+            owner.0,
+            owner.1,
+            ip,
+            port.unwrap_or(addr.port),
+            None,
+            generation,
+            0,
+        );
         let stored = self
             .dp
             .reset_backend_traffic(id)
@@ -1374,7 +1383,15 @@ fn write_backends(
         } else {
             0
         };
-        let wanted = kernel_backend(*ip, b.port.unwrap_or(port), b.mac, b.generation, flags);
+        let wanted = kernel_backend(
+            entry.id,
+            entry.forward.kernel(),
+            *ip,
+            b.port.unwrap_or(port),
+            b.mac,
+            b.generation,
+            flags,
+        );
         if wanted != b.written && (flags != 0 || !alive_only) {
             dp.set_backend(b.id, wanted)?;
             b.written = wanted;
@@ -1442,7 +1459,11 @@ pub fn fragment_key(addr: &ServiceAddr) -> ServiceKey {
     key_of(&ServiceAddr { port: 0, ..*addr })
 }
 
+/// The kernel's entry for backend `ip` of service `service`, forwarded by `forward` (the
+/// program forwards established flows by these, without looking the service up).
 fn kernel_backend(
+    service: u32,
+    forward: u8,
     ip: IpAddr,
     port: u16,
     mac: Option<[u8; 6]>,
@@ -1467,13 +1488,15 @@ fn kernel_backend(
         generation,
         flags,
         family,
-        _pad: [0; 2],
+        forward,
+        _pad: 0,
+        service,
     }
 }
 
 /// A backend entry that names no backend (released ids).
 fn dead_backend() -> lb_common::Backend {
-    kernel_backend(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0, None, 0, 0)
+    kernel_backend(0, 0, IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0, None, 0, 0)
 }
 
 /// The map key of a service: addresses and port as the packet carries them.

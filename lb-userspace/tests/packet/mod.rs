@@ -367,6 +367,28 @@ pub fn small_dataplane() -> lb_userspace::dataplane::Dataplane {
     .expect("load the XDP object")
 }
 
+/// Marks backends `ids` as belonging to service `service` forwarded by `forward`, as the
+/// daemon writes them (the program forwards established flows by these fields).
+pub fn own_backends(
+    dp: &mut lb_userspace::dataplane::Dataplane,
+    ids: &[u32],
+    service: u32,
+    forward: u8,
+) {
+    for &id in ids {
+        let mut b = dp.backend(id).expect("backend entry");
+        b.service = service;
+        b.forward = forward;
+        dp.set_backend(id, b).expect("backend entry");
+    }
+}
+
+/// The owner fields (`forward`, `service`) backend `id` has now: a test rewriting the entry
+/// keeps them.
+pub fn owner_of(dp: &lb_userspace::dataplane::Dataplane, id: u32) -> (u8, u32) {
+    dp.backend(id).map_or((0, 0), |b| (b.forward, b.service))
+}
+
 /// The MAC the control-level tests give backend number `n` (in the neighbour table).
 pub fn backend_mac(n: u8) -> [u8; 6] {
     [0x02, 0xbe, 0, 0, 0, n]
