@@ -22,7 +22,7 @@ use lb_common::{
 };
 
 /// A service's key in the kernel: the map depends on the VIP's family.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum ServiceKey {
     V4(ServiceKeyV4),
     V6(ServiceKeyV6),
@@ -152,6 +152,9 @@ pub struct Dataplane {
     vip_filter: Array<MapData, u64>,
     /// What `vip_filter` holds.
     filter_words: Vec<u64>,
+    /// The service keys in the maps, and how many of them set each filter bit.
+    filter_keys: std::collections::HashSet<ServiceKey>,
+    filter_users: std::collections::HashMap<u32, u32>,
     sizing: Sizing,
 }
 
@@ -246,11 +249,15 @@ impl Dataplane {
             nat_replies_v6: take(&mut ebpf, names::NAT_REPLIES_V6)?,
             vip_filter: take(&mut ebpf, names::VIP_FILTER)?,
             filter_words: vec![0; VIP_FILTER_WORDS as usize],
+            filter_keys: std::collections::HashSet::new(),
+            filter_users: std::collections::HashMap::new(),
             ebpf,
             sizing,
         };
         // Pinned service maps may already hold services: the filter must pass them.
-        dp.rebuild_vip_filter()?;
+        for key in dp.service_keys()? {
+            dp.filter_add(key)?;
+        }
         Ok(dp)
     }
 
@@ -347,11 +354,7 @@ impl Dataplane {
 
     pub fn set_service(&mut self, key: ServiceKey, service: Service) -> Result<()> {
         // The filter first: a service the filter does not pass would not get its packets.
-        let bit = key.filter_bit();
-        self.write_filter_word(
-            bit / 64,
-            self.filter_words[(bit / 64) as usize] | 1 << (bit % 64),
-        )?;
+        self.filter_add(key)?;
         let (result, name) = match key {
             ServiceKey::V4(k) => (self.services.insert(k, service, 0), names::SERVICES),
             ServiceKey::V6(k) => (self.services_v6.insert(k, service, 0), names::SERVICES_V6),
@@ -368,21 +371,35 @@ impl Dataplane {
             Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
             Err(source) => return Err(DataplaneError::Map { name, source }),
         }
-        // Its bit may be another key's too: the filter is computed again from the keys left.
-        self.rebuild_vip_filter()
+        // After the removal: until then the service still gets its packets.
+        self.filter_remove(key)
     }
 
-    /// Writes the VIP filter for the service keys in the maps: a bit for each.
-    fn rebuild_vip_filter(&mut self) -> Result<()> {
-        let mut words = vec![0u64; VIP_FILTER_WORDS as usize];
-        for key in self.service_keys()? {
-            let bit = key.filter_bit();
-            words[(bit / 64) as usize] |= 1 << (bit % 64);
+    /// Sets `key`'s bit in the VIP filter (counted: keys may share a bit).
+    fn filter_add(&mut self, key: ServiceKey) -> Result<()> {
+        if !self.filter_keys.insert(key) {
+            return Ok(());
         }
-        for (i, word) in words.into_iter().enumerate() {
-            self.write_filter_word(i as u32, word)?;
+        let bit = key.filter_bit();
+        *self.filter_users.entry(bit).or_insert(0) += 1;
+        let word = self.filter_words[(bit / 64) as usize] | 1 << (bit % 64);
+        self.write_filter_word(bit / 64, word)
+    }
+
+    /// Clears `key`'s bit in the VIP filter unless another key still sets it.
+    fn filter_remove(&mut self, key: &ServiceKey) -> Result<()> {
+        if !self.filter_keys.remove(key) {
+            return Ok(());
         }
-        Ok(())
+        let bit = key.filter_bit();
+        let users = self.filter_users.entry(bit).or_insert(1);
+        *users -= 1;
+        if *users > 0 {
+            return Ok(());
+        }
+        self.filter_users.remove(&bit);
+        let word = self.filter_words[(bit / 64) as usize] & !(1 << (bit % 64));
+        self.write_filter_word(bit / 64, word)
     }
 
     /// Writes word `index` of the VIP filter if it changes (a system call each).

@@ -671,3 +671,43 @@ fn malformed_ipv6_is_dropped() {
         assert_eq!(h.reason(reason), before + 1, "{what} counted");
     }
 }
+
+#[test]
+fn the_vip_filter_follows_service_adds_and_removals_also_for_keys_sharing_a_bit() {
+    let mut h = Harness::new();
+    h.backend(0, 1, true);
+    h.backend(1, 1, true);
+    h.service(0, 0, 80, 6, &[0]);
+    let ours = ServiceKey::new(VIP.into(), 80, 6);
+    // Another service whose key sets the same filter bit (searched over VIPs and ports).
+    let twin = (1..=255u8)
+        .flat_map(|last| (1..=u16::MAX).map(move |port| (last, port)))
+        .map(|(last, port)| ServiceKey::new(Ipv4Addr::new(10, 201, 0, last).into(), port, 6))
+        .find(|k| k.filter_bit() == ours.filter_bit())
+        .expect("a key sharing the filter bit");
+    h.install(twin, 1, 1, &[1], lb_common::SCHED_MAGLEV);
+    let ServiceKey::V4(t) = twin else {
+        unreachable!("an IPv4 key")
+    };
+    let twin_frame = |sport| {
+        let dst = Ipv4Addr::from(t.addr.to_ne_bytes());
+        Frame::tcp(CLIENT, sport, dst, u16::from_be(t.port)).build()
+    };
+    assert_eq!(h.forwarded_to(&tcp(1).build()), 0);
+    assert_eq!(h.forwarded_to(&twin_frame(2)), 1);
+
+    // The twin goes; the bit stays for ours, whose new flows are still balanced.
+    h.dp.remove_service(&twin).unwrap();
+    assert_eq!(h.forwarded_to(&tcp(3).build()), 0);
+    let before = h.reason(Reason::PassNotVip);
+    assert_eq!(h.run(&twin_frame(4)).0, XDP_PASS, "no service any more");
+    assert_eq!(h.reason(Reason::PassNotVip), before + 1);
+
+    // Ours goes too: its new flows pass, and so does anything else on that bit.
+    h.dp.remove_service(&ours).unwrap();
+    assert_eq!(h.run(&tcp(5).build()).0, XDP_PASS);
+    assert_eq!(h.reason(Reason::PassNotVip), before + 2);
+    // Added again: balanced again (the bit is set before the service is).
+    h.service(0, 0, 80, 6, &[0]);
+    assert_eq!(h.forwarded_to(&tcp(6).build()), 0);
+}
