@@ -113,15 +113,27 @@ pub struct ServiceKeyV6 {
     pub _pad: u8,
 }
 
-/// Bits of the VIP filter (`VIP_FILTER`, `VIP_FILTER_WORDS` words of 64): a bit set for every
-/// service key, so a packet whose (VIP, port, protocol) bit is clear is not for a service and
-/// passes without a hash-map lookup. A set bit may be another key's (the program then looks
-/// the key up), never the other way round.
+/// Slots of the VIP filter (`VIP_FILTER`): each service key sets two bits in the slot its
+/// (VIP, port, protocol) hashes to, `VIP_FILTER_PLAIN` for a dsr/ipip/gue service and
+/// `VIP_FILTER_NAT` for a nat/fullnat one. A packet whose slot is empty is not for a service
+/// and passes without a hash-map lookup; one whose slot has only the NAT bit skips the
+/// connection table (nat flows are in tables of their own). A slot may be another key's (the
+/// program then looks the key up), never the other way round.
 pub const VIP_FILTER_BITS: u32 = 1 << 16;
-pub const VIP_FILTER_WORDS: u32 = VIP_FILTER_BITS / 64;
+/// 64-bit words of the filter: 32 slots of 2 bits each.
+pub const VIP_FILTER_WORDS: u32 = VIP_FILTER_BITS / 32;
+pub const VIP_FILTER_PLAIN: u64 = 1;
+pub const VIP_FILTER_NAT: u64 = 2;
+
+/// The word of the filter holding `slot`, and the shift of its two bits in it.
+#[inline(always)]
+#[must_use]
+pub const fn vip_filter_place(slot: u32) -> (u32, u32) {
+    (slot / 32, (slot % 32) * 2)
+}
 
 impl ServiceKeyV4 {
-    /// This key's bit in the VIP filter.
+    /// This key's slot in the VIP filter.
     #[inline(always)]
     #[must_use]
     pub fn filter_bit(&self) -> u32 {
@@ -130,7 +142,7 @@ impl ServiceKeyV4 {
 }
 
 impl ServiceKeyV6 {
-    /// This key's bit in the VIP filter.
+    /// This key's slot in the VIP filter.
     #[inline(always)]
     #[must_use]
     pub fn filter_bit(&self) -> u32 {

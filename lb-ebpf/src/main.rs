@@ -30,7 +30,8 @@ use forward::{
 };
 use lb_common::{
     DecapReason, FORWARD_DSR, FORWARD_FULLNAT, FORWARD_GUE, FORWARD_IPIP, FORWARD_NAT, FlowKeyV4,
-    FlowKeyV6, FlowState, Reason, Service, ServiceKeyV4, ServiceKeyV6,
+    FlowKeyV6, FlowState, Reason, Service, ServiceKeyV4, ServiceKeyV6, VIP_FILTER_PLAIN,
+    vip_filter_place,
 };
 use parse::L3;
 use select::{Chosen, FlowKey};
@@ -137,11 +138,11 @@ struct Tally {
 // bytes. The NAT steps parse the packet again (a few ns, off the DSR path).
 
 // The order of the lookups: the VIP filter (an array word) sends most packets that are not for
-// a service on their way at once; then the connection table, whose entry and the backend's
-// (which names its service and mode) are all an established flow needs; the service map only
-// for the rest: new flows, nat/fullnat (their flows are in tables of their own) and packets
-// whose filter bit another key set. The service lookup was a quarter of an established
-// packet's cost.
+// a service on their way at once; then, unless only nat/fullnat services have the filter slot
+// (their flows are in tables of their own), the connection table, whose entry and the
+// backend's (which names its service and mode) are all an established flow needs; the service
+// map only for the rest: new flows, nat/fullnat, and packets whose slot another key set. The
+// service lookup was a quarter of an established packet's cost.
 
 /// What `balance_family` needs of an address family: its parser, connection table and
 /// service map.
@@ -203,14 +204,16 @@ impl Family for FlowKeyV6 {
 #[inline(never)]
 fn balance_family<K: Family>(ctx: &XdpContext, l3: usize) -> Result<Step, Reason> {
     let pkt = K::parse(ctx, l3)?;
-    if !maybe_vip(pkt.flow.vip_filter_bit()) {
+    let filter = vip_filter(pkt.flow.vip_filter_bit());
+    if filter == 0 {
         return Err(Reason::PassNotVip);
     }
     let inner = Inner { l3, v6: K::V6 };
     let now = select::clock();
     // A nat/fullnat backend here: the service changed mode in place; its flows are placed
     // again in the NAT tables.
-    if let Some(backend) = select::established(&pkt, K::conntrack(), now)
+    if filter & VIP_FILTER_PLAIN != 0
+        && let Some(backend) = select::established(&pkt, K::conntrack(), now)
         && !is_nat(backend.forward)
     {
         return send(ctx, &backend, inner, &pkt.flow);
@@ -223,12 +226,12 @@ fn balance_family<K: Family>(ctx: &XdpContext, l3: usize) -> Result<Step, Reason
     send(ctx, &backend, inner, &pkt.flow)
 }
 
-/// Whether the VIP filter has `bit` set: the packet may be for a service.
+/// The VIP filter's bits (`VIP_FILTER_PLAIN`, `VIP_FILTER_NAT`) in `slot`: 0 when no service
+/// has that slot.
 #[inline(always)]
-fn maybe_vip(bit: u32) -> bool {
-    maps::VIP_FILTER
-        .get(bit / 64)
-        .is_some_and(|word| word & (1 << (bit % 64)) != 0)
+fn vip_filter(slot: u32) -> u64 {
+    let (word, shift) = vip_filter_place(slot);
+    maps::VIP_FILTER.get(word).map_or(0, |w| (w >> shift) & 3)
 }
 
 /// Sends a packet to its chosen backend by the mode of the backend's service (dsr here; for

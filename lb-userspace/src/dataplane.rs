@@ -16,9 +16,10 @@ use aya::{
     },
 };
 use lb_common::{
-    Backend, DataplaneConfig, DecapAddr, DecapReason, FlowKeyV4, FlowKeyV6, FlowState, LcList,
-    NatReplyV4, NatReplyV6, RING_CHUNK, RING_CHUNKS, RING_SIZE, Reason, RingChunk, Service,
-    ServiceKeyV4, ServiceKeyV6, Traffic, VIP_FILTER_WORDS, names,
+    Backend, DataplaneConfig, DecapAddr, DecapReason, FORWARD_FULLNAT, FORWARD_NAT, FlowKeyV4,
+    FlowKeyV6, FlowState, LcList, NatReplyV4, NatReplyV6, RING_CHUNK, RING_CHUNKS, RING_SIZE,
+    Reason, RingChunk, Service, ServiceKeyV4, ServiceKeyV6, Traffic, VIP_FILTER_NAT,
+    VIP_FILTER_PLAIN, VIP_FILTER_WORDS, names, vip_filter_place,
 };
 
 /// A service's key in the kernel: the map depends on the VIP's family.
@@ -48,7 +49,7 @@ impl ServiceKey {
         }
     }
 
-    /// The key's bit in the VIP filter.
+    /// The key's slot in the VIP filter.
     #[must_use]
     pub fn filter_bit(&self) -> u32 {
         match self {
@@ -59,6 +60,16 @@ impl ServiceKey {
 }
 
 use crate::pins::PinDir;
+
+/// The VIP filter bit a service sets: nat/fullnat services' flows are not in the connection
+/// table, which the program then skips.
+fn filter_kind(service: &Service) -> u64 {
+    if matches!(service.forward, FORWARD_NAT | FORWARD_FULLNAT) {
+        VIP_FILTER_NAT
+    } else {
+        VIP_FILTER_PLAIN
+    }
+}
 
 /// The XDP object built by build.rs from lb-ebpf.
 pub static XDP_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-xdp"));
@@ -152,9 +163,10 @@ pub struct Dataplane {
     vip_filter: Array<MapData, u64>,
     /// What `vip_filter` holds.
     filter_words: Vec<u64>,
-    /// The service keys in the maps, and how many of them set each filter bit.
-    filter_keys: std::collections::HashSet<ServiceKey>,
-    filter_users: std::collections::HashMap<u32, u32>,
+    /// The service keys in the maps with the filter bit each sets (`VIP_FILTER_PLAIN` or
+    /// `VIP_FILTER_NAT`), and how many keys set each (slot, bit).
+    filter_keys: std::collections::HashMap<ServiceKey, u64>,
+    filter_users: std::collections::HashMap<(u32, u64), u32>,
     sizing: Sizing,
 }
 
@@ -249,14 +261,15 @@ impl Dataplane {
             nat_replies_v6: take(&mut ebpf, names::NAT_REPLIES_V6)?,
             vip_filter: take(&mut ebpf, names::VIP_FILTER)?,
             filter_words: vec![0; VIP_FILTER_WORDS as usize],
-            filter_keys: std::collections::HashSet::new(),
+            filter_keys: std::collections::HashMap::new(),
             filter_users: std::collections::HashMap::new(),
             ebpf,
             sizing,
         };
         // Pinned service maps may already hold services: the filter must pass them.
         for key in dp.service_keys()? {
-            dp.filter_add(key)?;
+            let service = dp.service(&key)?;
+            dp.filter_add(key, filter_kind(&service))?;
         }
         Ok(dp)
     }
@@ -353,13 +366,20 @@ impl Dataplane {
     }
 
     pub fn set_service(&mut self, key: ServiceKey, service: Service) -> Result<()> {
-        // The filter first: a service the filter does not pass would not get its packets.
-        self.filter_add(key)?;
+        // The filter's new bit first: a service the filter does not pass would not get its
+        // packets. A bit of its previous mode goes after the change.
+        let kind = filter_kind(&service);
+        let previous = self.filter_keys.get(&key).copied();
+        self.filter_add(key, kind)?;
         let (result, name) = match key {
             ServiceKey::V4(k) => (self.services.insert(k, service, 0), names::SERVICES),
             ServiceKey::V6(k) => (self.services_v6.insert(k, service, 0), names::SERVICES_V6),
         };
-        result.map_err(|source| DataplaneError::Map { name, source })
+        result.map_err(|source| DataplaneError::Map { name, source })?;
+        match previous {
+            Some(old) if old != kind => self.filter_release(key, old),
+            _ => Ok(()),
+        }
     }
 
     pub fn remove_service(&mut self, key: &ServiceKey) -> Result<()> {
@@ -375,31 +395,36 @@ impl Dataplane {
         self.filter_remove(key)
     }
 
-    /// Sets `key`'s bit in the VIP filter (counted: keys may share a bit).
-    fn filter_add(&mut self, key: ServiceKey) -> Result<()> {
-        if !self.filter_keys.insert(key) {
-            return Ok(());
+    /// Sets `key`'s bit `kind` in the VIP filter (counted: keys may share a slot) and records
+    /// it as the key's bit.
+    fn filter_add(&mut self, key: ServiceKey, kind: u64) -> Result<()> {
+        let slot = key.filter_bit();
+        if self.filter_keys.insert(key, kind) != Some(kind) {
+            *self.filter_users.entry((slot, kind)).or_insert(0) += 1;
         }
-        let bit = key.filter_bit();
-        *self.filter_users.entry(bit).or_insert(0) += 1;
-        let word = self.filter_words[(bit / 64) as usize] | 1 << (bit % 64);
-        self.write_filter_word(bit / 64, word)
+        let (word, shift) = vip_filter_place(slot);
+        self.write_filter_word(word, self.filter_words[word as usize] | kind << shift)
     }
 
     /// Clears `key`'s bit in the VIP filter unless another key still sets it.
     fn filter_remove(&mut self, key: &ServiceKey) -> Result<()> {
-        if !self.filter_keys.remove(key) {
-            return Ok(());
+        match self.filter_keys.remove(key) {
+            Some(kind) => self.filter_release(*key, kind),
+            None => Ok(()),
         }
-        let bit = key.filter_bit();
-        let users = self.filter_users.entry(bit).or_insert(1);
+    }
+
+    /// One key fewer sets bit `kind` of `key`'s slot: cleared when none is left.
+    fn filter_release(&mut self, key: ServiceKey, kind: u64) -> Result<()> {
+        let slot = key.filter_bit();
+        let users = self.filter_users.entry((slot, kind)).or_insert(1);
         *users -= 1;
         if *users > 0 {
             return Ok(());
         }
-        self.filter_users.remove(&bit);
-        let word = self.filter_words[(bit / 64) as usize] & !(1 << (bit % 64));
-        self.write_filter_word(bit / 64, word)
+        self.filter_users.remove(&(slot, kind));
+        let (word, shift) = vip_filter_place(slot);
+        self.write_filter_word(word, self.filter_words[word as usize] & !(kind << shift))
     }
 
     /// Writes word `index` of the VIP filter if it changes (a system call each).
