@@ -822,8 +822,20 @@ fn loaded_xdp<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Xdp>
         .try_into()
         .map_err(|source| DataplaneError::Program { name, source })?;
     if prog.fd().is_err() {
-        prog.load()
-            .map_err(|source| DataplaneError::Program { name, source })?;
+        // The verifier gives up with EAGAIN when a signal reaches the loading thread during its
+        // seconds of work (as libbpf does, try again a few times).
+        let mut attempts = 0;
+        loop {
+            match prog.load() {
+                Ok(()) => break,
+                Err(aya::programs::ProgramError::LoadError { io_error, .. })
+                    if io_error.kind() == std::io::ErrorKind::WouldBlock && attempts < 4 =>
+                {
+                    attempts += 1;
+                }
+                Err(source) => return Err(DataplaneError::Program { name, source }),
+            }
+        }
     }
     Ok(prog)
 }
