@@ -5,58 +5,28 @@
 
 mod packet;
 
-use std::{
-    net::{IpAddr, Ipv4Addr},
-    process::Command,
-    sync::{Arc, Mutex},
-};
+use std::net::{IpAddr, Ipv4Addr};
 
 use lb_userspace::{
     api::{
         CheckKind, Forward, HealthCheck, Request, Response, Scheduler, ServiceAddr, Status,
         StatusRange,
     },
-    daemon::{Control, ProbeKey, Prober},
+    daemon::Control,
     neighbour::parse_mac,
 };
-use packet::{Frame, backend_mac, small_dataplane, through_balancer};
+use packet::{
+    FakeProber, Frame, add_neighbour, backend_ip, backend_mac, enter_control_netns,
+    small_dataplane, through_balancer,
+};
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 10);
 const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 1);
-
-fn backend_ip(n: u8) -> IpAddr {
-    IpAddr::V4(Ipv4Addr::new(10, 99, 0, 10 + n))
-}
-
-/// Records the probes the control loop starts; the test plays their results.
-#[derive(Clone, Default)]
-struct FakeProber(Arc<Mutex<Vec<ProbeKey>>>);
-
-impl Prober for FakeProber {
-    type Handle = ProbeKey;
-    fn start(
-        &mut self,
-        key: ProbeKey,
-        _: lb_userspace::daemon::ProbeTarget,
-        _: HealthCheck,
-    ) -> ProbeKey {
-        self.0.lock().unwrap().push(key);
-        key
-    }
-    fn stop(&mut self, handle: ProbeKey) {
-        self.0.lock().unwrap().retain(|k| *k != handle);
-    }
-}
 
 struct Bed {
     control: Control<FakeProber>,
     probes: FakeProber,
     service: ServiceAddr,
-}
-
-fn sh(cmd: &str) {
-    let status = Command::new("sh").arg("-c").arg(cmd).status().unwrap();
-    assert!(status.success(), "{cmd} failed");
 }
 
 impl Bed {
@@ -68,19 +38,7 @@ impl Bed {
 
     /// [`Bed::new`] with the service's health check set to `health`.
     fn with_check(with_mac: u8, health: HealthCheck) -> Self {
-        assert!(
-            unsafe { libc::geteuid() } == 0,
-            "these tests need root (run them through the README test command)"
-        );
-        // SAFETY: affects only the calling thread, which the test owns for its whole life.
-        assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNET) }, 0, "unshare");
-        sh(
-            "ip link add lbc0 type veth peer name lbc1 && ip link set lbc0 up && ip link set lbc1 up \
-            && ip addr add 10.99.0.2/24 dev lbc0",
-        );
-        for n in 1..=with_mac {
-            add_neighbour(n);
-        }
+        enter_control_netns(with_mac);
         let dp = small_dataplane();
         let probes = FakeProber::default();
         let mut control = Control::new(dp, "lbc0".into(), probes.clone());
@@ -170,18 +128,6 @@ impl Bed {
 }
 
 /// A permanent neighbour entry for backend `n` on `lbc0`.
-fn add_neighbour(n: u8) {
-    let mac = backend_mac(n)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":");
-    sh(&format!(
-        "ip neigh replace {} lladdr {mac} dev lbc0 nud permanent",
-        backend_ip(n)
-    ));
-}
-
 /// Runs a test body on its own thread, so the namespace it enters dies with it.
 fn in_netns(body: impl FnOnce() + Send + 'static) {
     std::thread::spawn(body).join().expect("test thread");

@@ -14,7 +14,6 @@ mod packet;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use aya::{TestRun as _, TestRunOptions};
 use common::netns;
 use lb_common::{
     AF_INET, AF_INET6, BACKEND_F_ALIVE, Backend, DataplaneConfig, FORWARD_DSR, FORWARD_GUE,
@@ -245,22 +244,7 @@ impl Lb {
 
     /// Runs `frame` once through the program as received on lbe0.
     fn run(&mut self, frame: &[u8]) -> (u32, Vec<u8>) {
-        let mut out = vec![0u8; frame.len() + 256];
-        // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index,
-        // egress_ifindex.
-        let md: [u32; 6] = [0, frame.len() as u32, 0, self.ifindex, 0, 0];
-        let ctx: Vec<u8> = md.iter().flat_map(|w| w.to_ne_bytes()).collect();
-        let prog = self.dp.program(names::PROG_BALANCER).unwrap();
-        let result = prog
-            .test_run(TestRunOptions {
-                data_in: Some(frame),
-                data_out: Some(&mut out),
-                ctx_in: Some(&ctx),
-                ..TestRunOptions::default()
-            })
-            .expect("BPF_PROG_TEST_RUN");
-        out.truncate(result.data_size_out as usize);
-        (result.return_value, out)
+        packet::run_on(&mut self.dp, self.ifindex, frame)
     }
 
     fn reason(&self, reason: Reason) -> u64 {

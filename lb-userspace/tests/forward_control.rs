@@ -9,8 +9,6 @@ mod packet;
 use std::{
     net::{IpAddr, Ipv4Addr},
     path::PathBuf,
-    process::Command,
-    sync::{Arc, Mutex},
 };
 
 use lb_common::{
@@ -22,42 +20,16 @@ use lb_userspace::{
         BackendState, CheckKind, Forward, HealthCheck, Request, Response, Scheduler, ServiceAddr,
     },
     daemon::{
-        Control, ProbeKey, Prober, Routed,
+        Control, Routed,
         config::{RoutedSettings, ServiceSettings},
     },
     dataplane::ServiceKey,
 };
-use packet::{Frame, backend_mac, small_dataplane, through_balancer};
+use packet::{
+    FakeProber, Frame, backend_ip, enter_control_netns, small_dataplane, through_balancer,
+};
 
 const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 1);
-
-fn backend_ip(n: u8) -> IpAddr {
-    IpAddr::V4(Ipv4Addr::new(10, 99, 0, 10 + n))
-}
-
-#[derive(Clone, Default)]
-struct FakeProber(Arc<Mutex<Vec<ProbeKey>>>);
-
-impl Prober for FakeProber {
-    type Handle = ProbeKey;
-    fn start(
-        &mut self,
-        key: ProbeKey,
-        _: lb_userspace::daemon::ProbeTarget,
-        _: HealthCheck,
-    ) -> ProbeKey {
-        self.0.lock().unwrap().push(key);
-        key
-    }
-    fn stop(&mut self, handle: ProbeKey) {
-        self.0.lock().unwrap().retain(|k| *k != handle);
-    }
-}
-
-fn sh(cmd: &str) {
-    let status = Command::new("sh").arg("-c").arg(cmd).status().unwrap();
-    assert!(status.success(), "{cmd} failed");
-}
 
 fn svc(s: &str) -> ServiceAddr {
     s.parse().unwrap()
@@ -76,27 +48,7 @@ impl Bed {
     /// A new network namespace with `lbc0` (10.99.0.2/24) and neighbour entries for backends
     /// 1..=`with_mac`; a small balancer loaded, nothing configured.
     fn new(with_mac: u8) -> Self {
-        assert!(
-            unsafe { libc::geteuid() } == 0,
-            "these tests need root (run them through the README test command)"
-        );
-        // SAFETY: affects only the calling thread, which the test owns for its whole life.
-        assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNET) }, 0, "unshare");
-        sh(
-            "ip link add lbc0 type veth peer name lbc1 && ip link set lbc0 up && ip link set lbc1 up \
-            && ip addr add 10.99.0.2/24 dev lbc0",
-        );
-        for n in 1..=with_mac {
-            let mac = backend_mac(n)
-                .iter()
-                .map(|b| format!("{b:02x}"))
-                .collect::<Vec<_>>()
-                .join(":");
-            sh(&format!(
-                "ip neigh replace {} lladdr {mac} dev lbc0 nud permanent",
-                backend_ip(n)
-            ));
-        }
+        enter_control_netns(with_mac);
         let probes = FakeProber::default();
         let control = Control::new(small_dataplane(), "lbc0".into(), probes.clone());
         Bed { control, probes }

@@ -13,7 +13,6 @@ mod packet;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::process::Command;
 
-use aya::{TestRun as _, TestRunOptions};
 use lb_common::{
     AF_INET, AF_INET6, BACKEND_F_ALIVE, Backend, CONFIG_F_NAT, DataplaneConfig, FLOW_F_CLOSED,
     FORWARD_FULLNAT, FORWARD_NAT, RING_SIZE, Reason, SCHED_MAGLEV, Service, ServiceKeyV4, names,
@@ -252,7 +251,7 @@ impl Bed {
     }
 
     fn run_on(&mut self, ifindex: u32, frame: &[u8]) -> (u32, Vec<u8>) {
-        run_on(&mut self.dp, ifindex, frame)
+        packet::run_on(&mut self.dp, ifindex, frame)
     }
 
     /// A client packet, sent out again (XDP_TX) to a backend: the frame that left.
@@ -274,32 +273,9 @@ impl Bed {
     }
 }
 
-/// Runs `frame` through the balancer as received on interface `ifindex`: the verdict and the
-/// bytes after.
-fn run_on(dp: &mut Dataplane, ifindex: u32, frame: &[u8]) -> (u32, Vec<u8>) {
-    // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index,
-    // egress_ifindex.
-    let ctx: Vec<u8> = [0, frame.len() as u32, 0, ifindex, 0, 0]
-        .iter()
-        .flat_map(|w| w.to_ne_bytes())
-        .collect();
-    let mut out = vec![0u8; frame.len() + 256];
-    let prog = dp.program(names::PROG_BALANCER).unwrap();
-    let r = prog
-        .test_run(TestRunOptions {
-            data_in: Some(frame),
-            data_out: Some(&mut out),
-            ctx_in: Some(&ctx),
-            ..TestRunOptions::default()
-        })
-        .expect("BPF_PROG_TEST_RUN");
-    out.truncate(r.data_size_out as usize);
-    (r.return_value, out)
-}
-
 /// `run_on` for a packet that must go out again the way it came (XDP_TX).
 fn sent_out(dp: &mut Dataplane, ifindex: u32, frame: &[u8]) -> Vec<u8> {
-    let (verdict, out) = run_on(dp, ifindex, frame);
+    let (verdict, out) = packet::run_on(dp, ifindex, frame);
     assert_eq!(verdict, XDP_TX, "the packet goes out again");
     out
 }

@@ -9,7 +9,6 @@ mod packet;
 use std::{
     net::{IpAddr, Ipv4Addr},
     path::PathBuf,
-    process::Command,
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -22,7 +21,7 @@ use lb_userspace::{
     },
     dataplane::{Dataplane, Sizing},
 };
-use packet::{Frame, backend_mac, small_dataplane, through_balancer};
+use packet::{Frame, enter_control_netns, small_dataplane, through_balancer};
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 10);
 const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 1);
@@ -50,11 +49,6 @@ impl Prober for FakeProber {
     fn stop(&mut self, handle: ProbeKey) {
         self.0.lock().unwrap().retain(|(k, _)| *k != handle);
     }
-}
-
-fn sh(cmd: &str) {
-    let status = Command::new("sh").arg("-c").arg(cmd).status().unwrap();
-    assert!(status.success(), "{cmd} failed");
 }
 
 struct Bed {
@@ -90,27 +84,7 @@ impl Bed {
     /// entries for backends 1..=9; loads the program (4 services, 16 backends at most) and
     /// names a configuration file, not yet written.
     fn new(name: &str) -> Self {
-        assert!(
-            unsafe { libc::geteuid() } == 0,
-            "these tests need root (run them through the README test command)"
-        );
-        // SAFETY: affects only the calling thread, which the test owns for its whole life.
-        assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNET) }, 0, "unshare");
-        sh(
-            "ip link add lbc0 type veth peer name lbc1 && ip link set lbc0 up && ip link set lbc1 up \
-            && ip addr add 10.99.0.2/24 dev lbc0",
-        );
-        for n in 1..=9 {
-            let mac = backend_mac(n)
-                .iter()
-                .map(|b| format!("{b:02x}"))
-                .collect::<Vec<_>>()
-                .join(":");
-            sh(&format!(
-                "ip neigh replace {} lladdr {mac} dev lbc0 nud permanent",
-                backend_ip(n)
-            ));
-        }
+        enter_control_netns(9);
         let dp = small_dataplane();
         let probes = FakeProber::default();
         let mut control = Control::new(dp, "lbc0".into(), probes.clone());

@@ -49,65 +49,43 @@ pub trait NatKey: Copy + Eq + Hash + std::fmt::Debug {
     fn meta(reply: &Self::Reply) -> ReplyMeta;
 }
 
-impl NatKey for FlowKeyV4 {
-    type Reply = NatReplyV4;
-    fn proto(&self) -> u8 {
-        self.proto
-    }
-    fn dport(&self) -> u16 {
-        self.dport
-    }
-    fn forward_of(&self, r: &NatReplyV4) -> Self {
-        FlowKeyV4 {
-            src: r.client,
-            dst: r.vip,
-            sport: r.client_port,
-            dport: r.vip_port,
-            proto: self.proto,
-            _pad0: 0,
-            _pad1: 0,
+/// `NatKey` for a family's key and reply types, whose fields have the same names.
+macro_rules! nat_key {
+    ($key:ident, $reply:ident) => {
+        impl NatKey for $key {
+            type Reply = $reply;
+            fn proto(&self) -> u8 {
+                self.proto
+            }
+            fn dport(&self) -> u16 {
+                self.dport
+            }
+            fn forward_of(&self, r: &$reply) -> Self {
+                $key {
+                    src: r.client,
+                    dst: r.vip,
+                    sport: r.client_port,
+                    dport: r.vip_port,
+                    proto: self.proto,
+                    _pad0: 0,
+                    _pad1: 0,
+                }
+            }
+            fn meta(r: &$reply) -> ReplyMeta {
+                ReplyMeta {
+                    backend: r.backend,
+                    generation: r.generation,
+                    last_seen: r.last_seen,
+                    flags: r.flags,
+                    client_port: r.client_port,
+                }
+            }
         }
-    }
-    fn meta(r: &NatReplyV4) -> ReplyMeta {
-        ReplyMeta {
-            backend: r.backend,
-            generation: r.generation,
-            last_seen: r.last_seen,
-            flags: r.flags,
-            client_port: r.client_port,
-        }
-    }
+    };
 }
 
-impl NatKey for FlowKeyV6 {
-    type Reply = NatReplyV6;
-    fn proto(&self) -> u8 {
-        self.proto
-    }
-    fn dport(&self) -> u16 {
-        self.dport
-    }
-    fn forward_of(&self, r: &NatReplyV6) -> Self {
-        FlowKeyV6 {
-            src: r.client,
-            dst: r.vip,
-            sport: r.client_port,
-            dport: r.vip_port,
-            proto: self.proto,
-            _pad0: 0,
-            _pad1: 0,
-        }
-    }
-    fn meta(r: &NatReplyV6) -> ReplyMeta {
-        ReplyMeta {
-            backend: r.backend,
-            generation: r.generation,
-            last_seen: r.last_seen,
-            flags: r.flags,
-            client_port: r.client_port,
-        }
-    }
-}
+nat_key!(FlowKeyV4, NatReplyV4);
+nat_key!(FlowKeyV6, NatReplyV6);
 
 /// The entries to delete from the forward and reply maps of one family, with the values they
 /// had when read (an entry the program rewrote since is left alone).

@@ -367,6 +367,34 @@ pub fn small_dataplane() -> lb_userspace::dataplane::Dataplane {
     .expect("load the XDP object")
 }
 
+/// Runs `frame` through the balancer as received on interface `ifindex`: the verdict and the
+/// bytes after.
+pub fn run_on(
+    dp: &mut lb_userspace::dataplane::Dataplane,
+    ifindex: u32,
+    frame: &[u8],
+) -> (u32, Vec<u8>) {
+    use aya::TestRun as _;
+    // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index,
+    // egress_ifindex.
+    let ctx: Vec<u8> = [0, frame.len() as u32, 0, ifindex, 0, 0]
+        .iter()
+        .flat_map(|w| w.to_ne_bytes())
+        .collect();
+    let mut out = vec![0u8; frame.len() + 256];
+    let prog = dp.program(lb_common::names::PROG_BALANCER).unwrap();
+    let r = prog
+        .test_run(aya::TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            ctx_in: Some(&ctx),
+            ..aya::TestRunOptions::default()
+        })
+        .expect("BPF_PROG_TEST_RUN");
+    out.truncate(r.data_size_out as usize);
+    (r.return_value, out)
+}
+
 /// Marks backends `ids` as belonging to service `service` forwarded by `forward`, as the
 /// daemon writes them (the program forwards established flows by these fields).
 pub fn own_backends(
@@ -418,5 +446,74 @@ pub fn through_balancer(dp: &mut lb_userspace::dataplane::Dataplane, frame: &[u8
         1 => None,
         2 => Some(0),
         v => panic!("verdict {v}"),
+    }
+}
+
+/// Backend number `n` of the control-level tests: 10.99.0.(10 + n), on `lbc0`'s subnet.
+pub fn backend_ip(n: u8) -> std::net::IpAddr {
+    std::net::IpAddr::V4(Ipv4Addr::new(10, 99, 0, 10 + n))
+}
+
+/// Runs a shell command; panics when it fails.
+pub fn sh(cmd: &str) {
+    let status = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(cmd)
+        .status()
+        .expect("running sh");
+    assert!(status.success(), "{cmd} failed");
+}
+
+/// Puts backend `n`'s MAC (`backend_mac`) in the neighbour table of `lbc0`.
+pub fn add_neighbour(n: u8) {
+    let mac = backend_mac(n)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":");
+    sh(&format!(
+        "ip neigh replace {} lladdr {mac} dev lbc0 nud permanent",
+        backend_ip(n)
+    ));
+}
+
+/// Moves the calling thread into a new network namespace with interface `lbc0`
+/// (10.99.0.2/24) and neighbour entries for backends 1..=`with_mac` (the control-level tests:
+/// the daemon learns backend MACs from the neighbour table). The namespace dies with the
+/// thread.
+pub fn enter_control_netns(with_mac: u8) {
+    assert!(
+        // SAFETY: a plain system call.
+        unsafe { libc::geteuid() } == 0,
+        "these tests need root (run them through the README test command)"
+    );
+    // SAFETY: affects only the calling thread, which the test owns for its whole life.
+    assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNET) }, 0, "unshare");
+    sh(
+        "ip link add lbc0 type veth peer name lbc1 && ip link set lbc0 up && ip link set lbc1 up \
+        && ip addr add 10.99.0.2/24 dev lbc0",
+    );
+    for n in 1..=with_mac {
+        add_neighbour(n);
+    }
+}
+
+/// Records the probes the control loop starts; the test plays their results.
+#[derive(Clone, Default)]
+pub struct FakeProber(pub std::sync::Arc<std::sync::Mutex<Vec<lb_userspace::daemon::ProbeKey>>>);
+
+impl lb_userspace::daemon::Prober for FakeProber {
+    type Handle = lb_userspace::daemon::ProbeKey;
+    fn start(
+        &mut self,
+        key: lb_userspace::daemon::ProbeKey,
+        _: lb_userspace::daemon::ProbeTarget,
+        _: lb_userspace::api::HealthCheck,
+    ) -> Self::Handle {
+        self.0.lock().unwrap().push(key);
+        key
+    }
+    fn stop(&mut self, handle: Self::Handle) {
+        self.0.lock().unwrap().retain(|k| *k != handle);
     }
 }
