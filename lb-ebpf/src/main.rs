@@ -33,7 +33,7 @@ use lb_common::{
     FlowKeyV6, FlowState, Reason, Service, ServiceKeyV4, ServiceKeyV6, VIP_FILTER_PLAIN,
     vip_filter_place,
 };
-use parse::L3;
+use parse::{L3, TCP_ACK, TCP_SYN};
 use select::{Chosen, FlowKey};
 
 /// Set to non-zero by the loader (`lb daemon --debug-packets`) to log each forwarding decision.
@@ -210,9 +210,12 @@ fn balance_family<K: Family>(ctx: &XdpContext, l3: usize) -> Result<Step, Reason
     }
     let inner = Inner { l3, v6: K::V6 };
     let now = select::clock();
+    let plain = filter & VIP_FILTER_PLAIN != 0;
+    let syn = pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
     // A nat/fullnat backend here: the service changed mode in place; its flows are placed
     // again in the NAT tables.
-    if filter & VIP_FILTER_PLAIN != 0
+    if plain
+        && !syn
         && let Some(backend) = select::established(&pkt, K::conntrack(), now)
         && !is_nat(backend.forward)
     {
@@ -221,6 +224,18 @@ fn balance_family<K: Family>(ctx: &XdpContext, l3: usize) -> Result<Step, Reason
     let service = pkt.flow.service().ok_or(Reason::PassNotVip)?;
     if is_nat(service.forward) {
         return Ok(Step::Nat(service));
+    }
+    // A SYN opens a connection, so a hashing scheduler places it without a look in the table
+    // (a third of a new flow's cost): a retransmitted SYN gets the same backend unless the
+    // ring changed in between, and then the half-open connection moves. The counting
+    // schedulers look first: a retransmitted SYN must not be placed and counted twice.
+    if syn
+        && plain
+        && !select::trusts_syn(service.scheduler)
+        && let Some(backend) = select::established(&pkt, K::conntrack(), now)
+        && !is_nat(backend.forward)
+    {
+        return send(ctx, &backend, inner, &pkt.flow);
     }
     let backend = select::place_new(&service, &pkt, K::conntrack(), now)?;
     send(ctx, &backend, inner, &pkt.flow)

@@ -176,6 +176,13 @@ pub fn established<K: FlowKey, T: FlowTable<K>>(
     })
 }
 
+/// Whether the scheduler places a TCP SYN without looking for its flow first: the hashing
+/// ones (Maglev, source hash), which place a retransmitted SYN where the first went.
+#[inline(always)]
+pub fn trusts_syn(scheduler: u8) -> bool {
+    scheduler != SCHED_LEAST_CONN && scheduler != SCHED_ROUND_ROBIN
+}
+
 /// A new flow's backend id by the service's scheduler (not yet checked for being alive).
 #[inline(always)]
 pub fn schedule<K: FlowKey>(service: &Service, pkt: &Packet<K>) -> Result<u32, Reason> {

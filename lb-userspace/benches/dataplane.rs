@@ -47,6 +47,8 @@ const BASELINES: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/
 const KATRAN_FIXED: f64 = 34.0;
 
 /// The rows that have a Katran counterpart (`--katran`), named once for both.
+/// The TCP ACK flag.
+const TCP_ACK: u8 = 0x10;
 const PASS: &str = "pass path (not a VIP)";
 const ESTABLISHED_1: &str = "established, 1 flow";
 const ESTABLISHED_16K: &str = "established, 16,384 flows";
@@ -66,6 +68,7 @@ fn vip(service: u32) -> Ipv4Addr {
     Ipv4Addr::from(0x0ac8_0000 | (service + 1)) // 10.200.x.y
 }
 
+/// The first packet of a flow: a UDP datagram or a TCP SYN.
 fn template(dst: Ipv4Addr, udp: bool) -> Vec<u8> {
     let client = Ipv4Addr::new(10, 0, 0, 1);
     if udp {
@@ -73,6 +76,17 @@ fn template(dst: Ipv4Addr, udp: bool) -> Vec<u8> {
     } else {
         packet::Frame::tcp(client, 1, dst, 80).build()
     }
+}
+
+/// A later packet of a flow: a UDP datagram or a TCP ACK (a SYN is a new connection, which the
+/// balancer places without looking for it in the connection table).
+fn established_template(dst: Ipv4Addr, udp: bool) -> Vec<u8> {
+    if udp {
+        return template(dst, true);
+    }
+    packet::Frame::tcp(Ipv4Addr::new(10, 0, 0, 1), 1, dst, 80)
+        .tcp_flags(TCP_ACK)
+        .build()
 }
 
 /// Runs `prog` once on `frame`; returns the kernel-reported ns and checks the verdict.
@@ -383,7 +397,9 @@ fn established(
 
 /// Packets of the established flows `0..flows`, round robin.
 fn established_frames(services: u32, flows: u32, udp: bool) -> impl FnMut(usize) -> Vec<u8> {
-    let templates: Vec<Vec<u8>> = (0..services).map(|s| template(vip(s), udp)).collect();
+    let templates: Vec<Vec<u8>> = (0..services)
+        .map(|s| established_template(vip(s), udp))
+        .collect();
     move |k: usize| {
         let i = (k as u32) % flows;
         flow_frame(&templates[(i % services) as usize], i)
@@ -449,6 +465,8 @@ fn main() {
         "the benchmark loads BPF programs: run it as root (cargo xtask bench)"
     );
     let quick = std::env::args().any(|a| a == "--quick");
+    // Only the per-packet rows (with Katran if asked): for A/B runs while profiling.
+    let per_packet_only = std::env::args().any(|a| a == "--per-packet");
     let katran_object = katran_object();
     let per_run = if quick { 2_000 } else { 50_000 };
     let sizes = katran::Sizes {
@@ -569,6 +587,10 @@ fn main() {
     }
     drop(beside);
     drop(pinned);
+    if per_packet_only {
+        write_json(&report);
+        return;
+    }
 
     println!("# shape: established (16,384 flows over all services) and new-flow cost");
     let (services_set, backends_set): (&[u32], &[u32]) = if quick {
@@ -598,7 +620,10 @@ fn main() {
     modes::forwarding_modes(&mut report, per_run / 5);
 
     control_plane_costs(&mut report, quick);
+    write_json(&report);
+}
 
+fn write_json(report: &Report) {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/lb-bench");
     std::fs::create_dir_all(&dir).expect("create target/lb-bench");
     let path = dir.join("dataplane.json");

@@ -27,6 +27,8 @@ struct Bed {
     control: Control<FakeProber>,
     probes: FakeProber,
     service: ServiceAddr,
+    /// Flows whose SYN went through: their later packets are ACKs, as a client's are.
+    opened: std::collections::HashSet<u16>,
 }
 
 impl Bed {
@@ -57,6 +59,7 @@ impl Bed {
             control,
             probes,
             service,
+            opened: Default::default(),
         }
     }
 
@@ -110,10 +113,15 @@ impl Bed {
         }
     }
 
-    /// Sends one packet (a SYN) of flow `sport`; returns the backend number it went to, or None
-    /// if dropped.
+    /// Sends one packet of flow `sport` (a SYN until one goes through, then ACKs); returns the
+    /// backend number it went to, or None if dropped.
     fn send(&mut self, sport: u16) -> Option<u8> {
-        self.send_flags(sport, 0x02)
+        let flags = if self.opened.contains(&sport) { ACK } else { SYN };
+        let to = self.send_flags(sport, flags);
+        if to.is_some() {
+            self.opened.insert(sport);
+        }
+        to
     }
 
     fn spread(&mut self, flows: std::ops::Range<u16>) -> [u32; 10] {
@@ -513,6 +521,8 @@ impl Bed {
     }
 }
 
+const SYN: u8 = 0x02;
+const ACK: u8 = 0x10;
 const FIN_ACK: u8 = 0x11;
 
 #[test]

@@ -411,14 +411,15 @@ fn encap_case(v6_vip: bool, backend: std::net::IpAddr, forward: u8) {
         };
         let mut seen = Vec::new();
         for sport in [40000u16, 40001] {
-            let (frame, hash) = if v6_vip {
-                let f = Frame6::tcp(CLIENT6, sport, VIP6, 80)
-                    .traffic_class(0xb8)
-                    .build();
-                (f, hash6(CLIENT6, sport, VIP6, 80, 6))
+            // The flow's SYN, then an ACK of it.
+            let (frame, next, hash) = if v6_vip {
+                let f = Frame6::tcp(CLIENT6, sport, VIP6, 80).traffic_class(0xb8);
+                let hash = hash6(CLIENT6, sport, VIP6, 80, 6);
+                (f.clone().build(), f.tcp_flags(0x10).build(), hash)
             } else {
-                let f = Frame::tcp(CLIENT, sport, VIP, 80).tos(0xb8).build();
-                (f, hash4(CLIENT, sport, VIP, 80, 6))
+                let f = Frame::tcp(CLIENT, sport, VIP, 80).tos(0xb8);
+                let hash = hash4(CLIENT, sport, VIP, 80, 6);
+                (f.clone().build(), f.tcp_flags(0x10).build(), hash)
             };
             let o = Outer {
                 dmac: HOP_MAC,
@@ -431,9 +432,9 @@ fn encap_case(v6_vip: bool, backend: std::net::IpAddr, forward: u8) {
             let out = lb.expect(&frame, XDP_TX, Reason::Forwarded);
             let first = check_encap(&out, &frame[14..], &o);
             // The flow's next packet (now from the connection table): the same outer fields.
-            let out = lb.expect(&frame, XDP_TX, Reason::Forwarded);
+            let out = lb.expect(&next, XDP_TX, Reason::Forwarded);
             assert_eq!(
-                check_encap(&out, &frame[14..], &o),
+                check_encap(&out, &next[14..], &o),
                 first,
                 "same flow, same fields"
             );

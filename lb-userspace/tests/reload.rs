@@ -149,8 +149,15 @@ impl Bed {
 
     /// Sends one packet of flow `sport` to `vip:port`; returns the backend number it went to,
     /// `None` if dropped, `Some(0)` if passed to the kernel (no such service).
+    /// Sends a SYN of flow `sport`; returns the backend number it went to.
     fn send_to(&mut self, vip: Ipv4Addr, port: u16, sport: u16) -> Option<u8> {
         let frame = Frame::tcp(CLIENT, sport, vip, port).build();
+        through_balancer(self.control.dataplane(), &frame)
+    }
+
+    /// Sends a later packet (an ACK) of flow `sport`.
+    fn send_ack(&mut self, sport: u16) -> Option<u8> {
+        let frame = Frame::tcp(CLIENT, sport, VIP, 80).tcp_flags(0x10).build();
         through_balancer(self.control.dataplane(), &frame)
     }
 
@@ -174,7 +181,7 @@ impl Bed {
 
     fn assert_flows_stay(&mut self, flows: &[(u16, Option<u8>)]) {
         for (sport, backend) in flows {
-            assert_eq!(self.send(*sport), *backend, "flow {sport} moved");
+            assert_eq!(self.send_ack(*sport), *backend, "flow {sport} moved");
         }
     }
 

@@ -26,7 +26,9 @@ use aya::{
 };
 use lb_userspace::maglev::{MaglevBackend, build_table};
 
-use super::{RUNS, Side, TURN, XDP_PASS, XDP_TX, flow_frame, packet, run_once, template, vip};
+use super::{
+    RUNS, Side, TCP_ACK, TURN, XDP_PASS, XDP_TX, flow_frame, packet, run_once, template, vip,
+};
 
 // --- Katran's constants (katran/lib/bpf/balancer_consts.h, default build) ----------------------
 
@@ -53,7 +55,6 @@ const MAX_SUPPORTED_CPUS: u32 = 128;
 /// Linux's `BPF_MAP_TYPE_LRU_HASH`, the type of Katran's per-CPU connection tables.
 const BPF_MAP_TYPE_LRU_HASH: u32 = 9;
 
-const TCP_ACK: u8 = 0x10;
 const REALS: u32 = 100;
 /// Katran sends every packet to this MAC (the default router: "LB on a stick").
 const NEXT_HOP_MAC: [u8; 6] = [0x02, 0xaa, 0, 0, 0, 0x01];
@@ -255,8 +256,8 @@ impl Katran {
                  baseline 1 of those turns",
                 self.cpu
             ),
-            "Katran's established rows send ACKs (to a SYN Katran skips its table by design: a \
-             new connection); its other rows send SYNs, as ours do, but for our hash-ring row: \
+            "Established rows send ACKs, ours and Katran's (both place a SYN without a look in \
+             the table: a new connection); the other rows send SYNs, but for our hash-ring row: \
              first fragments to a fragments service, our one path without the connection table"
                 .into(),
         ]

@@ -16,7 +16,10 @@ use lb_userspace::{
     maglev::{MaglevBackend, build_table},
 };
 
-use super::{Report, XDP_TX, flow_frame, measure_from, run_once_from, template, vip};
+use super::{
+    Report, TCP_ACK, XDP_TX, established_template, flow_frame, measure_from, run_once_from,
+    template, vip,
+};
 
 const NS: &str = "lbbench-modes";
 const BACKENDS: u32 = 100;
@@ -232,28 +235,33 @@ pub fn forwarding_modes(report: &mut Report, per_run: usize) {
                 let t4 = template(vip(0), false);
                 let client6 = Ipv6Addr::new(0xfd00, 0x99, 0, 0, 0, 0, 0, 1);
                 let t6 = super::packet::Frame6::tcp(client6, 1, VIP6, 80).build();
+                let (a4, a6) = (
+                    established_template(vip(0), false),
+                    super::packet::Frame6::tcp(client6, 1, VIP6, 80)
+                        .tcp_flags(TCP_ACK)
+                        .build(),
+                );
                 let mut rows = Vec::new();
                 for (name, forward, v6_vip, v6_backends) in modes {
                     let mut dp = balancer(forward, v6_vip, v6_backends);
                     let prog = dp.program(names::PROG_BALANCER).expect("program");
                     let mut out = vec![0u8; 512];
                     let nat = matches!(forward, FORWARD_NAT | FORWARD_FULLNAT);
-                    let flow = |i: u32| {
-                        if v6_vip {
-                            flow_frame6(&t6, i)
-                        } else {
-                            flow_frame(&t4, i)
-                        }
+                    let flow = |i: u32, ack: bool| match (v6_vip, ack) {
+                        (true, false) => flow_frame6(&t6, i),
+                        (true, true) => flow_frame6(&a6, i),
+                        (false, false) => flow_frame(&t4, i),
+                        (false, true) => flow_frame(&a4, i),
                     };
                     let mut replies = Vec::new();
                     for i in 0..FLOWS {
-                        let frame = flow(i);
+                        let frame = flow(i, false);
                         run_once_from(prog, &frame, &mut out, XDP_TX, ingress);
                         if nat {
                             replies.push(reply_to(&out[..frame.len()], v6_vip));
                         }
                     }
-                    let mut frames = |k: usize| flow(k as u32 % FLOWS);
+                    let mut frames = |k: usize| flow(k as u32 % FLOWS, true);
                     rows.push((
                         format!("{name}: established"),
                         measure_from(prog, &mut frames, per_run, XDP_TX, ingress),

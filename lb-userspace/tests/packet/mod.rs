@@ -10,6 +10,7 @@ use std::net::Ipv4Addr;
 pub const LB_MAC: [u8; 6] = [0x02, 0x1b, 0, 0, 0, 0x02];
 pub const CLIENT_MAC: [u8; 6] = [0x02, 0xc1, 0, 0, 0, 0x01];
 
+#[derive(Clone)]
 pub struct Frame {
     src: Ipv4Addr,
     dst: Ipv4Addr,
@@ -190,6 +191,7 @@ pub fn checksum(bytes: &[u8]) -> u16 {
 }
 
 /// An IPv6 TCP/UDP frame, with optional extension headers before the transport header.
+#[derive(Clone)]
 pub struct Frame6 {
     src: std::net::Ipv6Addr,
     dst: std::net::Ipv6Addr,
@@ -229,6 +231,12 @@ impl Frame6 {
     /// options, 44 fragment) of `8 * (1 + extra)` bytes.
     pub fn ext(mut self, kind: u8, extra: u8) -> Self {
         self.ext.push((kind, extra));
+        self
+    }
+
+    /// TCP flags (SYN by default).
+    pub fn tcp_flags(mut self, flags: u8) -> Self {
+        self.tcp_flags = flags;
         self
     }
 
