@@ -885,45 +885,144 @@ fn control_plane_costs(report: &mut Report, quick: bool) {
     }
 
     let services = if quick { 50 } else { 500 };
-    let dp = Dataplane::load(
-        Sizing {
-            max_services: services,
-            max_backends: services * 10,
-            conntrack_size: 1 << 16,
-            nat_size: 1 << 16,
-        },
-        false,
-    )
-    .expect("load");
-    let mut control = Control::new(dp, "lo".into(), NoProbes::default());
-    let t = Instant::now();
-    for s in 0..services {
-        let service: ServiceAddr = format!("{}:80/tcp", vip(s)).parse().expect("service");
-        let ok = control.handle(Request::ServiceAdd {
-            service,
-            scheduler: Scheduler::Maglev,
-            forward: Forward::Dsr,
-            health: HealthCheck::default(),
-            fragments: false,
-        });
-        assert_eq!(ok, Response::Ok);
-        for b in 0..10 {
-            let ip = Ipv4Addr::from(0x0b00_0000 | (s * 10 + b + 1)).into();
-            let ok = control.handle(Request::BackendAdd {
+    let (one_by_one, by_reload) = add_services(services);
+    report.figure(
+        &format!("add {services} services x 10 backends, one API call each"),
+        one_by_one,
+        "s",
+        "Control::handle for every service and backend add, backends healthy at once (check \
+         none) with known MACs: every add rebuilds its service's table",
+    );
+    report.figure(
+        &format!("add {services} services x 10 backends, one configuration reload"),
+        by_reload,
+        "s",
+        "Control::apply_config of a file declaring them (as lb reload or the daemon's start): \
+         one table build per service",
+    );
+}
+
+/// `backend(s, b)`: backend `b` (0..10) of service `s` of `add_services`.
+fn bench_backend(s: u32, b: u32) -> Ipv4Addr {
+    Ipv4Addr::from(0x0b00_0000 | (s * 10 + b + 1))
+}
+
+/// Seconds to add `services` services of 10 healthy backends each (none checks, MACs known):
+/// one API call at a time, then (after removing them all) in one configuration reload.
+fn add_services(services: u32) -> (f64, f64) {
+    std::thread::spawn(move || {
+        let backends: Vec<Ipv4Addr> = (0..services)
+            .flat_map(|s| (0..10).map(move |b| bench_backend(s, b)))
+            .collect();
+        netns_with_neighbours(&backends);
+        let dp = Dataplane::load(
+            Sizing {
+                max_services: services,
+                max_backends: services * 10,
+                conntrack_size: 1 << 16,
+                nat_size: 1 << 16,
+            },
+            false,
+        )
+        .expect("load");
+        let mut control = Control::new(dp, "lbb0".into(), NoProbes::default());
+        let health = HealthCheck {
+            kind: lb_userspace::api::CheckKind::None,
+            ..HealthCheck::default()
+        };
+        let t = Instant::now();
+        for s in 0..services {
+            let service: ServiceAddr = format!("{}:80/tcp", vip(s)).parse().expect("service");
+            let ok = control.handle(Request::ServiceAdd {
                 service,
-                ip,
-                weight: 1,
-                port: None,
+                scheduler: Scheduler::Maglev,
+                forward: Forward::Dsr,
+                health: health.clone(),
+                fragments: false,
             });
             assert_eq!(ok, Response::Ok);
+            for b in 0..10 {
+                let ok = control.handle(Request::BackendAdd {
+                    service,
+                    ip: bench_backend(s, b).into(),
+                    weight: 1,
+                    port: None,
+                });
+                assert_eq!(ok, Response::Ok);
+            }
         }
+        let one_by_one = t.elapsed().as_secs_f64();
+        assert_all_in_tables(&mut control, services);
+
+        let empty = lb_userspace::daemon::config::Config::parse("", "empty").expect("config");
+        control.apply_config(&empty, "empty").expect("remove all");
+        let mut text = String::new();
+        for s in 0..services {
+            text.push_str(&format!(
+                "[[service]]\naddress = \"{}:80/tcp\"\nhealth_check = {{ check = {{ type = \"none\" }} }}\n",
+                vip(s)
+            ));
+            for b in 0..10 {
+                text.push_str(&format!(
+                    "[[service.backend]]\naddress = \"{}\"\n",
+                    bench_backend(s, b)
+                ));
+            }
+        }
+        let config =
+            lb_userspace::daemon::config::Config::parse(&text, "bench").expect("config");
+        let t = Instant::now();
+        control.apply_config(&config, "bench").expect("apply");
+        let by_reload = t.elapsed().as_secs_f64();
+        assert_all_in_tables(&mut control, services);
+        (one_by_one, by_reload)
+    })
+    .join()
+    .expect("add_services thread")
+}
+
+/// Checks that every backend of the `services` services is in its service's table.
+fn assert_all_in_tables(control: &mut Control<NoProbes>, services: u32) {
+    let Response::Status(status) = control.handle(Request::Status) else {
+        panic!("no status");
+    };
+    assert_eq!(status.services.len(), services as usize);
+    for s in &status.services {
+        assert!(
+            s.backends.len() == 10 && s.backends.iter().all(|b| b.in_table),
+            "{}: not every backend in the table",
+            s.service
+        );
     }
-    report.figure(
-        &format!("add {services} services x 10 backends"),
-        t.elapsed().as_secs_f64(),
-        "s",
-        "Control::handle for every service and backend add (maps written, probes not run)",
-    );
+}
+
+/// Moves this thread into a network namespace of its own with an interface `lbb0` and a
+/// permanent neighbour entry for each of `backends` (the daemon puts only backends with a
+/// known MAC in a table).
+fn netns_with_neighbours(backends: &[Ipv4Addr]) {
+    // SAFETY: affects only this thread.
+    assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNET) }, 0, "unshare");
+    let mut batch =
+        String::from("link add lbb0 type veth peer name lbb1\nlink set lbb0 up\nlink set lbb1 up\n");
+    for (i, ip) in (0u32..).zip(backends) {
+        let mac = format!("02:00:00:{:02x}:{:02x}:{:02x}", i >> 16 & 0xff, i >> 8 & 0xff, i & 0xff);
+        batch.push_str(&format!(
+            "neigh replace {ip} lladdr {mac} dev lbb0 nud permanent\n"
+        ));
+    }
+    let path = std::env::temp_dir().join(format!(
+        "lb-bench-neigh-{}-{:?}",
+        std::process::id(),
+        std::thread::current().id()
+    ));
+    std::fs::write(&path, batch).expect("write ip batch");
+    let status = std::process::Command::new("ip")
+        .arg("-batch")
+        .arg(&path)
+        .status()
+        .expect("run ip");
+    let _ = std::fs::remove_file(&path);
+    assert!(status.success(), "ip -batch failed");
 }
 
 /// Health probes are played by hand here; nothing runs in the background. The keys of the
@@ -944,29 +1043,10 @@ impl Prober for NoProbes {
 /// `Control::probe_result` (table rebuild, write, switch, backend entry update).
 fn failure_to_removal(backends: u32) -> f64 {
     std::thread::spawn(move || {
-        // A namespace of this thread's own, with neighbour entries for every backend (the
-        // daemon only puts backends with a known MAC in the table).
-        // SAFETY: affects only this thread.
-        assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNET) }, 0, "unshare");
-        let mut batch = String::from(
-            "link add lbb0 type veth peer name lbb1\nlink set lbb0 up\nlink set lbb1 up\n",
-        );
-        for i in 0..backends {
-            let ip = Ipv4Addr::from(0x0b00_0000 | (i + 1));
-            let mac = format!("02:00:00:00:{:02x}:{:02x}", (i >> 8) & 0xff, i & 0xff);
-            batch.push_str(&format!(
-                "neigh replace {ip} lladdr {mac} dev lbb0 nud permanent\n"
-            ));
-        }
-        let path = std::env::temp_dir().join(format!("lb-bench-neigh-{}", std::process::id()));
-        std::fs::write(&path, batch).expect("write ip batch");
-        let status = std::process::Command::new("ip")
-            .arg("-batch")
-            .arg(&path)
-            .status()
-            .expect("run ip");
-        let _ = std::fs::remove_file(&path);
-        assert!(status.success(), "ip -batch failed");
+        let addrs: Vec<Ipv4Addr> = (0..backends)
+            .map(|i| Ipv4Addr::from(0x0b00_0000 | (i + 1)))
+            .collect();
+        netns_with_neighbours(&addrs);
 
         let dp = Dataplane::load(
             Sizing {
@@ -991,16 +1071,18 @@ fn failure_to_removal(backends: u32) -> f64 {
             }),
             Response::Ok
         );
-        for i in 0..backends {
-            let ip = Ipv4Addr::from(0x0b00_0000 | (i + 1)).into();
-            let ok = control.handle(Request::BackendAdd {
-                service,
-                ip,
-                weight: 1,
-                port: None,
-            });
-            assert_eq!(ok, Response::Ok);
-        }
+        // One batch, as a configuration file adds them: the table is built once.
+        control.batch(|control| {
+            for ip in &addrs {
+                let ok = control.handle(Request::BackendAdd {
+                    service,
+                    ip: (*ip).into(),
+                    weight: 1,
+                    port: None,
+                });
+                assert_eq!(ok, Response::Ok);
+            }
+        });
         let keys = probes.0.lock().expect("lock").clone();
         for key in &keys {
             control.probe_result(*key, Ok(()));

@@ -19,6 +19,15 @@ pub fn table(iface: &str) -> std::io::Result<HashMap<IpAddr, [u8; 6]>> {
     Ok(out)
 }
 
+/// The known MAC of neighbour `ip` on `iface`: only the table of its family is read (the IPv6
+/// one costs a process).
+pub fn lookup(iface: &str, ip: IpAddr) -> std::io::Result<Option<[u8; 6]>> {
+    Ok(match ip {
+        IpAddr::V4(v4) => arp_table(iface)?.get(&v4).copied(),
+        IpAddr::V6(_) => ndp_table(iface)?.get(&ip).copied(),
+    })
+}
+
 /// IPv6 neighbours (NDP) on `iface`: /proc has no such table, so `ip -6 neigh` is asked.
 /// A command forked from this thread runs in this thread's network namespace.
 pub fn ndp_table(iface: &str) -> std::io::Result<HashMap<IpAddr, [u8; 6]>> {

@@ -616,3 +616,57 @@ fn recounting_flows_drops_closed_and_stale_ones() {
         assert_eq!(counts(&mut bed), vec![want(1), want(2)], "recounted");
     });
 }
+
+#[test]
+fn a_batch_puts_added_backends_in_the_table_at_its_end_and_a_removal_in_it_applies_at_once() {
+    in_netns(|| {
+        let health = HealthCheck {
+            kind: lb_userspace::api::CheckKind::None,
+            ..HealthCheck::default()
+        };
+        let mut bed = Bed::with_check(3, health);
+        bed.control.batch(|control| {
+            for n in 1..=3 {
+                let ip = backend_ip(n);
+                let service = bed_service();
+                assert_eq!(
+                    control.handle(Request::BackendAdd {
+                        service,
+                        ip,
+                        weight: 1,
+                        port: None,
+                    }),
+                    Response::Ok
+                );
+            }
+            // Added in the batch: known to the kernel, not yet in the table.
+            let Response::Status(s) = control.handle(Request::Status) else {
+                panic!("status");
+            };
+            assert!(s.services[0].backends.iter().all(|b| !b.in_table));
+            // A removal applies at once (the batch's MACs are read at its end).
+            assert_eq!(
+                control.handle(Request::BackendDel {
+                    service: bed_service(),
+                    ip: backend_ip(2),
+                }),
+                Response::Ok
+            );
+            let Response::Status(s) = control.handle(Request::Status) else {
+                panic!("status");
+            };
+            assert_eq!(s.services[0].backends.len(), 2);
+        });
+        let Response::Status(s) = bed.control.handle(Request::Status) else {
+            panic!("status");
+        };
+        assert!(s.services[0].backends.iter().all(|b| b.in_table));
+        let seen = bed.spread(1000..1600);
+        assert_eq!(seen[2], 0, "{seen:?}");
+        assert!(seen[1] > 200 && seen[3] > 200, "{seen:?}");
+    });
+}
+
+fn bed_service() -> ServiceAddr {
+    format!("{VIP}:80/tcp").parse().unwrap()
+}

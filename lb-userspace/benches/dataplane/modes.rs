@@ -95,77 +95,126 @@ fn ifindex(dev: &str) -> u32 {
 /// The IPv6 VIP.
 const VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x200, 0, 0, 0, 0, 0, 0x10);
 
-/// One service (the benchmark's VIP 0, or `VIP6` with `v6_vip`; TCP port 80) of `BACKENDS`
-/// backends forwarded with `forward`; backends are 10.2.x.y, or fd00:2::x with `v6_backends`.
-fn balancer(forward: u8, v6_vip: bool, v6_backends: bool) -> Dataplane {
+/// A forwarding mode measured: its row name, `FORWARD_*`, and whether the VIP (and clients)
+/// and the backends are IPv6.
+struct Mode {
+    name: &'static str,
+    forward: u8,
+    v6_vip: bool,
+    v6_backends: bool,
+}
+
+const MODES: [Mode; 9] = [
+    Mode::new("dsr", FORWARD_DSR, false, false),
+    Mode::new("ipip 4in4", FORWARD_IPIP, false, false),
+    Mode::new("gue 4in4", FORWARD_GUE, false, false),
+    Mode::new("ipip 4in6", FORWARD_IPIP, false, true),
+    Mode::new("nat", FORWARD_NAT, false, false),
+    Mode::new("fullnat", FORWARD_FULLNAT, false, false),
+    Mode::new("IPv6 dsr", FORWARD_DSR, true, true),
+    Mode::new("IPv6 ipip 6in6", FORWARD_IPIP, true, true),
+    Mode::new("IPv6 nat", FORWARD_NAT, true, true),
+];
+
+impl Mode {
+    const fn new(name: &'static str, forward: u8, v6_vip: bool, v6_backends: bool) -> Self {
+        Mode {
+            name,
+            forward,
+            v6_vip,
+            v6_backends,
+        }
+    }
+
+    fn nat(&self) -> bool {
+        matches!(self.forward, FORWARD_NAT | FORWARD_FULLNAT)
+    }
+}
+
+/// Mode `m`'s VIP: the benchmark's VIP `m`, or `VIP6` + `m`.
+fn mode_vip(m: u32, v6: bool) -> IpAddr {
+    if v6 {
+        let mut s = VIP6.segments();
+        s[7] += m as u16;
+        Ipv6Addr::from(s).into()
+    } else {
+        vip(m).into()
+    }
+}
+
+/// One balancer, loaded once, with a service per mode (service and ring `m`, TCP port 80 of
+/// `mode_vip(m)`) of `BACKENDS` backends each (ids `m * BACKENDS ..`): 10.2.m.x, or
+/// fd00:2::m:x for IPv6 backends.
+fn balancer() -> Dataplane {
+    let modes = MODES.len() as u32;
     let mut dp = Dataplane::load(
         Sizing {
-            max_services: 2,
-            max_backends: BACKENDS,
+            max_services: modes,
+            max_backends: modes * BACKENDS,
             conntrack_size: 1 << 20,
             nat_size: 1 << 18,
         },
         false,
     )
     .expect("load the balancer");
-    let addr = |b: u32| -> IpAddr {
-        if v6_backends {
-            Ipv6Addr::new(0xfd00, 2, 0, 0, 0, 0, 0, (b + 1) as u16).into()
-        } else {
-            Ipv4Addr::from(0x0a02_0000 | (b + 1)).into()
-        }
-    };
-    let members: Vec<MaglevBackend> = (0..BACKENDS)
-        .map(|b| MaglevBackend::new(addr(b), 80, 1))
-        .collect();
-    let table = build_table(&members, RING_SIZE).expect("maglev");
-    for b in 0..BACKENDS {
-        let mut bytes = [0u8; 16];
-        let family = match addr(b) {
-            IpAddr::V4(v4) => {
-                bytes[..4].copy_from_slice(&v4.octets());
-                AF_INET
-            }
-            IpAddr::V6(v6) => {
-                bytes.copy_from_slice(&v6.octets());
-                AF_INET6
+    for (m, mode) in (0u32..).zip(&MODES) {
+        let addr = |b: u32| -> IpAddr {
+            if mode.v6_backends {
+                Ipv6Addr::new(0xfd00, 2, 0, 0, 0, 0, m as u16, (b + 1) as u16).into()
+            } else {
+                Ipv4Addr::from(0x0a02_0000 | m << 8 | (b + 1)).into()
             }
         };
-        dp.set_backend(
-            b,
-            Backend {
-                addr: bytes,
-                mac: [2, 0, 0, 0, 0, b as u8],
-                port: 80u16.to_be(),
-                generation: 1,
-                flags: BACKEND_F_ALIVE,
-                family,
-                forward,
+        let members: Vec<MaglevBackend> = (0..BACKENDS)
+            .map(|b| MaglevBackend::new(addr(b), 80, 1))
+            .collect();
+        let table: Vec<u32> = build_table(&members, RING_SIZE)
+            .expect("maglev")
+            .iter()
+            .map(|b| m * BACKENDS + b)
+            .collect();
+        for b in 0..BACKENDS {
+            let mut bytes = [0u8; 16];
+            let family = match addr(b) {
+                IpAddr::V4(v4) => {
+                    bytes[..4].copy_from_slice(&v4.octets());
+                    AF_INET
+                }
+                IpAddr::V6(v6) => {
+                    bytes.copy_from_slice(&v6.octets());
+                    AF_INET6
+                }
+            };
+            dp.set_backend(
+                m * BACKENDS + b,
+                Backend {
+                    addr: bytes,
+                    mac: [2, 0, 0, 0, m as u8, b as u8],
+                    port: 80u16.to_be(),
+                    generation: 1,
+                    flags: BACKEND_F_ALIVE,
+                    family,
+                    forward: mode.forward,
+                    _pad: 0,
+                    service: m,
+                },
+            )
+            .expect("backend");
+        }
+        dp.write_ring(m, &table).expect("ring");
+        dp.set_service(
+            ServiceKey::new(mode_vip(m, mode.v6_vip), 80, 6),
+            Service {
+                id: m,
+                ring: m,
+                forward: mode.forward,
+                scheduler: SCHED_MAGLEV,
+                flags: 0,
                 _pad: 0,
-                service: 0,
             },
         )
-        .expect("backend");
+        .expect("service");
     }
-    dp.write_ring(0, &table).expect("ring");
-    let key = if v6_vip {
-        ServiceKey::new(VIP6.into(), 80, 6)
-    } else {
-        ServiceKey::new(vip(0).into(), 80, 6)
-    };
-    dp.set_service(
-        key,
-        Service {
-            id: 0,
-            ring: 0,
-            forward,
-            scheduler: SCHED_MAGLEV,
-            flags: 0,
-            _pad: 0,
-        },
-    )
-    .expect("service");
-    let nat = matches!(forward, FORWARD_NAT | FORWARD_FULLNAT);
     dp.set_config(&DataplaneConfig {
         encap_src4: u32::from_ne_bytes([10, 1, 0, 1]),
         encap_src6: lb_userspace::daemon::ipv6_words(&"fd00:1::1".parse().expect("address")),
@@ -176,7 +225,7 @@ fn balancer(forward: u8, v6_vip: bool, v6_backends: bool) -> Dataplane {
         snat6: lb_userspace::daemon::ipv6_words(&"fd00:1::1".parse().expect("address")),
         snat_port_min: 1024,
         snat_port_max: 65535,
-        flags: if nat { CONFIG_F_NAT } else { 0 },
+        flags: CONFIG_F_NAT,
     })
     .expect("config");
     dp.program(names::PROG_BALANCER).expect("verifier");
@@ -207,21 +256,10 @@ fn flow_frame6(template: &[u8], i: u32) -> Vec<u8> {
     f
 }
 
-/// Established flows through each mode: (name, forward, IPv6 VIP and clients, IPv6 backends).
+/// Established flows through each mode, all services of one balancer.
 pub fn forwarding_modes(report: &mut Report, per_run: usize) {
     println!("# forwarding modes: established, {FLOWS} flows, next hop from the FIB");
     let _fib = Fib::new();
-    let modes: [(&str, u8, bool, bool); 9] = [
-        ("dsr", FORWARD_DSR, false, false),
-        ("ipip 4in4", FORWARD_IPIP, false, false),
-        ("gue 4in4", FORWARD_GUE, false, false),
-        ("ipip 4in6", FORWARD_IPIP, false, true),
-        ("nat", FORWARD_NAT, false, false),
-        ("fullnat", FORWARD_FULLNAT, false, false),
-        ("IPv6 dsr", FORWARD_DSR, true, true),
-        ("IPv6 ipip 6in6", FORWARD_IPIP, true, true),
-        ("IPv6 nat", FORWARD_NAT, true, true),
-    ];
     let rows = std::thread::scope(|scope| {
         scope
             .spawn(|| {
@@ -232,44 +270,44 @@ pub fn forwarding_modes(report: &mut Report, per_run: usize) {
                 };
                 assert_eq!(rc, 0, "setns");
                 let ingress = Some(ifindex("lbe0"));
-                let t4 = template(vip(0), false);
-                let client6 = Ipv6Addr::new(0xfd00, 0x99, 0, 0, 0, 0, 0, 1);
-                let t6 = super::packet::Frame6::tcp(client6, 1, VIP6, 80).build();
-                let (a4, a6) = (
-                    established_template(vip(0), false),
-                    super::packet::Frame6::tcp(client6, 1, VIP6, 80)
-                        .tcp_flags(TCP_ACK)
-                        .build(),
-                );
+                let mut dp = balancer();
+                let prog = dp.program(names::PROG_BALANCER).expect("program");
+                let mut out = vec![0u8; 512];
                 let mut rows = Vec::new();
-                for (name, forward, v6_vip, v6_backends) in modes {
-                    let mut dp = balancer(forward, v6_vip, v6_backends);
-                    let prog = dp.program(names::PROG_BALANCER).expect("program");
-                    let mut out = vec![0u8; 512];
-                    let nat = matches!(forward, FORWARD_NAT | FORWARD_FULLNAT);
-                    let flow = |i: u32, ack: bool| match (v6_vip, ack) {
-                        (true, false) => flow_frame6(&t6, i),
-                        (true, true) => flow_frame6(&a6, i),
-                        (false, false) => flow_frame(&t4, i),
-                        (false, true) => flow_frame(&a4, i),
+                for (m, mode) in (0u32..).zip(&MODES) {
+                    // The flow's SYN, then ACKs.
+                    let (syn, ack) = match mode_vip(m, mode.v6_vip) {
+                        IpAddr::V4(vip) => (template(vip, false), established_template(vip, false)),
+                        IpAddr::V6(vip) => {
+                            let client = Ipv6Addr::new(0xfd00, 0x99, 0, 0, 0, 0, 0, 1);
+                            let f = super::packet::Frame6::tcp(client, 1, vip, 80);
+                            (f.clone().build(), f.tcp_flags(TCP_ACK).build())
+                        }
+                    };
+                    let flow = |i: u32, t: &[u8]| {
+                        if mode.v6_vip {
+                            flow_frame6(t, i)
+                        } else {
+                            flow_frame(t, i)
+                        }
                     };
                     let mut replies = Vec::new();
                     for i in 0..FLOWS {
-                        let frame = flow(i, false);
+                        let frame = flow(i, &syn);
                         run_once_from(prog, &frame, &mut out, XDP_TX, ingress);
-                        if nat {
-                            replies.push(reply_to(&out[..frame.len()], v6_vip));
+                        if mode.nat() {
+                            replies.push(reply_to(&out[..frame.len()], mode.v6_vip));
                         }
                     }
-                    let mut frames = |k: usize| flow(k as u32 % FLOWS, true);
+                    let mut frames = |k: usize| flow(k as u32 % FLOWS, &ack);
                     rows.push((
-                        format!("{name}: established"),
+                        format!("{}: established", mode.name),
                         measure_from(prog, &mut frames, per_run, XDP_TX, ingress),
                     ));
-                    if nat {
+                    if mode.nat() {
                         let mut frames = |k: usize| replies[k % FLOWS as usize].clone();
                         rows.push((
-                            format!("{name}: reply translated back"),
+                            format!("{}: reply translated back", mode.name),
                             measure_from(prog, &mut frames, per_run, XDP_TX, ingress),
                         ));
                     }

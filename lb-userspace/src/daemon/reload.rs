@@ -273,6 +273,10 @@ impl<P: Prober> Control<P> {
     /// Applies `changes` in order; if one fails, undoes those applied before it and returns the
     /// error. Does not check capacity: [`Self::apply_config`] does.
     pub fn apply_plan(&mut self, changes: &[Change]) -> Result<(), ControlError> {
+        self.batch(|control| control.apply_in_order(changes))
+    }
+
+    fn apply_in_order(&mut self, changes: &[Change]) -> Result<(), ControlError> {
         let before = self.running();
         for (done, change) in changes.iter().enumerate() {
             if let Err(e) = self.apply_change(change) {
