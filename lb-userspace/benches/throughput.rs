@@ -132,12 +132,13 @@ struct Settings {
 impl Settings {
     fn new(quick: bool) -> Settings {
         if quick {
+            // Every path and figure once, briefly: CI runs this so the benchmark never rots.
             Settings {
-                trial: Duration::from_millis(400),
-                ladder: &[0.5, 0.9],
+                trial: Duration::from_millis(200),
+                ladder: &[0.5],
                 cpu_rounds: 1,
-                cpu_trial: Duration::from_millis(800),
-                http_seconds: 2,
+                cpu_trial: Duration::from_millis(400),
+                http_seconds: 1,
                 http_rounds: 1,
             }
         } else {
