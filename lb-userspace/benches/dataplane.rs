@@ -1002,10 +1002,16 @@ fn assert_all_in_tables(control: &mut Control<NoProbes>, services: u32) {
 fn netns_with_neighbours(backends: &[Ipv4Addr]) {
     // SAFETY: affects only this thread.
     assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNET) }, 0, "unshare");
-    let mut batch =
-        String::from("link add lbb0 type veth peer name lbb1\nlink set lbb0 up\nlink set lbb1 up\n");
+    let mut batch = String::from(
+        "link add lbb0 type veth peer name lbb1\nlink set lbb0 up\nlink set lbb1 up\n",
+    );
     for (i, ip) in (0u32..).zip(backends) {
-        let mac = format!("02:00:00:{:02x}:{:02x}:{:02x}", i >> 16 & 0xff, i >> 8 & 0xff, i & 0xff);
+        let mac = format!(
+            "02:00:00:{:02x}:{:02x}:{:02x}",
+            i >> 16 & 0xff,
+            i >> 8 & 0xff,
+            i & 0xff
+        );
         batch.push_str(&format!(
             "neigh replace {ip} lladdr {mac} dev lbb0 nud permanent\n"
         ));

@@ -116,7 +116,11 @@ impl Bed {
     /// Sends one packet of flow `sport` (a SYN until one goes through, then ACKs); returns the
     /// backend number it went to, or None if dropped.
     fn send(&mut self, sport: u16) -> Option<u8> {
-        let flags = if self.opened.contains(&sport) { ACK } else { SYN };
+        let flags = if self.opened.contains(&sport) {
+            ACK
+        } else {
+            SYN
+        };
         let to = self.send_flags(sport, flags);
         if to.is_some() {
             self.opened.insert(sport);

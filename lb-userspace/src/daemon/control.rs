@@ -1116,13 +1116,15 @@ impl<P: Prober> Control<P> {
     /// backend MACs.
     /// The MAC of neighbour `ip` on the first of the daemon's interfaces that knows it.
     fn known_mac(&self, ip: IpAddr) -> Option<[u8; 6]> {
-        self.ifaces.iter().find_map(|iface| match neighbour::lookup(iface, ip) {
-            Ok(mac) => mac,
-            Err(e) => {
-                warn!(iface, "reading the neighbour table: {e}");
-                None
-            }
-        })
+        self.ifaces
+            .iter()
+            .find_map(|iface| match neighbour::lookup(iface, ip) {
+                Ok(mac) => mac,
+                Err(e) => {
+                    warn!(iface, "reading the neighbour table: {e}");
+                    None
+                }
+            })
     }
 
     pub fn refresh_macs(&mut self) {
