@@ -467,6 +467,18 @@ fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
     // Only the per-packet rows (with Katran if asked): for A/B runs while profiling.
     let per_packet_only = std::env::args().any(|a| a == "--per-packet");
+    // Only the control-plane costs.
+    if std::env::args().any(|a| a == "--control-plane") {
+        let mut report = Report {
+            baseline1: 0.0,
+            baseline3: 0.0,
+            figures: Vec::new(),
+            katran_here: false,
+        };
+        control_plane_costs(&mut report, quick);
+        write_json(&report);
+        return;
+    }
     let katran_object = katran_object();
     let per_run = if quick { 2_000 } else { 50_000 };
     let sizes = katran::Sizes {
