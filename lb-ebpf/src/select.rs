@@ -326,20 +326,22 @@ fn next_turn(service_id: u32) -> u32 {
 #[inline(always)]
 fn least_loaded(service: &Service) -> Result<u32, Reason> {
     let list = LC_LISTS.get(service.ring).ok_or(Reason::DropInternal)?;
+    // "Nothing chosen yet" is a ratio every candidate beats (1 / 0), not a test of `best`:
+    // comparing `best` with a constant made the verifier tell apart the states of every
+    // iteration where it was still unset, and this loop cost most of the program's
+    // verification.
     let mut best = BACKEND_NONE;
-    let (mut best_flows, mut best_weight) = (0i64, 1i64);
+    let (mut best_flows, mut best_weight) = (1i64, 0i64);
     for i in 0..LC_MAX_BACKENDS as usize {
         if i as u32 >= list.len {
             break;
         }
         let id = list.ids[i];
         let weight = list.weights[i] as i64;
-        let flows = match FLOW_COUNTS.get(id) {
-            Some(n) => (*n).max(0),
-            None => continue,
-        };
+        // Every listed id has a count (the daemon lists only its backends).
+        let flows = (*FLOW_COUNTS.get(id).ok_or(Reason::DropInternal)?).max(0);
         // flows / weight < best_flows / best_weight, without division.
-        if best == BACKEND_NONE || flows * best_weight < best_flows * weight {
+        if flows * best_weight < best_flows * weight {
             best = id;
             best_flows = flows;
             best_weight = weight;
