@@ -95,7 +95,7 @@ fn balance(ctx: &XdpContext) -> Result<Sent, Reason> {
                 action: xdp_action::XDP_TX,
             })
         }
-        Ok(Step::Encap(step)) => encapsulate(ctx, &step),
+        Ok(Step::Encap(to)) => encapsulate(ctx, &to, l3_arg(inner)),
         Ok(Step::Nat(service)) => unpack(lb_nat(
             ctx.ctx,
             l3_arg(inner),
@@ -116,10 +116,17 @@ fn balance(ctx: &XdpContext) -> Result<Sent, Reason> {
 /// What a family's balancing step did: rewrote the packet for L2 DSR (`balance` counts it),
 /// found a nat/fullnat service whose translation runs next in a subprogram of its own, or has
 /// an ipip/gue packet to encapsulate.
+///
+/// `repr(u32)`, a tag at offset 0: `balance_family` returns a `Result` of it, and the kernel
+/// refuses the BTF of a Rust enum whose tag (or niche) is elsewhere (a union member not at
+/// offset 0). Without BTF the program loads with no function information, and its global
+/// functions are verified as static ones, again for every state of every caller: ten times the
+/// verifier's work.
+#[repr(u32)]
 enum Step {
     Dsr(Tally),
     Nat(Service),
-    Encap(EncapStep),
+    Encap(EncapTo),
 }
 
 /// Whom to count a packet for. Counted by `balance`, not in the family's subprogram: that
@@ -147,7 +154,6 @@ struct Tally {
 /// What `balance_family` needs of an address family: its parser, connection table and
 /// service map.
 trait Family: FlowKey + Sized + 'static {
-    const V6: bool;
     fn parse(ctx: &XdpContext, l3: usize) -> Result<parse::Packet<Self>, Reason>;
     fn conntrack() -> &'static LruHashMap<Self, FlowState>;
     /// The service the flow's destination, port and protocol name, if any.
@@ -155,7 +161,6 @@ trait Family: FlowKey + Sized + 'static {
 }
 
 impl Family for FlowKeyV4 {
-    const V6: bool = false;
     #[inline(always)]
     fn parse(ctx: &XdpContext, l3: usize) -> Result<parse::Packet<Self>, Reason> {
         parse::ipv4(ctx, l3)
@@ -178,7 +183,6 @@ impl Family for FlowKeyV4 {
 }
 
 impl Family for FlowKeyV6 {
-    const V6: bool = true;
     #[inline(always)]
     fn parse(ctx: &XdpContext, l3: usize) -> Result<parse::Packet<Self>, Reason> {
         parse::ipv6(ctx, l3)
@@ -208,7 +212,6 @@ fn balance_family<K: Family>(ctx: &XdpContext, l3: usize) -> Result<Step, Reason
     if filter == 0 {
         return Err(Reason::PassNotVip);
     }
-    let inner = Inner { l3, v6: K::V6 };
     let now = select::clock();
     let plain = filter & VIP_FILTER_PLAIN != 0;
     let syn = pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
@@ -219,7 +222,7 @@ fn balance_family<K: Family>(ctx: &XdpContext, l3: usize) -> Result<Step, Reason
         && let Some(backend) = select::established(&pkt, K::conntrack(), now)
         && !is_nat(backend.forward)
     {
-        return send(ctx, &backend, inner, &pkt.flow);
+        return send(ctx, &backend, &pkt.flow);
     }
     let service = pkt.flow.service().ok_or(Reason::PassNotVip)?;
     if is_nat(service.forward) {
@@ -235,10 +238,10 @@ fn balance_family<K: Family>(ctx: &XdpContext, l3: usize) -> Result<Step, Reason
         && let Some(backend) = select::established(&pkt, K::conntrack(), now)
         && !is_nat(backend.forward)
     {
-        return send(ctx, &backend, inner, &pkt.flow);
+        return send(ctx, &backend, &pkt.flow);
     }
     let backend = select::place_new(&service, &pkt, K::conntrack(), now)?;
-    send(ctx, &backend, inner, &pkt.flow)
+    send(ctx, &backend, &pkt.flow)
 }
 
 /// The VIP filter's bits (`VIP_FILTER_PLAIN`, `VIP_FILTER_NAT`) in `slot`: 0 when no service
@@ -252,12 +255,7 @@ fn vip_filter(slot: u32) -> u64 {
 /// Sends a packet to its chosen backend by the mode of the backend's service (dsr here; for
 /// ipip and gue, says what to encapsulate: `balance` does it) and counts it.
 #[inline(always)]
-fn send<K: FlowKey>(
-    ctx: &XdpContext,
-    backend: &Chosen,
-    inner: Inner,
-    flow: &K,
-) -> Result<Step, Reason> {
+fn send<K: FlowKey>(ctx: &XdpContext, backend: &Chosen, flow: &K) -> Result<Step, Reason> {
     match backend.forward {
         FORWARD_DSR => {
             forward::dsr::rewrite(ctx, &backend.mac)?;
@@ -267,36 +265,45 @@ fn send<K: FlowKey>(
                 placed: backend.placed,
             }))
         }
-        FORWARD_IPIP | FORWARD_GUE => Ok(Step::Encap(EncapStep {
-            e: forward::encap::Encap {
-                inner,
-                id: backend.id,
-                hash: flow.flow_hash(),
-                gue: backend.forward == FORWARD_GUE,
-                reply: true,
-                reason: Reason::Forwarded,
-            },
+        FORWARD_IPIP | FORWARD_GUE => Ok(Step::Encap(EncapTo {
+            id: backend.id,
+            hash: flow.flow_hash(),
             service: backend.service,
+            gue: backend.forward == FORWARD_GUE,
             placed: backend.placed,
         })),
         _ => Err(Reason::DropInternal),
     }
 }
 
-/// An ipip/gue packet to encapsulate, and whom to count it for.
-struct EncapStep {
-    e: forward::encap::Encap,
+/// An ipip/gue packet's backend, flow hash and mode, and whom to count it for.
+struct EncapTo {
+    id: u32,
+    hash: u32,
     service: u32,
+    gue: bool,
     placed: bool,
 }
 
-/// Encapsulates and sends; counts the packet unless it was answered "too big" instead. A
-/// subprogram, so its results stay out of `balance`'s frame, which every chain includes.
+/// Encapsulates and sends (`l3` as `l3_arg`); counts the packet unless it was answered "too
+/// big" instead. A subprogram, so its results stay out of `balance`'s frame, which every chain
+/// includes.
 #[inline(never)]
-fn encapsulate(ctx: &XdpContext, step: &EncapStep) -> Result<Sent, Reason> {
-    let sent = forward::encap::send(ctx, &step.e)?;
+fn encapsulate(ctx: &XdpContext, to: &EncapTo, l3: u32) -> Result<Sent, Reason> {
+    let e = forward::encap::Encap {
+        inner: Inner {
+            l3: (l3 & 0xff) as usize,
+            v6: l3 & 0x100 != 0,
+        },
+        id: to.id,
+        hash: to.hash,
+        gue: to.gue,
+        reply: true,
+        reason: Reason::Forwarded,
+    };
+    let sent = forward::encap::send(ctx, &e)?;
     if sent.reason != Reason::IcmpTooBig {
-        count(ctx, step.service, step.e.id, step.placed);
+        count(ctx, to.service, to.id, to.placed);
     }
     Ok(sent)
 }

@@ -733,3 +733,25 @@ fn the_vip_filter_follows_service_adds_and_removals_also_for_keys_sharing_a_bit(
     h.service(0, 0, 80, 6, &[0]);
     assert_eq!(h.forwarded_to(&tcp(6).build()), 0);
 }
+
+/// The object's BTF must load: without it the kernel gets no function information, verifies the
+/// global functions (`lb_pick`, `lb_nat`, …) again for every state of every caller, and the
+/// balancer costs the verifier several times the work (it did, unnoticed, while a subprogram
+/// returned a Rust enum whose BTF the kernel refuses). Prints the verifier's count.
+#[test]
+fn the_balancer_loads_with_its_btf_so_global_functions_are_verified_once() {
+    let mut h = Harness::new();
+    let info =
+        h.dp.program(names::PROG_BALANCER)
+            .unwrap()
+            .info()
+            .expect("program info");
+    assert!(
+        info.btf_id().is_some(),
+        "the balancer was loaded without BTF (aya logs why: 'object BTF couldn't be loaded')"
+    );
+    println!(
+        "verified instructions: {:?}",
+        info.verified_instruction_count()
+    );
+}

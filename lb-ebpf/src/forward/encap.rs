@@ -216,8 +216,10 @@ const TOO_BIG: i64 = 1 << 62;
 #[inline(never)]
 pub extern "C" fn lb_encapsulate(ctx: *mut xdp_md, e: *const Encap) -> i64 {
     let ctx = XdpContext::new(ctx);
-    // SAFETY: the verifier checks that `e` points at a readable `Encap`.
-    let e = unsafe { &*e };
+    // SAFETY: the verifier checks that a non-null `e` points at a readable `Encap`.
+    let Some(e) = (unsafe { e.as_ref() }) else {
+        return -i64::from(Reason::DropInternal as u32) - 1;
+    };
     match encapsulate(&ctx, e) {
         Ok(Encapsulated::Sent(sent)) => {
             (i64::from(sent.reason as u32) << 32) | i64::from(sent.action)

@@ -118,7 +118,16 @@ pub fn forward<K: NatFlow>(
         Some(chosen) => chosen,
         None => {
             let (id, hash) = pick(service, pkt)?;
-            commit(pkt, service, id, hash)?
+            let nat_port = route::unpack(commit(pkt, service, id, hash))?.action as u16;
+            let backend = BACKENDS.get(id).ok_or(Reason::DropInternal)?;
+            Chosen {
+                id,
+                mac: backend.mac,
+                service: service.id,
+                forward: service.forward,
+                placed: true,
+                nat_port,
+            }
         }
     };
     let backend = BACKENDS.get(chosen.id).ok_or(Reason::DropInternal)?;
@@ -171,14 +180,24 @@ fn pick<K: NatFlow>(service: &Service, pkt: &Packet<K>) -> Result<(u32, u32), Re
 
 /// Places a new flow (or one whose backend went away) on backend `id`: its reply entry (under
 /// a free SNAT port for fullnat, searched from `hash`), then its forward entry. Nothing is left
-/// behind when a step fails.
+/// behind when a step fails. A subprogram returning a packed result (`route::pack`) whose
+/// action is the flow's SNAT port (network order; 0 for nat): see `balance_family` on why not
+/// a `Result`.
 #[inline(never)]
-fn commit<K: NatFlow>(
+fn commit<K: NatFlow>(pkt: &Packet<K>, service: &Service, id: u32, hash: u32) -> i64 {
+    route::pack(place(pkt, service, id, hash).map(|nat_port| Sent {
+        reason: Reason::Forwarded,
+        action: u32::from(nat_port),
+    }))
+}
+
+#[inline(always)]
+fn place<K: NatFlow>(
     pkt: &Packet<K>,
     service: &Service,
     id: u32,
     hash: u32,
-) -> Result<Chosen, Reason> {
+) -> Result<u16, Reason> {
     let now = select::clock();
     let backend = BACKENDS.get(id).ok_or(Reason::DropInternal)?;
     if backend.flags & BACKEND_F_ALIVE == 0 {
@@ -211,14 +230,7 @@ fn commit<K: NatFlow>(
         let _ = K::replies().remove(key);
         return Err(Reason::DropNatNoPort);
     }
-    Ok(Chosen {
-        id,
-        mac: backend.mac,
-        service: service.id,
-        forward: service.forward,
-        placed: true,
-        nat_port,
-    })
+    Ok(nat_port)
 }
 
 /// Takes the first free SNAT port from a hash-derived place in the pool
