@@ -27,10 +27,7 @@ fn main() -> anyhow::Result<()> {
                 "{name}: {ms:.0} ms, {} instructions verified",
                 info.verified_instruction_count().unwrap_or(0)
             ),
-            Err(e) => {
-                std::fs::write("/tmp/vlog2.txt", format!("{e:?}")).ok();
-                println!("{name}: failed, log in /tmp/vlog2.txt")
-            }
+            Err(e) => println!("{name}: {e:#}"),
         }
     }
     Ok(())
