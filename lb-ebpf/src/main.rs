@@ -151,9 +151,10 @@ struct Tally {
 // map only for the rest: new flows, nat/fullnat, and packets whose slot another key set. The
 // service lookup was a quarter of an established packet's cost.
 
-/// What `balance_family` needs of an address family: its parser, connection table and
-/// service map.
-trait Family: FlowKey + Sized + 'static {
+/// What `balance_family` (and the ICMP errors about a flow) need of an address family: its
+/// parser, connection table and service map.
+pub(crate) trait Family: FlowKey + Sized + 'static {
+    const V6: bool;
     fn parse(ctx: &XdpContext, l3: usize) -> Result<parse::Packet<Self>, Reason>;
     fn conntrack() -> &'static LruHashMap<Self, FlowState>;
     /// The service the flow's destination, port and protocol name, if any.
@@ -161,6 +162,7 @@ trait Family: FlowKey + Sized + 'static {
 }
 
 impl Family for FlowKeyV4 {
+    const V6: bool = false;
     #[inline(always)]
     fn parse(ctx: &XdpContext, l3: usize) -> Result<parse::Packet<Self>, Reason> {
         parse::ipv4(ctx, l3)
@@ -183,6 +185,7 @@ impl Family for FlowKeyV4 {
 }
 
 impl Family for FlowKeyV6 {
+    const V6: bool = true;
     #[inline(always)]
     fn parse(ctx: &XdpContext, l3: usize) -> Result<parse::Packet<Self>, Reason> {
         parse::ipv6(ctx, l3)

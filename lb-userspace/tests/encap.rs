@@ -553,6 +553,8 @@ fn a_next_hop_is_remembered_for_a_clock_tick_and_an_unresolved_one_not_at_all() 
         netns::ip(&all);
     };
     bed.run(|lb| {
+        // The cache is per CPU: every packet of this test must run on the same one.
+        packet::pin_to_cpu0();
         lb.dp.set_clock(7).unwrap();
         lb.backend(0, BE4.into());
         lb.backend(1, BE4_UNRESOLVED.into());

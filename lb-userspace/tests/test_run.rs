@@ -445,19 +445,6 @@ fn tables_written_through_memory_read_back_through_the_map() {
     );
 }
 
-/// Keeps this test thread on one CPU: round-robin cursors are per CPU.
-fn pin_to_cpu0() {
-    // SAFETY: a zeroed cpu_set_t with one bit set, for the calling thread.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(0, &mut set);
-        assert_eq!(
-            libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set),
-            0
-        );
-    }
-}
-
 #[test]
 fn source_hash_sends_every_connection_of_a_client_to_one_backend() {
     let mut h = Harness::new();
@@ -483,7 +470,7 @@ fn source_hash_sends_every_connection_of_a_client_to_one_backend() {
 
 #[test]
 fn round_robin_gives_new_flows_to_backends_in_turn() {
-    pin_to_cpu0();
+    packet::pin_to_cpu0();
     let mut h = Harness::new();
     for id in 0..3 {
         h.backend(id, 1, true);

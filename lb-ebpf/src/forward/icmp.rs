@@ -22,12 +22,11 @@
 use aya_ebpf::{
     bindings::xdp_action,
     helpers::generated::{bpf_csum_diff, bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
-    maps::LruHashMap,
     programs::XdpContext,
 };
 use lb_common::{
-    BACKEND_F_ALIVE, FORWARD_DSR, FORWARD_GUE, FORWARD_IPIP, FlowKeyV4, FlowKeyV6, FlowState,
-    PROTO_TCP, PROTO_UDP, Reason, ServiceKeyV4, ServiceKeyV6,
+    BACKEND_F_ALIVE, FORWARD_DSR, FORWARD_GUE, FORWARD_IPIP, FlowKeyV4, FlowKeyV6, PROTO_TCP,
+    PROTO_UDP, Reason,
 };
 
 use super::{
@@ -36,9 +35,9 @@ use super::{
     route::Sent,
 };
 use crate::{
-    maps::{BACKENDS, CONNTRACK, CONNTRACK_V6, SERVICES, SERVICES_V6},
+    Family,
+    maps::BACKENDS,
     parse::{IP_MF, IP_OFFSET, Ipv4Wire, Ipv6Wire, ptr_at, ptr_at_mut},
-    select::FlowKey,
 };
 
 const PROTO_ICMP: u8 = 1;
@@ -255,14 +254,6 @@ pub fn error_v4(ctx: &XdpContext, l3: usize) -> Result<Sent, Reason> {
     }
     let ports: *const [u16; 2] = ptr_at(ctx, quoted + qihl).ok_or(Reason::PassNotTcpUdp)?;
     let [vport, cport] = unsafe { *ports };
-    let key = ServiceKeyV4 {
-        addr: qsrc,
-        port: vport,
-        proto: qproto,
-        _pad: 0,
-    };
-    // SAFETY: the value is copied out at once.
-    let service = *unsafe { SERVICES.get(key) }.ok_or(Reason::PassNotTcpUdp)?;
     let flow = FlowKeyV4 {
         src: qdst,
         dst: qsrc,
@@ -272,13 +263,7 @@ pub fn error_v4(ctx: &XdpContext, l3: usize) -> Result<Sent, Reason> {
         _pad0: 0,
         _pad1: 0,
     };
-    forward(
-        ctx,
-        service.forward,
-        &CONNTRACK,
-        flow,
-        Inner { l3, v6: false },
-    )
+    forward(ctx, flow, l3)
 }
 
 /// `error_v4` for ICMPv6 to an IPv6 VIP.
@@ -303,14 +288,6 @@ pub fn error_v6(ctx: &XdpContext, l3: usize) -> Result<Sent, Reason> {
     }
     let ports: *const [u16; 2] = ptr_at(ctx, quoted + IPV6_HLEN).ok_or(Reason::PassNotTcpUdp)?;
     let [vport, cport] = unsafe { *ports };
-    let key = ServiceKeyV6 {
-        addr: qsrc,
-        port: vport,
-        proto: qproto,
-        _pad: 0,
-    };
-    // SAFETY: the value is copied out at once.
-    let service = *unsafe { SERVICES_V6.get(key) }.ok_or(Reason::PassNotTcpUdp)?;
     let flow = FlowKeyV6 {
         src: qdst,
         dst: qsrc,
@@ -320,24 +297,16 @@ pub fn error_v6(ctx: &XdpContext, l3: usize) -> Result<Sent, Reason> {
         _pad0: 0,
         _pad1: 0,
     };
-    forward(
-        ctx,
-        service.forward,
-        &CONNTRACK_V6,
-        flow,
-        Inner { l3, v6: true },
-    )
+    forward(ctx, flow, l3)
 }
 
-/// Sends the ICMP error to the backend of `flow` (client → VIP) by the service's mode.
+/// Sends the ICMP error (its IP header at `l3`) to the backend of `flow` (client → VIP) by the
+/// mode of the flow's service.
 #[inline(always)]
-fn forward<K: FlowKey>(
-    ctx: &XdpContext,
-    mode: u8,
-    conntrack: &LruHashMap<K, FlowState>,
-    flow: K,
-    inner: Inner,
-) -> Result<Sent, Reason> {
+fn forward<K: Family>(ctx: &XdpContext, flow: K, l3: usize) -> Result<Sent, Reason> {
+    let mode = flow.service().ok_or(Reason::PassNotTcpUdp)?.forward;
+    let conntrack = K::conntrack();
+    let inner = Inner { l3, v6: K::V6 };
     if mode != FORWARD_DSR && mode != FORWARD_IPIP && mode != FORWARD_GUE {
         return Err(Reason::PassIcmpNoFlow);
     }

@@ -525,3 +525,17 @@ impl lb_userspace::daemon::Prober for FakeProber {
         self.0.lock().unwrap().retain(|k| *k != handle);
     }
 }
+
+/// Keeps the calling thread on CPU 0, for tests of per-CPU state (round-robin cursors, the
+/// route cache): each test run executes on the caller's CPU.
+pub fn pin_to_cpu0() {
+    // SAFETY: a zeroed cpu_set_t with one bit set, for the calling thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(0, &mut set);
+        assert_eq!(
+            libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set),
+            0
+        );
+    }
+}
