@@ -181,8 +181,8 @@ fn pick<K: NatFlow>(service: &Service, pkt: &Packet<K>) -> Result<(u32, u32), Re
 /// Places a new flow (or one whose backend went away) on backend `id`: its reply entry (under
 /// a free SNAT port for fullnat, searched from `hash`), then its forward entry. Nothing is left
 /// behind when a step fails. A subprogram returning a packed result (`route::pack`) whose
-/// action is the flow's SNAT port (network order; 0 for nat): see `balance_family` on why not
-/// a `Result`.
+/// action is the flow's SNAT port (network order; 0 for nat), not a `Result`: see `Step` in
+/// main.rs on the BTF of Rust enums.
 #[inline(never)]
 fn commit<K: NatFlow>(pkt: &Packet<K>, service: &Service, id: u32, hash: u32) -> i64 {
     route::pack(place(pkt, service, id, hash).map(|nat_port| Sent {
@@ -191,6 +191,7 @@ fn commit<K: NatFlow>(pkt: &Packet<K>, service: &Service, id: u32, hash: u32) ->
     }))
 }
 
+/// `commit`'s work: the flow's SNAT port (0 for nat).
 #[inline(always)]
 fn place<K: NatFlow>(
     pkt: &Packet<K>,
