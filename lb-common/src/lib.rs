@@ -369,7 +369,17 @@ pub struct DataplaneConfig {
     pub snat_port_max: u16,
     /// `CONFIG_F_*` bits.
     pub flags: u32,
+    /// The SYN-flood guard: TCP SYNs of Maglev and source-hash services a CPU enters in the
+    /// connection table per clock tick (`FLOW_TICK_SHIFT`, about a second); further SYNs in
+    /// that tick go to the backend the table gives them without an entry (counted as
+    /// `ForwardedUntracked`), and the connection's first packet after the SYN makes it. So a
+    /// flood of spoofed SYNs cannot churn the table. 0: no limit.
+    pub syn_guard: u32,
 }
+
+/// The daemon's SYN-flood guard (`DataplaneConfig::syn_guard`): Katran's limit of new
+/// connections per CPU and second.
+pub const DEFAULT_SYN_GUARD: u32 = 125_000;
 
 /// Per-CPU packet and byte counter.
 #[repr(C)]
@@ -429,10 +439,13 @@ pub enum Reason {
     /// No SNAT port free in the pool (or a nat flow's reply 5-tuple is held by another flow):
     /// dropped, never sent with a wrong translation.
     DropNatNoPort = 17,
+    /// A SYN forwarded without a connection-table entry: the SYN-flood guard's limit for this
+    /// CPU and tick was reached (`DataplaneConfig::syn_guard`).
+    ForwardedUntracked = 18,
 }
 
 impl Reason {
-    pub const COUNT: u32 = 18;
+    pub const COUNT: u32 = 19;
     /// Every reason in index order, with its name in metrics and `lb status`.
     pub const ALL: [(Reason, &'static str); Self::COUNT as usize] = [
         (Reason::Forwarded, "forwarded"),
@@ -453,6 +466,7 @@ impl Reason {
         (Reason::PassIcmpNoFlow, "pass_icmp_no_flow"),
         (Reason::NatReply, "nat_reply"),
         (Reason::DropNatNoPort, "drop_nat_no_port"),
+        (Reason::ForwardedUntracked, "forwarded_untracked"),
     ];
 }
 
@@ -604,7 +618,7 @@ mod tests {
         assert_eq!(size_of::<DecapAddr>(), 16);
         assert_eq!(size_of::<NatReplyV4>(), 28);
         assert_eq!(size_of::<NatReplyV6>(), 52);
-        assert_eq!(size_of::<DataplaneConfig>(), 52);
+        assert_eq!(size_of::<DataplaneConfig>(), 56);
     }
 
     #[test]

@@ -91,7 +91,7 @@ fn balance(ctx: &XdpContext) -> Result<Sent, Reason> {
         Ok(Step::Dsr(to)) => {
             count(ctx, to.service, to.backend, to.placed);
             Ok(Sent {
-                reason: Reason::Forwarded,
+                reason: forwarded(to.untracked),
                 action: xdp_action::XDP_TX,
             })
         }
@@ -136,6 +136,8 @@ struct Tally {
     service: u32,
     backend: u32,
     placed: bool,
+    /// Counted as `ForwardedUntracked` (the SYN-flood guard).
+    untracked: bool,
 }
 
 // One BPF subprogram per family, one per family for NAT (forward and replies), and one for the
@@ -243,8 +245,22 @@ fn balance_family<K: Family>(ctx: &XdpContext, l3: usize) -> Result<Step, Reason
     {
         return send(ctx, &backend, &pkt.flow);
     }
-    let backend = select::place_new(&service, &pkt, K::conntrack(), now)?;
+    // Past the SYN-flood guard's limit, a SYN the table would not be asked about anyway goes on
+    // without an entry; the connection's next packet makes it.
+    let track = !syn || !select::trusts_syn(service.scheduler) || select::syn_guard_admits(now);
+    let backend = select::place_new(&service, &pkt, K::conntrack(), now, track)?;
     send(ctx, &backend, &pkt.flow)
+}
+
+/// The reason a balanced packet is counted under: `ForwardedUntracked` for a SYN the SYN-flood
+/// guard sent on without a connection-table entry.
+#[inline(always)]
+fn forwarded(untracked: bool) -> Reason {
+    if untracked {
+        Reason::ForwardedUntracked
+    } else {
+        Reason::Forwarded
+    }
 }
 
 /// The VIP filter's bits (`VIP_FILTER_PLAIN`, `VIP_FILTER_NAT`) in `slot`: 0 when no service
@@ -266,6 +282,7 @@ fn send<K: FlowKey>(ctx: &XdpContext, backend: &Chosen, flow: &K) -> Result<Step
                 service: backend.service,
                 backend: backend.id,
                 placed: backend.placed,
+                untracked: backend.untracked,
             }))
         }
         FORWARD_IPIP | FORWARD_GUE => Ok(Step::Encap(EncapTo {
@@ -274,6 +291,7 @@ fn send<K: FlowKey>(ctx: &XdpContext, backend: &Chosen, flow: &K) -> Result<Step
             service: backend.service,
             gue: backend.forward == FORWARD_GUE,
             placed: backend.placed,
+            untracked: backend.untracked,
         })),
         _ => Err(Reason::DropInternal),
     }
@@ -286,6 +304,7 @@ struct EncapTo {
     service: u32,
     gue: bool,
     placed: bool,
+    untracked: bool,
 }
 
 /// Encapsulates and sends (`l3` as `l3_arg`); counts the packet unless it was answered "too
@@ -302,7 +321,7 @@ fn encapsulate(ctx: &XdpContext, to: &EncapTo, l3: u32) -> Result<Sent, Reason> 
         hash: to.hash,
         gue: to.gue,
         reply: true,
-        reason: Reason::Forwarded,
+        reason: forwarded(to.untracked),
     };
     let sent = forward::encap::send(ctx, &e)?;
     if sent.reason != Reason::IcmpTooBig {
@@ -437,9 +456,11 @@ pub extern "C" fn lb_unparsed(ctx: *mut xdp_md, l3: u32, fragment: u32) -> i64 {
 fn verdict(reason: Reason) -> u32 {
     match reason {
         // Sent packets carry their own action (`Sent`); these arms are for completeness.
-        Reason::Forwarded | Reason::IcmpTooBig | Reason::IcmpForwarded | Reason::NatReply => {
-            xdp_action::XDP_TX
-        }
+        Reason::Forwarded
+        | Reason::ForwardedUntracked
+        | Reason::IcmpTooBig
+        | Reason::IcmpForwarded
+        | Reason::NatReply => xdp_action::XDP_TX,
         Reason::PassToKernel | Reason::PassIcmpNoFlow => xdp_action::XDP_PASS,
         Reason::DropNoRoute | Reason::DropTooBig | Reason::DropNatNoPort => xdp_action::XDP_DROP,
         Reason::PassNotIp

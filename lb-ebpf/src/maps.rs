@@ -104,6 +104,17 @@ pub static NAT_REPLIES_V6: HashMap<FlowKeyV6, NatReplyV6> =
 #[map]
 pub static NAT_SCRATCH: PerCpuArray<NatScratch> = PerCpuArray::with_max_entries(1, 0);
 
+/// The SYN-flood guard's count of SYNs this CPU entered in the connection table in `tick`
+/// (`select::syn_guard_admits`). Not pinned: a restart only starts a new count.
+#[map]
+pub static SYN_WINDOW: PerCpuArray<SynWindow> = PerCpuArray::with_max_entries(1, 0);
+
+#[repr(C)]
+pub struct SynWindow {
+    pub tick: u32,
+    pub syns: u32,
+}
+
 /// This CPU's `bpf_fib_lookup` parameter block (see `forward::route`).
 #[map]
 pub static FIB_SCRATCH: PerCpuArray<aya_ebpf::bindings::bpf_fib_lookup> =

@@ -13,7 +13,7 @@ use lb_common::{
 };
 
 use crate::{
-    maps::{BACKENDS, CLOCK, FLOW_COUNTS, LC_LISTS, RINGS, RR_CURSORS},
+    maps::{BACKENDS, CLOCK, CONFIG, FLOW_COUNTS, LC_LISTS, RINGS, RR_CURSORS, SYN_WINDOW},
     parse::{Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
@@ -29,6 +29,8 @@ pub struct Chosen {
     pub forward: u8,
     /// The flow was placed on this backend by this packet (not found in the connection table).
     pub placed: bool,
+    /// A SYN the SYN-flood guard sent on without a connection-table entry.
+    pub untracked: bool,
     /// fullnat: the flow's SNAT port, network order (0 otherwise).
     pub nat_port: u16,
 }
@@ -103,13 +105,14 @@ impl FlowKey for FlowKeyV6 {
 }
 
 /// A backend for a flow the connection table does not place (`established` said `None`): the
-/// service's scheduler picks it and the flow is recorded.
+/// service's scheduler picks it and, with `track`, the flow is recorded.
 #[inline(always)]
 pub fn place_new<K: FlowKey, T: FlowTable<K>>(
     service: &Service,
     pkt: &Packet<K>,
     conntrack: &T,
     now: u32,
+    track: bool,
 ) -> Result<Chosen, Reason> {
     let id = schedule(service, pkt)?;
     let backend = BACKENDS.get(id).ok_or(Reason::DropInternal)?;
@@ -118,15 +121,42 @@ pub fn place_new<K: FlowKey, T: FlowTable<K>>(
         return Err(Reason::DropNoBackend);
     }
     // A failed insert only costs a new choice on the next packet, so it is not an error.
-    let _ = place(conntrack, pkt, id, backend.generation, now, 0);
+    if track {
+        let _ = place(conntrack, pkt, id, backend.generation, now, 0);
+    }
     Ok(Chosen {
         id,
         mac: backend.mac,
         service: service.id,
         forward: service.forward,
-        placed: true,
+        placed: track,
+        untracked: !track,
         nat_port: 0,
     })
+}
+
+/// The SYN-flood guard (`DataplaneConfig::syn_guard`): whether this CPU may enter one more
+/// SYN in the connection table in the clock tick `now`.
+#[inline(always)]
+pub fn syn_guard_admits(now: u32) -> bool {
+    let limit = CONFIG.get(0).map_or(0, |c| c.syn_guard);
+    if limit == 0 {
+        return true;
+    }
+    let Some(window) = SYN_WINDOW.get_ptr_mut(0) else {
+        return true;
+    };
+    // SAFETY: this CPU's value; nothing else writes it while the program runs.
+    let window = unsafe { &mut *window };
+    if window.tick != now {
+        window.tick = now;
+        window.syns = 0;
+    }
+    if window.syns >= limit {
+        return false;
+    }
+    window.syns += 1;
+    true
 }
 
 /// The backend at `hash` in the service's table, if alive; no connection table (fragments:
@@ -172,6 +202,7 @@ pub fn established<K: FlowKey, T: FlowTable<K>>(
         service: backend.service,
         forward: backend.forward,
         placed: false,
+        untracked: false,
         nat_port: state.nat_port,
     })
 }

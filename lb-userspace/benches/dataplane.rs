@@ -497,6 +497,9 @@ fn main() {
     println!(
         "# work = ns - baseline 1 (fixed test-run cost); vs floor = work / work of baseline 3;"
     );
+    println!(
+        "# our SYN-flood guard has no limit set here: every new flow is inserted (new flows below the daemon's limit);"
+    );
     if katran_object.is_some() {
         println!(
             "# Katran column: Katran's work on the same path, measured in this run by the same method, and our work / its work (target <= 0.70x)."

@@ -224,6 +224,19 @@ impl PinDir {
                     wanted: describe((l.key_size, l.value_size, l.flags)),
                 });
             }
+            // A counter array from a build with fewer reasons: counts restart, as above.
+            if l.name == names::REASON_STATS && info.max_entries() < lb_common::Reason::COUNT {
+                warn!(
+                    map = l.name,
+                    "counter map has fewer entries than reasons; its counts restart at zero"
+                );
+                std::fs::remove_file(&path).map_err(|source| PinError::Io {
+                    what: "removing",
+                    path: path.clone(),
+                    source,
+                })?;
+                continue;
+            }
             match l.name {
                 // The ring map holds one table per service plus a spare. (SERVICES is no
                 // measure: this version gives it room for each service's port-0 key too.)

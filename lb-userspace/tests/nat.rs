@@ -199,6 +199,7 @@ impl Bed {
                 snat_port_min: min,
                 snat_port_max: max,
                 flags: if nat { CONFIG_F_NAT } else { 0 },
+                syn_guard: 0,
                 ..DataplaneConfig::default()
             })
             .unwrap();

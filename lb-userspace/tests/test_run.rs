@@ -742,3 +742,48 @@ fn the_balancer_loads_with_its_btf_so_global_functions_are_verified_once() {
         info.verified_instruction_count()
     );
 }
+
+#[test]
+fn past_the_syn_flood_guard_syns_go_on_without_an_entry_and_the_next_packet_makes_it() {
+    // The guard counts per CPU: every packet of this test runs on the same one.
+    packet::pin_to_cpu0();
+    let mut h = Harness::new();
+    for id in 0..3 {
+        h.backend(id, 1, true);
+    }
+    h.service(0, 0, 80, 6, &[0, 1, 2]);
+    h.dp.set_clock(5).unwrap();
+    h.dp.set_config(&lb_common::DataplaneConfig {
+        syn_guard: 2,
+        ..Default::default()
+    })
+    .unwrap();
+    let active = |h: &Harness| (0..3).map(|id| h.dp.flow_count(id).unwrap()).sum::<i64>();
+    // Two SYNs enter the table in this tick; the third goes to the same backend without an
+    // entry.
+    let first: Vec<u32> = (9000..9003)
+        .map(|p| h.forwarded_to(&tcp(p).build()))
+        .collect();
+    assert_eq!(h.reason(Reason::Forwarded), 2);
+    assert_eq!(h.reason(Reason::ForwardedUntracked), 1);
+    assert_eq!(active(&h), 2, "the untracked SYN is not an active flow");
+    // The table does not know the third flow; its ACK makes the entry, on the ring's backend.
+    let ack = |p: u16| tcp(p).tcp_flags(ACK).build();
+    assert_eq!(h.forwarded_to(&ack(9002)), first[2]);
+    assert_eq!(active(&h), 3);
+    // The ring changes: the tracked flows keep their backends, and so does the third now.
+    h.service(0, 1, 80, 6, &[(first[2] + 1) % 3]);
+    for (p, b) in (9000..9003).zip(&first) {
+        assert_eq!(h.forwarded_to(&ack(p)), *b, "flow {p} moved");
+    }
+    // Round robin looks a SYN up and tracks it whatever the guard says.
+    h.service_sched(1, 2, 81, 6, &[0, 1, 2], lb_common::SCHED_ROUND_ROBIN);
+    h.forwarded_to(&Frame::tcp(CLIENT, 9050, VIP, 81).build());
+    assert_eq!(h.reason(Reason::ForwardedUntracked), 1);
+    assert_eq!(active(&h), 4);
+    // A new tick admits SYNs again.
+    h.dp.set_clock(6).unwrap();
+    h.forwarded_to(&tcp(9100).build());
+    assert_eq!(h.reason(Reason::ForwardedUntracked), 1);
+    assert_eq!(active(&h), 5);
+}

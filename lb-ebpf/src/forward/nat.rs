@@ -126,6 +126,7 @@ pub fn forward<K: NatFlow>(
                 service: service.id,
                 forward: service.forward,
                 placed: true,
+                untracked: false,
                 nat_port,
             }
         }

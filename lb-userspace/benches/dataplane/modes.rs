@@ -226,6 +226,7 @@ fn balancer() -> Dataplane {
         snat_port_min: 1024,
         snat_port_max: 65535,
         flags: CONFIG_F_NAT,
+        syn_guard: 0,
     })
     .expect("config");
     dp.program(names::PROG_BALANCER).expect("verifier");

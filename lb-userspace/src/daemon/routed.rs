@@ -67,6 +67,7 @@ impl Routed {
             snat_port_min: self.snat_ports.0,
             snat_port_max: self.snat_ports.1,
             flags: if nat { CONFIG_F_NAT } else { 0 },
+            syn_guard: lb_common::DEFAULT_SYN_GUARD,
         }
     }
 
