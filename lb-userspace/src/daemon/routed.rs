@@ -183,6 +183,7 @@ mod tests {
         assert_eq!((k.snat_port_min, k.snat_port_max), (1024, 2047));
         assert_eq!(k.encap_src_hash_bits, 8);
         assert_eq!(k.flags, CONFIG_F_NAT);
+        assert_eq!(k.syn_guard, lb_common::DEFAULT_SYN_GUARD, "the SYN-flood guard is on");
         assert_eq!(r.kernel(false).flags, 0);
     }
 
