@@ -88,6 +88,9 @@ pub struct RoutedSettings {
     pub snat_ports: Option<(u16, u16)>,
     /// Entries of each NAT map (default `lb_common::DEFAULT_NAT_SIZE`).
     pub nat_size: Option<u32>,
+    /// SYNs each CPU enters in the connection table per second, 0 for no limit (default
+    /// `lb_common::DEFAULT_SYN_GUARD`; see `DataplaneConfig::syn_guard`).
+    pub syn_guard: Option<u32>,
 }
 
 impl RoutedSettings {
@@ -104,6 +107,7 @@ impl RoutedSettings {
             snat6: self.snat6.or(fallback.snat6),
             snat_ports: self.snat_ports.or(fallback.snat_ports),
             nat_size: self.nat_size.or(fallback.nat_size),
+            syn_guard: self.syn_guard.or(fallback.syn_guard),
         }
     }
 }
@@ -202,6 +206,7 @@ struct RawDaemon {
     snat6: Option<Spanned<String>>,
     snat_ports: Option<Spanned<String>>,
     nat_size: Option<Spanned<u32>>,
+    syn_guard: Option<Spanned<u32>>,
 }
 
 /// `interface = "eth0"` or `interface = ["eth0", "eth1"]`.
@@ -444,6 +449,7 @@ fn routed_settings(src: &Source<'_>, raw: &RawDaemon) -> Result<RoutedSettings, 
         snat6: addr(src, &raw.snat6, "snat6", "IPv6")?,
         snat_ports,
         nat_size,
+        syn_guard: raw.syn_guard.as_ref().map(|v| *v.get_ref()),
     })
 }
 
@@ -885,6 +891,9 @@ fn render_into(out: &mut String, config: &Config) -> fmt::Result {
     if let Some(size) = r.nat_size {
         writeln!(out, "nat_size = {size}")?;
     }
+    if let Some(limit) = r.syn_guard {
+        writeln!(out, "syn_guard = {limit}")?;
+    }
     for (addr, s) in &config.services {
         let h = &s.settings.health;
         writeln!(out)?;
@@ -1022,7 +1031,7 @@ mod tests {
             error("[daemon]\ninterface = \"eth0\"\nmetric = \"x\"\n"),
             "lb.toml:3: unknown field `metric`, expected one of `interface`, `metrics`, \
              `encap_source4`, `encap_source6`, `encap_source_hash_bits`, `gue_port`, `snat4`, \
-             `snat6`, `snat_ports`, `nat_size`"
+             `snat6`, `snat_ports`, `nat_size`, `syn_guard`"
         );
         assert!(error("[deamon]\n").starts_with("lb.toml:1: unknown field `deamon`"));
         assert!(
@@ -1409,7 +1418,7 @@ mod tests {
         let text = "[daemon]\ninterface = [\"eth0\", \"eth1\"]\nencap_source4 = \"192.0.2.1\"\n\
                     encap_source6 = \"2001:db8::1\"\nencap_source_hash_bits = 8\ngue_port = 9000\n\
                     snat4 = \"192.0.2.2\"\nsnat6 = \"2001:db8::2\"\nsnat_ports = \"1024-2047\"\n\
-                    nat_size = 4096\n";
+                    nat_size = 4096\nsyn_guard = 0\n";
         let c = Config::parse(text, "lb.toml").unwrap();
         assert_eq!(c.interfaces(), ["eth0", "eth1"]);
         assert_eq!(c.interface(), Some("eth0"));
@@ -1422,6 +1431,7 @@ mod tests {
         assert_eq!(r.snat6, Some("2001:db8::2".parse().unwrap()));
         assert_eq!(r.snat_ports, Some((1024, 2047)));
         assert_eq!(r.nat_size, Some(4096));
+        assert_eq!(r.syn_guard, Some(0), "0 turns the SYN-flood guard off");
         let again = Config::parse(&render(&c), "dump").unwrap();
         assert_eq!(
             (again.interfaces(), again.daemon.routed),

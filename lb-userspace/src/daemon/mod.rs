@@ -132,6 +132,11 @@ pub struct DaemonArgs {
     /// flow finding its table full is dropped and counted [default: 262144].
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1024..=64_000_000))]
     pub nat_size: Option<u32>,
+    /// The SYN-flood guard: SYNs of maglev and source-hash services each CPU enters in the
+    /// connection table per second; past it, SYNs go to their backend without an entry and the
+    /// connection's first ACK makes it. 0: no limit [default: 125000].
+    #[arg(long, value_name = "N")]
+    pub syn_guard: Option<u32>,
 }
 
 impl DaemonArgs {
@@ -146,6 +151,7 @@ impl DaemonArgs {
             snat6: self.snat6,
             snat_ports: self.snat_ports,
             nat_size: self.nat_size,
+            syn_guard: self.syn_guard,
         }
     }
 }

@@ -21,6 +21,8 @@ pub struct Routed {
     pub snat4: Option<Ipv4Addr>,
     pub snat6: Option<Ipv6Addr>,
     pub snat_ports: (u16, u16),
+    /// `DataplaneConfig::syn_guard`.
+    pub syn_guard: u32,
 }
 
 impl Routed {
@@ -49,6 +51,7 @@ impl Routed {
             snat4: given.snat4.or(first4),
             snat6: given.snat6.or(first6),
             snat_ports: given.snat_ports.unwrap_or(DEFAULT_SNAT_PORTS),
+            syn_guard: given.syn_guard.unwrap_or(lb_common::DEFAULT_SYN_GUARD),
         }
     }
 
@@ -67,7 +70,7 @@ impl Routed {
             snat_port_min: self.snat_ports.0,
             snat_port_max: self.snat_ports.1,
             flags: if nat { CONFIG_F_NAT } else { 0 },
-            syn_guard: lb_common::DEFAULT_SYN_GUARD,
+            syn_guard: self.syn_guard,
         }
     }
 
@@ -183,7 +186,19 @@ mod tests {
         assert_eq!((k.snat_port_min, k.snat_port_max), (1024, 2047));
         assert_eq!(k.encap_src_hash_bits, 8);
         assert_eq!(k.flags, CONFIG_F_NAT);
-        assert_eq!(k.syn_guard, lb_common::DEFAULT_SYN_GUARD, "the SYN-flood guard is on");
+        assert_eq!(
+            k.syn_guard,
+            lb_common::DEFAULT_SYN_GUARD,
+            "the SYN-flood guard is on"
+        );
+        let off = Routed::resolve(
+            RoutedSettings {
+                syn_guard: Some(0),
+                ..given
+            },
+            &[],
+        );
+        assert_eq!(off.kernel(false).syn_guard, 0);
         assert_eq!(r.kernel(false).flags, 0);
     }
 
