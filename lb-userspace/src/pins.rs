@@ -201,22 +201,11 @@ impl PinDir {
                 info.value_size() as usize,
                 info.map_flags() & BPF_F_MMAPABLE,
             );
-            if found != (l.key_size, l.value_size, l.flags) {
+            let changed = found != (l.key_size, l.value_size, l.flags);
+            if changed && l.role != Role::Counters {
                 let describe = |(k, v, f): (usize, usize, u32)| {
                     format!("key size {k}, value size {v}, mmapable {}", f != 0)
                 };
-                if l.role == Role::Counters {
-                    warn!(
-                        map = l.name,
-                        "counter map layout changed; its counts restart at zero"
-                    );
-                    std::fs::remove_file(&path).map_err(|source| PinError::Io {
-                        what: "removing",
-                        path: path.clone(),
-                        source,
-                    })?;
-                    continue;
-                }
                 return Err(PinError::Incompatible {
                     name: l.name,
                     path,
@@ -224,11 +213,14 @@ impl PinDir {
                     wanted: describe((l.key_size, l.value_size, l.flags)),
                 });
             }
-            // A counter array from a build with fewer reasons: counts restart, as above.
-            if l.name == names::REASON_STATS && info.max_entries() < lb_common::Reason::COUNT {
+            // A counter map of another layout, or a reason array from a build with fewer
+            // reasons: made again, its counts restart.
+            if changed
+                || (l.name == names::REASON_STATS && info.max_entries() < lb_common::Reason::COUNT)
+            {
                 warn!(
                     map = l.name,
-                    "counter map has fewer entries than reasons; its counts restart at zero"
+                    "counter map layout changed; its counts restart at zero"
                 );
                 std::fs::remove_file(&path).map_err(|source| PinError::Io {
                     what: "removing",
