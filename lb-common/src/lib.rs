@@ -371,9 +371,9 @@ pub struct DataplaneConfig {
     pub flags: u32,
     /// The SYN-flood guard: TCP SYNs of Maglev and source-hash services a CPU enters in the
     /// connection table per clock tick (`FLOW_TICK_SHIFT`, about a second); further SYNs in
-    /// that tick go to the backend the table gives them without an entry (counted as
-    /// `ForwardedUntracked`), and the connection's first packet after the SYN makes it. So a
-    /// flood of spoofed SYNs cannot churn the table. 0: no limit.
+    /// that tick are looked up but never entered: without an entry they go to the backend the
+    /// table gives them (counted as `ForwardedUntracked`), and the connection's first packet
+    /// after the SYN makes it. So a flood of spoofed SYNs cannot churn the table. 0: no limit.
     pub syn_guard: u32,
 }
 

@@ -236,19 +236,20 @@ fn balance_family<K: Family>(ctx: &XdpContext, l3: usize) -> Result<Step, Reason
     // A SYN opens a connection, so a hashing scheduler places it without a look in the table
     // (a third of a new flow's cost): a retransmitted SYN gets the same backend unless the
     // ring changed in between, and then the half-open connection moves. The counting
-    // schedulers look first: a retransmitted SYN must not be placed and counted twice.
+    // schedulers look first: a retransmitted SYN must not be placed and counted twice. Past
+    // the SYN-flood guard's limit, a hashing scheduler's SYN is looked up too (an entry it
+    // finds still holds), but never entered: the connection's next packet makes the entry.
+    let hashed = select::trusts_syn(service.scheduler);
+    let guarded = syn && hashed && !select::syn_guard_admits(now);
     if syn
         && plain
-        && !select::trusts_syn(service.scheduler)
+        && (!hashed || guarded)
         && let Some(backend) = select::established(&pkt, K::conntrack(), now)
         && !is_nat(backend.forward)
     {
         return send(ctx, &backend, &pkt.flow);
     }
-    // Past the SYN-flood guard's limit, a SYN the table would not be asked about anyway goes on
-    // without an entry; the connection's next packet makes it.
-    let track = !syn || !select::trusts_syn(service.scheduler) || select::syn_guard_admits(now);
-    let backend = select::place_new(&service, &pkt, K::conntrack(), now, track)?;
+    let backend = select::place_new(&service, &pkt, K::conntrack(), now, !guarded)?;
     send(ctx, &backend, &pkt.flow)
 }
 

@@ -772,10 +772,14 @@ fn past_the_syn_flood_guard_syns_go_on_without_an_entry_and_the_next_packet_make
     assert_eq!(h.forwarded_to(&ack(9002)), first[2]);
     assert_eq!(active(&h), 3);
     // The ring changes: the tracked flows keep their backends, and so does the third now.
-    h.service(0, 1, 80, 6, &[(first[2] + 1) % 3]);
+    h.service(0, 1, 80, 6, &[(first[0] + 1) % 3]);
     for (p, b) in (9000..9003).zip(&first) {
         assert_eq!(h.forwarded_to(&ack(p)), *b, "flow {p} moved");
     }
+    // Past the limit a SYN is looked up, never entered: a retransmitted SYN of a tracked flow
+    // keeps its backend although the ring changed.
+    assert_eq!(h.forwarded_to(&tcp(9000).build()), first[0]);
+    assert_eq!(h.reason(Reason::ForwardedUntracked), 1);
     // Round robin looks a SYN up and tracks it whatever the guard says.
     h.service_sched(1, 2, 81, 6, &[0, 1, 2], lb_common::SCHED_ROUND_ROBIN);
     h.forwarded_to(&Frame::tcp(CLIENT, 9050, VIP, 81).build());
