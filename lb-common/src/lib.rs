@@ -9,7 +9,12 @@
 //! uninitialised (the kernel hashes and compares whole keys).
 #![no_std]
 
+pub mod flow_table;
 pub mod hash;
+
+pub use flow_table::{
+    FLOW_WAYS, FlowSet, FlowSetV4, FlowSetV6, FlowSlot, flow_seal, flow_set, flow_sets,
+};
 
 /// Entries in each service's Maglev lookup table. Prime, as the Maglev paper requires; 65537 is
 /// the paper's default and keeps the share of any backend within 1% of its target for up to
@@ -38,7 +43,7 @@ pub const BACKEND_NONE: u32 = u32::MAX;
 pub const DEFAULT_MAX_SERVICES: u32 = 64;
 /// Default size of the backend array (ids are global across services).
 pub const DEFAULT_MAX_BACKENDS: u32 = 4096;
-/// Default connection-table size: room for 1M flows.
+/// Default connection-table size: room for 1M flows (`flow_table`: 2^18 sets of 4 ways).
 pub const DEFAULT_CONNTRACK_SIZE: u32 = 1 << 20;
 
 /// `IPPROTO_TCP` and `IPPROTO_UDP`, as in the IPv4 header's protocol field.
@@ -60,8 +65,15 @@ pub mod names {
     pub const SERVICES_V6: &str = "SERVICES_V6";
     pub const BACKENDS: &str = "BACKENDS";
     pub const RINGS: &str = "RINGS";
-    pub const CONNTRACK: &str = "CONNTRACK";
-    pub const CONNTRACK_V6: &str = "CONNTRACK_V6";
+    /// The connection tables (`flow_table`).
+    pub const FLOW_TABLE: &str = "FLOW_TABLE";
+    pub const FLOW_TABLE_V6: &str = "FLOW_TABLE_V6";
+    /// Read-only global: the number of sets of each connection table (a power of two).
+    pub const GLOBAL_FLOW_SETS: &str = "LB_FLOW_SETS";
+    /// The LRU hash maps that were the connection tables before `FLOW_TABLE`: a daemon that
+    /// adopts a data plane pinned by such a build copies their flows over.
+    pub const LEGACY_CONNTRACK: &str = "CONNTRACK";
+    pub const LEGACY_CONNTRACK_V6: &str = "CONNTRACK_V6";
     pub const SERVICE_STATS: &str = "SERVICE_STATS";
     pub const BACKEND_STATS: &str = "BACKEND_STATS";
     pub const REASON_STATS: &str = "REASON_STATS";
@@ -250,9 +262,10 @@ pub struct Backend {
     pub service: u32,
 }
 
-/// Key of the connection table: an IPv4 5-tuple, network order.
+/// An IPv4 5-tuple, network order: the key of the connection table (`FlowSlot::key`) and of the
+/// NAT maps.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct FlowKeyV4 {
     pub src: u32,
     pub dst: u32,
@@ -269,9 +282,9 @@ pub struct FlowKeyV4 {
 /// second; the program reads it there, because a clock helper call cost ~35 ns per packet.
 pub const FLOW_TICK_SHIFT: u32 = 30;
 
-/// Key of the IPv6 connection table: a 5-tuple, network order.
+/// An IPv6 5-tuple, network order, as `FlowKeyV4`.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct FlowKeyV6 {
     pub src: [u32; 4],
     pub dst: [u32; 4],
@@ -285,7 +298,8 @@ pub struct FlowKeyV6 {
 /// The flow has seen a TCP FIN or RST: it no longer counts as active.
 pub const FLOW_F_CLOSED: u16 = 1;
 
-/// Value of the connection table: the backend a flow was given.
+/// A flow's backend and state: the value of the NAT flow maps (`NAT_FLOWS`), and how userspace
+/// reports a connection-table entry (`FlowSlot` with its generation checked).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FlowState {
@@ -597,6 +611,8 @@ mod pod {
     unsafe impl aya::Pod for super::NatReplyV4 {}
     unsafe impl aya::Pod for super::NatReplyV6 {}
     unsafe impl aya::Pod for super::DataplaneConfig {}
+    unsafe impl aya::Pod for super::FlowSetV4 {}
+    unsafe impl aya::Pod for super::FlowSetV6 {}
 }
 
 #[cfg(test)]

@@ -9,6 +9,7 @@
 )]
 
 mod decap;
+mod flows;
 mod forward;
 mod hc;
 mod maps;
@@ -20,18 +21,17 @@ use aya_ebpf::bindings::xdp_md;
 use aya_ebpf::{
     bindings::xdp_action,
     macros::{classifier, xdp},
-    maps::LruHashMap,
     programs::{TcContext, XdpContext},
 };
 use aya_log_ebpf::debug;
+use flows::Tracked;
 use forward::{
     Inner,
     route::{Sent, pack, unpack},
 };
 use lb_common::{
     DecapReason, FORWARD_DSR, FORWARD_FULLNAT, FORWARD_GUE, FORWARD_IPIP, FORWARD_NAT, FlowKeyV4,
-    FlowKeyV6, FlowState, Reason, Service, ServiceKeyV4, ServiceKeyV6, VIP_FILTER_PLAIN,
-    vip_filter_place,
+    FlowKeyV6, Reason, Service, ServiceKeyV4, ServiceKeyV6, VIP_FILTER_PLAIN, vip_filter_place,
 };
 use parse::{L3, TCP_ACK, TCP_SYN};
 use select::{Chosen, FlowKey};
@@ -154,11 +154,10 @@ struct Tally {
 // service lookup was a quarter of an established packet's cost.
 
 /// What `balance_family` (and the ICMP errors about a flow) need of an address family: its
-/// parser, connection table and service map.
-pub(crate) trait Family: FlowKey + Sized + 'static {
+/// parser, connection table (`Tracked`) and service map.
+pub(crate) trait Family: FlowKey + Tracked + Sized + 'static {
     const V6: bool;
     fn parse(ctx: &XdpContext, l3: usize) -> Result<parse::Packet<Self>, Reason>;
-    fn conntrack() -> &'static LruHashMap<Self, FlowState>;
     /// The service the flow's destination, port and protocol name, if any.
     fn service(&self) -> Option<Service>;
 }
@@ -168,10 +167,6 @@ impl Family for FlowKeyV4 {
     #[inline(always)]
     fn parse(ctx: &XdpContext, l3: usize) -> Result<parse::Packet<Self>, Reason> {
         parse::ipv4(ctx, l3)
-    }
-    #[inline(always)]
-    fn conntrack() -> &'static LruHashMap<Self, FlowState> {
-        &maps::CONNTRACK
     }
     #[inline(always)]
     fn service(&self) -> Option<Service> {
@@ -191,10 +186,6 @@ impl Family for FlowKeyV6 {
     #[inline(always)]
     fn parse(ctx: &XdpContext, l3: usize) -> Result<parse::Packet<Self>, Reason> {
         parse::ipv6(ctx, l3)
-    }
-    #[inline(always)]
-    fn conntrack() -> &'static LruHashMap<Self, FlowState> {
-        &maps::CONNTRACK_V6
     }
     #[inline(always)]
     fn service(&self) -> Option<Service> {
@@ -220,37 +211,56 @@ fn balance_family<K: Family>(ctx: &XdpContext, l3: usize) -> Result<Step, Reason
     let now = select::clock();
     let plain = filter & VIP_FILTER_PLAIN != 0;
     let syn = pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
-    // A nat/fullnat backend here: the service changed mode in place; its flows are placed
-    // again in the NAT tables.
+    // The connection table's set and the Maglev ring are both chosen by this hash.
+    let hash = pkt.flow.flow_hash();
     if plain
         && !syn
-        && let Some(backend) = select::established(&pkt, K::conntrack(), now)
-        && !is_nat(backend.forward)
+        && let Some(found) = established(&pkt, hash, now)
     {
-        return send(ctx, &backend, &pkt.flow);
+        return send(ctx, &found, hash);
     }
     let service = pkt.flow.service().ok_or(Reason::PassNotVip)?;
     if is_nat(service.forward) {
         return Ok(Step::Nat(service));
     }
     // A SYN opens a connection, so a hashing scheduler places it without a look in the table
-    // (a third of a new flow's cost): a retransmitted SYN gets the same backend unless the
-    // ring changed in between, and then the half-open connection moves. The counting
-    // schedulers look first: a retransmitted SYN must not be placed and counted twice. Past
-    // the SYN-flood guard's limit, a hashing scheduler's SYN is looked up too (an entry it
-    // finds still holds), but never entered: the connection's next packet makes the entry.
+    // (the look was a third of a new flow's cost with the kernel's LRU table): a retransmitted
+    // SYN gets the same backend unless the ring changed in between, and then the half-open
+    // connection moves. The counting schedulers look first: a retransmitted SYN must not be
+    // placed and counted twice. Past the SYN-flood guard's limit, a hashing scheduler's SYN
+    // is looked up too (an entry it finds still holds), but never entered: the connection's
+    // next packet makes the entry.
     let hashed = select::trusts_syn(service.scheduler);
     let guarded = syn && hashed && !select::syn_guard_admits(now);
     if syn
         && plain
         && (!hashed || guarded)
-        && let Some(backend) = select::established(&pkt, K::conntrack(), now)
-        && !is_nat(backend.forward)
+        && let Some(found) = established(&pkt, hash, now)
     {
-        return send(ctx, &backend, &pkt.flow);
+        return send(ctx, &found, hash);
     }
-    let backend = select::place_new(&service, &pkt, K::conntrack(), now, !guarded)?;
-    send(ctx, &backend, &pkt.flow)
+    let backend = select::place_new(&service, &pkt, hash, now, !guarded)?;
+    send(ctx, &backend, hash)
+}
+
+/// The flow's backend from the connection table, unless it is a nat/fullnat one: the service
+/// changed mode in place, and its flows are placed again in the NAT tables.
+#[inline(always)]
+fn established<K: Family>(pkt: &parse::Packet<K>, hash: u32, now: u32) -> Option<Chosen> {
+    let entry = flows::established(&pkt.flow, hash, pkt.tcp_flags, now)?;
+    let backend = entry.backend;
+    if is_nat(backend.forward) {
+        return None;
+    }
+    Some(Chosen {
+        id: entry.id,
+        mac: backend.mac,
+        service: backend.service,
+        forward: backend.forward,
+        placed: false,
+        untracked: false,
+        nat_port: 0,
+    })
 }
 
 /// The reason a balanced packet is counted under: `ForwardedUntracked` for a SYN the SYN-flood
@@ -273,9 +283,10 @@ fn vip_filter(slot: u32) -> u64 {
 }
 
 /// Sends a packet to its chosen backend by the mode of the backend's service (dsr here; for
-/// ipip and gue, says what to encapsulate: `balance` does it) and counts it.
+/// ipip and gue, says what to encapsulate: `balance` does it) and counts it. `hash`: the
+/// flow's.
 #[inline(always)]
-fn send<K: FlowKey>(ctx: &XdpContext, backend: &Chosen, flow: &K) -> Result<Step, Reason> {
+fn send(ctx: &XdpContext, backend: &Chosen, hash: u32) -> Result<Step, Reason> {
     match backend.forward {
         FORWARD_DSR => {
             forward::dsr::rewrite(ctx, &backend.mac)?;
@@ -288,7 +299,7 @@ fn send<K: FlowKey>(ctx: &XdpContext, backend: &Chosen, flow: &K) -> Result<Step
         }
         FORWARD_IPIP | FORWARD_GUE => Ok(Step::Encap(EncapTo {
             id: backend.id,
-            hash: flow.flow_hash(),
+            hash,
             service: backend.service,
             gue: backend.forward == FORWARD_GUE,
             placed: backend.placed,

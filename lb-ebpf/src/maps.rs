@@ -4,13 +4,13 @@
 use aya_ebpf::{
     bindings::BPF_F_MMAPABLE,
     macros::map,
-    maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, DevMapHash, HashMap, PerCpuArray},
 };
 use lb_common::{
     Backend, DECAP_MAX_ADDRS, DEFAULT_CONNTRACK_SIZE, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_SERVICES,
-    DEFAULT_NAT_SIZE, DataplaneConfig, DecapAddr, DecapReason, FlowKeyV4, FlowKeyV6, FlowState,
-    LcList, NatReplyV4, NatReplyV6, RING_CHUNKS, Reason, RingChunk, Service, ServiceKeyV4,
-    ServiceKeyV6, Traffic, VIP_FILTER_WORDS,
+    DEFAULT_NAT_SIZE, DataplaneConfig, DecapAddr, DecapReason, FlowKeyV4, FlowKeyV6, FlowSetV4,
+    FlowSetV6, FlowState, LcList, NatReplyV4, NatReplyV6, RING_CHUNKS, Reason, RingChunk, Service,
+    ServiceKeyV4, ServiceKeyV6, Traffic, VIP_FILTER_WORDS, flow_sets,
 };
 
 use crate::forward::{
@@ -45,19 +45,18 @@ pub static BACKENDS: Array<Backend> = Array::with_max_entries(DEFAULT_MAX_BACKEN
 pub static RINGS: Array<RingChunk> =
     Array::with_max_entries(RING_CHUNKS * (DEFAULT_MAX_SERVICES + 1), BPF_F_MMAPABLE);
 
-/// 5-tuple → backend for every flow seen. LRU: the kernel evicts the least recently used flow
-/// when full, so a flood of new flows cannot stop new entries (default 1M flows, ~40 MB).
-/// One LRU list shared by all CPUs: `BPF_F_NO_COMMON_LRU` made inserts ~10% cheaper in the
-/// benchmark but gives each CPU only its share of the entries, so a NIC that steers most flows
-/// to one CPU would get a fraction of the configured table.
+/// The connection table: every dsr/ipip/gue flow seen and its backend, in sets of
+/// `FLOW_WAYS` ways (`flow_table`; the loader sizes it in sets, `LB_FLOW_SETS`). Shared by all
+/// CPUs without locks. Mappable: a mappable array's values start on a page, so every set is
+/// aligned to whole cache lines (userspace also reads it through the mapping).
 #[map]
-pub static CONNTRACK: LruHashMap<FlowKeyV4, FlowState> =
-    LruHashMap::with_max_entries(DEFAULT_CONNTRACK_SIZE, 0);
+pub static FLOW_TABLE: Array<FlowSetV4> =
+    Array::with_max_entries(flow_sets(DEFAULT_CONNTRACK_SIZE), BPF_F_MMAPABLE);
 
-/// The IPv6 connection table (its own map: IPv4 keys stay 16 bytes, hashed faster).
+/// The IPv6 connection table (its own map: IPv4 ways stay 32 bytes).
 #[map]
-pub static CONNTRACK_V6: LruHashMap<FlowKeyV6, FlowState> =
-    LruHashMap::with_max_entries(DEFAULT_CONNTRACK_SIZE, 0);
+pub static FLOW_TABLE_V6: Array<FlowSetV6> =
+    Array::with_max_entries(flow_sets(DEFAULT_CONNTRACK_SIZE), BPF_F_MMAPABLE);
 
 /// Active flows per backend id: +1 when a flow is placed, -1 at its first FIN or RST. Flows
 /// that just go idle or are evicted are not seen here; the daemon recounts from the

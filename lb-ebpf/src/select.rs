@@ -4,15 +4,17 @@
 
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
-use aya_ebpf::maps::{HashMap, LruHashMap};
+use aya_ebpf::maps::HashMap;
 use lb_common::{
     BACKEND_F_ALIVE, BACKEND_NONE, FLOW_F_CLOSED, FlowKeyV4, FlowKeyV6, FlowState, LC_MAX_BACKENDS,
     RING_CHUNK, RING_CHUNKS, RING_SIZE, Reason, SCHED_LEAST_CONN, SCHED_ROUND_ROBIN,
     SCHED_SOURCE_HASH, Service,
-    hash::{flow_hash_v4, flow_hash_v6, source_hash, vip_filter_bit, vip_filter_bit_v6},
+    flow_table::SlotKey,
+    hash::{source_hash, vip_filter_bit, vip_filter_bit_v6},
 };
 
 use crate::{
+    flows::{self, Tracked},
     maps::{BACKENDS, CLOCK, CONFIG, FLOW_COUNTS, LC_LISTS, RINGS, RR_CURSORS, SYN_WINDOW},
     parse::{Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
@@ -35,39 +37,9 @@ pub struct Chosen {
     pub nat_port: u16,
 }
 
-/// A connection table: the LRU map of the dsr and encapsulating modes, or the NAT flow map
-/// (a plain hash map: a NAT entry must never be evicted while in use).
-pub trait FlowTable<K> {
-    fn entry(&self, key: &K) -> Option<*mut FlowState>;
-    fn put(&self, key: &K, state: &FlowState) -> Result<(), i32>;
-}
-
-impl<K> FlowTable<K> for LruHashMap<K, FlowState> {
-    #[inline(always)]
-    fn entry(&self, key: &K) -> Option<*mut FlowState> {
-        self.get_ptr_mut(key)
-    }
-    #[inline(always)]
-    fn put(&self, key: &K, state: &FlowState) -> Result<(), i32> {
-        self.insert(key, state, 0)
-    }
-}
-
-impl<K> FlowTable<K> for HashMap<K, FlowState> {
-    #[inline(always)]
-    fn entry(&self, key: &K) -> Option<*mut FlowState> {
-        self.get_ptr_mut(key)
-    }
-    #[inline(always)]
-    fn put(&self, key: &K, state: &FlowState) -> Result<(), i32> {
-        self.insert(key, state, 0)
-    }
-}
-
-/// A connection-table key: the 5-tuple of one address family.
-pub trait FlowKey: Copy {
-    /// The Maglev hash of the 5-tuple.
-    fn flow_hash(&self) -> u32;
+/// A connection-table key: the 5-tuple of one address family (its flow hash and comparison
+/// come with `SlotKey`).
+pub trait FlowKey: SlotKey {
     /// The hash of the client address alone (source-hash scheduling).
     fn source_hash(&self) -> u32;
     /// The VIP filter bit of the flow's service key (destination, port, protocol).
@@ -75,10 +47,6 @@ pub trait FlowKey: Copy {
 }
 
 impl FlowKey for FlowKeyV4 {
-    #[inline(always)]
-    fn flow_hash(&self) -> u32 {
-        flow_hash_v4(self.src, self.dst, self.sport, self.dport, self.proto)
-    }
     #[inline(always)]
     fn source_hash(&self) -> u32 {
         source_hash(&[self.src])
@@ -91,10 +59,6 @@ impl FlowKey for FlowKeyV4 {
 
 impl FlowKey for FlowKeyV6 {
     #[inline(always)]
-    fn flow_hash(&self) -> u32 {
-        flow_hash_v6(&self.src, &self.dst, self.sport, self.dport, self.proto)
-    }
-    #[inline(always)]
     fn source_hash(&self) -> u32 {
         source_hash(&self.src)
     }
@@ -104,25 +68,29 @@ impl FlowKey for FlowKeyV6 {
     }
 }
 
-/// A backend for a flow the connection table does not place (`established` said `None`): the
-/// service's scheduler picks it and, with `track`, the flow is recorded.
+/// A backend for a flow the connection table does not place (`flows::established` said
+/// `None`): the service's scheduler picks it and, with `track`, the flow is entered in the
+/// connection table. `hash`: the flow's hash.
 #[inline(always)]
-pub fn place_new<K: FlowKey, T: FlowTable<K>>(
+pub fn place_new<K: Tracked>(
     service: &Service,
     pkt: &Packet<K>,
-    conntrack: &T,
+    hash: u32,
     now: u32,
     track: bool,
 ) -> Result<Chosen, Reason> {
-    let id = schedule(service, pkt)?;
+    let id = schedule(service, pkt, hash)?;
     let backend = BACKENDS.get(id).ok_or(Reason::DropInternal)?;
     if backend.flags & BACKEND_F_ALIVE == 0 {
         // The table is being replaced because this backend just went away.
         return Err(Reason::DropNoBackend);
     }
-    // A failed insert only costs a new choice on the next packet, so it is not an error.
     if track {
-        let _ = place(conntrack, pkt, id, backend.generation, now, 0);
+        let closed = closes(pkt.tcp_flags);
+        flows::insert(&pkt.flow, hash, id, backend.generation, now, closed);
+        if !closed {
+            add_flows(id, 1);
+        }
     }
     Ok(Chosen {
         id,
@@ -133,6 +101,12 @@ pub fn place_new<K: FlowKey, T: FlowTable<K>>(
         untracked: !track,
         nat_port: 0,
     })
+}
+
+/// A packet with FIN or RST: the flow is closed.
+#[inline(always)]
+fn closes(tcp_flags: u8) -> bool {
+    tcp_flags & (TCP_FIN | TCP_RST) != 0
 }
 
 /// The SYN-flood guard (`DataplaneConfig::syn_guard`): whether this CPU may enter one more
@@ -180,22 +154,29 @@ pub fn clock() -> u32 {
     CLOCK.get(0).copied().unwrap_or(0)
 }
 
-/// The flow's backend from the connection table, if it is still alive and the same backend
-/// (generation) the flow was placed on; the entry's last-seen tick and TCP state are updated.
+/// A nat/fullnat flow's backend from the NAT flow map, if it is still alive and the same
+/// backend (generation) the flow was placed on; the entry's last-seen tick and TCP state are
+/// updated.
 #[inline(always)]
-pub fn established<K: FlowKey, T: FlowTable<K>>(
+pub fn nat_established<K: FlowKey>(
     pkt: &Packet<K>,
-    conntrack: &T,
+    flows: &HashMap<K, FlowState>,
     now: u32,
 ) -> Option<Chosen> {
-    let state = conntrack.entry(&pkt.flow)?;
+    let state = flows.get_ptr_mut(&pkt.flow)?;
     // SAFETY: a pointer into the map's value, valid for this run of the program.
     let state = unsafe { &mut *state };
     let backend = BACKENDS.get(state.backend)?;
     if backend.flags & BACKEND_F_ALIVE == 0 || backend.generation != state.generation {
         return None;
     }
-    track(state, pkt.tcp_flags, now);
+    track(
+        &mut state.last_seen,
+        &mut state.flags,
+        state.backend,
+        pkt.tcp_flags,
+        now,
+    );
     Some(Chosen {
         id: state.backend,
         mac: backend.mac,
@@ -214,13 +195,14 @@ pub fn trusts_syn(scheduler: u8) -> bool {
     scheduler != SCHED_LEAST_CONN && scheduler != SCHED_ROUND_ROBIN
 }
 
-/// A new flow's backend id by the service's scheduler (not yet checked for being alive).
+/// A new flow's backend id by the service's scheduler (not yet checked for being alive);
+/// `hash`: the flow's hash.
 #[inline(always)]
-pub fn schedule<K: FlowKey>(service: &Service, pkt: &Packet<K>) -> Result<u32, Reason> {
+pub fn schedule<K: FlowKey>(service: &Service, pkt: &Packet<K>, hash: u32) -> Result<u32, Reason> {
     let hash = match service.scheduler {
         SCHED_LEAST_CONN | SCHED_ROUND_ROBIN => 0,
         SCHED_SOURCE_HASH => pkt.flow.source_hash(),
-        _ => pkt.flow.flow_hash(),
+        _ => hash,
     };
     pick(service, hash)
 }
@@ -277,18 +259,18 @@ pub fn schedule_hashed(service: &Service, hash: u32) -> Result<u32, Reason> {
     Ok(id)
 }
 
-/// Records a new flow on backend `id` in the connection table and counts it as active (unless
-/// its first packet already closes it). Fails when the table refuses the entry.
+/// Records a new nat/fullnat flow on backend `id` in the NAT flow map and counts it as active
+/// (unless its first packet already closes it). Fails when the map refuses the entry.
 #[inline(always)]
-pub fn place<K: FlowKey, T: FlowTable<K>>(
-    conntrack: &T,
+pub fn nat_place<K: FlowKey>(
+    flows: &HashMap<K, FlowState>,
     pkt: &Packet<K>,
     id: u32,
     generation: u32,
     now: u32,
     nat_port: u16,
 ) -> Result<(), i32> {
-    let closed = pkt.tcp_flags & (TCP_FIN | TCP_RST) != 0;
+    let closed = closes(pkt.tcp_flags);
     let state = FlowState {
         backend: id,
         generation,
@@ -296,7 +278,7 @@ pub fn place<K: FlowKey, T: FlowTable<K>>(
         flags: if closed { FLOW_F_CLOSED } else { 0 },
         nat_port,
     };
-    conntrack.put(&pkt.flow, &state)?;
+    flows.insert(&pkt.flow, &state, 0)?;
     if !closed {
         add_flows(id, 1);
     }
@@ -304,19 +286,20 @@ pub fn place<K: FlowKey, T: FlowTable<K>>(
 }
 
 /// Keeps an established flow's entry current: its last-seen tick (written at most once a
-/// tick, about a second), and its active count when TCP closes it or a SYN opens the same 5-tuple again.
+/// tick, about a second), and the active count of its backend `id` when TCP closes it or a
+/// SYN opens the same 5-tuple again.
 #[inline(always)]
-fn track(state: &mut FlowState, tcp_flags: u8, now: u32) {
-    if state.last_seen != now {
-        state.last_seen = now;
+pub fn track(last_seen: &mut u32, flags: &mut u16, id: u32, tcp_flags: u8, now: u32) {
+    if *last_seen != now {
+        *last_seen = now;
     }
-    let closed = state.flags & FLOW_F_CLOSED != 0;
-    if !closed && tcp_flags & (TCP_FIN | TCP_RST) != 0 {
-        state.flags |= FLOW_F_CLOSED;
-        add_flows(state.backend, -1);
+    let closed = *flags & FLOW_F_CLOSED != 0;
+    if !closed && closes(tcp_flags) {
+        *flags |= FLOW_F_CLOSED;
+        add_flows(id, -1);
     } else if closed && tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
-        state.flags &= !FLOW_F_CLOSED;
-        add_flows(state.backend, 1);
+        *flags &= !FLOW_F_CLOSED;
+        add_flows(id, 1);
     }
 }
 

@@ -16,10 +16,10 @@ use aya::{
     },
 };
 use lb_common::{
-    Backend, DataplaneConfig, DecapAddr, DecapReason, FORWARD_FULLNAT, FORWARD_NAT, FlowKeyV4,
-    FlowKeyV6, FlowState, LcList, NatReplyV4, NatReplyV6, RING_CHUNK, RING_CHUNKS, RING_SIZE,
-    Reason, RingChunk, Service, ServiceKeyV4, ServiceKeyV6, Traffic, VIP_FILTER_NAT,
-    VIP_FILTER_PLAIN, VIP_FILTER_WORDS, names, vip_filter_place,
+    Backend, DataplaneConfig, DecapAddr, DecapReason, FLOW_WAYS, FORWARD_FULLNAT, FORWARD_NAT,
+    FlowKeyV4, FlowKeyV6, FlowSetV4, FlowSetV6, FlowState, LcList, NatReplyV4, NatReplyV6,
+    RING_CHUNK, RING_CHUNKS, RING_SIZE, Reason, RingChunk, Service, ServiceKeyV4, ServiceKeyV6,
+    Traffic, VIP_FILTER_NAT, VIP_FILTER_PLAIN, VIP_FILTER_WORDS, names, vip_filter_place,
 };
 
 /// A service's key in the kernel: the map depends on the VIP's family.
@@ -59,7 +59,7 @@ impl ServiceKey {
     }
 }
 
-use crate::pins::PinDir;
+use crate::{flow_table::FlowTable, mapped::MapMemory, pins::PinDir};
 
 /// The VIP filter bit a service sets: nat/fullnat services' flows are not in the connection
 /// table, which the program then skips.
@@ -107,6 +107,7 @@ type Result<T> = std::result::Result<T, DataplaneError>;
 pub struct Sizing {
     pub max_services: u32,
     pub max_backends: u32,
+    /// Flows each connection table has room for (a whole number of sets: `normalized`).
     pub conntrack_size: u32,
     /// Entries of each NAT map (forward flows and replies, per family).
     pub nat_size: u32,
@@ -128,6 +129,21 @@ impl Sizing {
     pub fn ring_tables(&self) -> u32 {
         self.max_services + 1
     }
+
+    /// Sets of each connection table (a power of two).
+    pub fn flow_sets(&self) -> u32 {
+        lb_common::flow_sets(self.conntrack_size)
+    }
+
+    /// These sizes as the maps get them: the connection tables rounded up to a power of two
+    /// of sets.
+    #[must_use]
+    pub fn normalized(self) -> Self {
+        Sizing {
+            conntrack_size: self.flow_sets().saturating_mul(FLOW_WAYS as u32),
+            ..self
+        }
+    }
 }
 
 /// Where to attach, as asked on the command line.
@@ -146,10 +162,13 @@ pub struct Dataplane {
     services: HashMap<MapData, ServiceKeyV4, Service>,
     backends: Array<MapData, Backend>,
     rings: Array<MapData, RingChunk>,
-    ring_memory: RingMemory,
-    conntrack: HashMap<MapData, FlowKeyV4, FlowState>,
+    ring_memory: MapMemory<u32>,
+    flow_table: FlowTable<FlowKeyV4>,
     services_v6: HashMap<MapData, ServiceKeyV6, Service>,
-    conntrack_v6: HashMap<MapData, FlowKeyV6, FlowState>,
+    flow_table_v6: FlowTable<FlowKeyV6>,
+    /// The connection tables' fds, which the program's load refers to (the tables are used
+    /// through their mappings).
+    _flow_maps: (Array<MapData, FlowSetV4>, Array<MapData, FlowSetV6>),
     service_stats: PerCpuArray<MapData, Traffic>,
     backend_stats: PerCpuArray<MapData, Traffic>,
     reason_stats: PerCpuArray<MapData, u64>,
@@ -204,7 +223,9 @@ impl Dataplane {
     }
 
     fn load_with(sizing: Sizing, debug_packets: bool, pins: Option<&PinDir>) -> Result<Self> {
+        let sizing = sizing.normalized();
         let debug: u32 = debug_packets.into();
+        let flow_sets = sizing.flow_sets();
         let mut loader = EbpfLoader::new();
         loader
             // Room for each service's port-0 entry too (`--fragments`).
@@ -213,9 +234,9 @@ impl Dataplane {
             .map_max_entries(names::RINGS, RING_CHUNKS * sizing.ring_tables())
             .map_max_entries(names::BACKENDS, sizing.max_backends)
             .map_max_entries(names::BACKEND_STATS, sizing.max_backends)
-            .map_max_entries(names::CONNTRACK, sizing.conntrack_size)
+            .map_max_entries(names::FLOW_TABLE, flow_sets)
             .map_max_entries(names::SERVICES_V6, 2 * sizing.max_services)
-            .map_max_entries(names::CONNTRACK_V6, sizing.conntrack_size)
+            .map_max_entries(names::FLOW_TABLE_V6, flow_sets)
             .map_max_entries(names::FLOW_COUNTS, sizing.max_backends)
             .map_max_entries(names::RR_CURSORS, sizing.max_services)
             .map_max_entries(names::LC_LISTS, sizing.ring_tables())
@@ -223,7 +244,8 @@ impl Dataplane {
             .map_max_entries(names::NAT_FLOWS_V6, sizing.nat_size)
             .map_max_entries(names::NAT_REPLIES, sizing.nat_size)
             .map_max_entries(names::NAT_REPLIES_V6, sizing.nat_size)
-            .override_global(names::GLOBAL_DEBUG, &debug, true);
+            .override_global(names::GLOBAL_DEBUG, &debug, true)
+            .override_global(names::GLOBAL_FLOW_SETS, &flow_sets, true);
         let paths: Vec<(&'static str, PathBuf)> = pins
             .map(|p| PinDir::map_names().map(|n| (n, p.map_path(n))).collect())
             .unwrap_or_default();
@@ -232,23 +254,29 @@ impl Dataplane {
         }
         let mut ebpf = loader.load(XDP_OBJECT)?;
         let rings: Array<MapData, RingChunk> = take(&mut ebpf, names::RINGS)?;
-        let ring_memory = RingMemory::map(
-            rings.map().fd().as_fd().as_raw_fd(),
+        let ring_memory = mapped(
+            rings.map(),
             (RING_CHUNKS * RING_CHUNK * sizing.ring_tables()) as usize,
-        )
-        .map_err(|source| DataplaneError::Io {
-            what: "mapping",
-            name: names::RINGS,
-            source,
-        })?;
+            names::RINGS,
+        )?;
+        let flows: Array<MapData, FlowSetV4> = take(&mut ebpf, names::FLOW_TABLE)?;
+        let flows_v6: Array<MapData, FlowSetV6> = take(&mut ebpf, names::FLOW_TABLE_V6)?;
+        let flow_table =
+            FlowTable::new(mapped(flows.map(), flow_sets as usize, names::FLOW_TABLE)?);
+        let flow_table_v6 = FlowTable::new(mapped(
+            flows_v6.map(),
+            flow_sets as usize,
+            names::FLOW_TABLE_V6,
+        )?);
         let mut dp = Dataplane {
             services: take(&mut ebpf, names::SERVICES)?,
             backends: take(&mut ebpf, names::BACKENDS)?,
             rings,
             ring_memory,
-            conntrack: take(&mut ebpf, names::CONNTRACK)?,
+            flow_table,
             services_v6: take(&mut ebpf, names::SERVICES_V6)?,
-            conntrack_v6: take(&mut ebpf, names::CONNTRACK_V6)?,
+            flow_table_v6,
+            _flow_maps: (flows, flows_v6),
             service_stats: take(&mut ebpf, names::SERVICE_STATS)?,
             backend_stats: take(&mut ebpf, names::BACKEND_STATS)?,
             reason_stats: take(&mut ebpf, names::REASON_STATS)?,
@@ -658,11 +686,13 @@ impl Dataplane {
     }
 
     /// Every entry of the connection tables (nat/fullnat flows included), as (protocol,
-    /// state), read in batches of 4096 (one syscall each instead of two per entry: 1M flows
-    /// read in well under a second).
+    /// state). The connection tables are read through their mapping, and only the entries
+    /// made for the current holder of their backend id count (`flow_table`); the NAT maps in
+    /// batches of 4096 (one syscall each instead of two per entry).
     pub fn flows(&self) -> Result<Vec<(u8, FlowState)>> {
-        let v4 = batch::<FlowKeyV4, FlowState>(self.conntrack.map(), names::CONNTRACK)?;
-        let v6 = batch::<FlowKeyV6, FlowState>(self.conntrack_v6.map(), names::CONNTRACK_V6)?;
+        let mut generation = self.generations();
+        let v4 = self.flow_table.entries(&mut generation);
+        let v6 = self.flow_table_v6.entries(&mut generation);
         let nat_v4 = batch::<FlowKeyV4, FlowState>(self.nat_flows.map(), names::NAT_FLOWS)?;
         let nat_v6 = batch::<FlowKeyV6, FlowState>(self.nat_flows_v6.map(), names::NAT_FLOWS_V6)?;
         Ok(v4
@@ -671,6 +701,17 @@ impl Dataplane {
             .map(|(k, s)| (k.proto, s))
             .chain(v6.into_iter().chain(nat_v6).map(|(k, s)| (k.proto, s)))
             .collect())
+    }
+
+    /// The generation of a backend id as the kernel's backend array holds it, each id read
+    /// once.
+    fn generations(&self) -> impl FnMut(u32) -> Option<u32> + '_ {
+        let mut seen = std::collections::HashMap::new();
+        move |id| {
+            *seen
+                .entry(id)
+                .or_insert_with(|| self.backends.get(&id, 0).ok().map(|b| b.generation))
+        }
     }
 
     /// Every entry of the nat/fullnat tables.
@@ -718,7 +759,52 @@ impl Dataplane {
 
     /// The backend a flow is pinned to in the connection table, if any.
     pub fn flow(&self, key: &FlowKeyV4) -> Option<FlowState> {
-        self.conntrack.get(key, 0).ok()
+        self.flow_table.find(key, self.generations())
+    }
+
+    /// The IPv4 connection table (tests and benchmarks look inside it).
+    pub fn flow_table(&mut self) -> &mut FlowTable<FlowKeyV4> {
+        &mut self.flow_table
+    }
+
+    /// Copies the flows of the LRU connection tables an older build pinned in `pins` (if
+    /// any) into this build's tables, for the data plane adopted from it: flows keep their
+    /// backends across the upgrade. Run it before the new program replaces the old one, and
+    /// again (`remove`) once it has, for the flows placed in between; a flow the old program
+    /// placed again in between keeps its newer entry. Returns the flows copied.
+    pub fn carry_legacy_flows(&mut self, pins: &PinDir, remove: bool) -> Result<usize> {
+        let mut copied = 0;
+        for (name, v6) in [
+            (names::LEGACY_CONNTRACK, false),
+            (names::LEGACY_CONNTRACK_V6, true),
+        ] {
+            let path = pins.map_path(name);
+            if !path.exists() {
+                continue;
+            }
+            let map =
+                MapData::from_pin(&path).map_err(|source| DataplaneError::Map { name, source })?;
+            let now = self.clock.get(&0, 0).unwrap_or(0);
+            if v6 {
+                for (key, state) in batch::<FlowKeyV6, FlowState>(&map, name)? {
+                    carry(&mut self.flow_table_v6, &key, &state, now);
+                    copied += 1;
+                }
+            } else {
+                for (key, state) in batch::<FlowKeyV4, FlowState>(&map, name)? {
+                    carry(&mut self.flow_table, &key, &state, now);
+                    copied += 1;
+                }
+            }
+            if remove {
+                std::fs::remove_file(&path).map_err(|source| DataplaneError::Io {
+                    what: "removing the pin",
+                    name,
+                    source,
+                })?;
+            }
+        }
+        Ok(copied)
     }
 }
 
@@ -743,7 +829,8 @@ impl Decap {
             names::RINGS,
             names::BACKENDS,
             names::BACKEND_STATS,
-            names::CONNTRACK,
+            names::FLOW_TABLE,
+            names::FLOW_TABLE_V6,
             names::FLOW_COUNTS,
             names::RR_CURSORS,
             names::LC_LISTS,
@@ -978,48 +1065,33 @@ fn lookup_batch<K: aya::Pod, V: aya::Pod>(map_fd: i32) -> std::io::Result<Vec<(K
     }
 }
 
-/// The ring map's memory, mapped into this process (`BPF_F_MMAPABLE`).
-struct RingMemory {
-    ptr: *mut u32,
-    len: usize,
+/// The values of the mappable array `map` (`len` of them), mapped into this process.
+fn mapped<T: Copy>(map: &MapData, len: usize, name: &'static str) -> Result<MapMemory<T>> {
+    MapMemory::map(map.fd().as_fd().as_raw_fd(), len).map_err(|source| DataplaneError::Io {
+        what: "mapping",
+        name,
+        source,
+    })
 }
 
-// SAFETY: the mapping is plain shared memory owned by this value; access goes through &mut self.
-unsafe impl Send for RingMemory {}
-
-impl RingMemory {
-    fn map(fd: i32, entries: usize) -> std::io::Result<Self> {
-        let bytes = entries * size_of::<u32>();
-        // SAFETY: maps `bytes` of the map's memory, which the kernel sized for `entries` u32s
-        // rounded up to a page; the mapping is unmapped in Drop.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                bytes,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd,
-                0,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(std::io::Error::last_os_error());
-        }
-        Ok(RingMemory {
-            ptr: ptr.cast(),
-            len: entries,
-        })
+/// Enters an older build's connection-table entry (`carry_legacy_flows`) unless the table
+/// already has one for the flow, which is newer. The entry keeps its generation: the seal
+/// then holds only while its backend id has the same holder.
+fn carry<K: lb_common::flow_table::SlotKey>(
+    table: &mut FlowTable<K>,
+    key: &K,
+    state: &FlowState,
+    now: u32,
+) {
+    let set = table.set(table.set_index(key));
+    if set.position(key).is_some() {
+        return;
     }
-
-    fn as_mut_slice(&mut self) -> &mut [u32] {
-        // SAFETY: ptr/len describe a live, writable mapping of u32s (page aligned).
-        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
-    }
-}
-
-impl Drop for RingMemory {
-    fn drop(&mut self) {
-        // SAFETY: unmaps exactly the mapping made in `map`.
-        unsafe { libc::munmap(self.ptr.cast(), self.len * size_of::<u32>()) };
-    }
+    let closed = state.flags & lb_common::FLOW_F_CLOSED != 0;
+    let seen = if now == 0 {
+        state.last_seen
+    } else {
+        now.min(state.last_seen)
+    };
+    table.insert(key, state.backend, state.generation, seen, closed);
 }

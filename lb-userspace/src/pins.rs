@@ -7,14 +7,17 @@
 //! Upgrades: a pinned map is reused only if its layout (type, key and value size, flags) is the
 //! one this build expects. Counter maps whose layout changed are recreated (their counts start
 //! again from zero); a changed state map (services, backends, rings, connection table) refuses
-//! the start with an explanation, because reusing it would misread every entry.
+//! the start with an explanation, because reusing it would misread every entry. The LRU
+//! connection tables of older builds (`CONNTRACK`, `CONNTRACK_V6`) are read once, their flows
+//! copied into this build's tables (`Dataplane::carry_legacy_flows`), and unpinned.
 
 use std::path::{Path, PathBuf};
 
 use aya::maps::MapInfo;
 use lb_common::{
-    Backend, DataplaneConfig, FlowKeyV4, FlowKeyV6, FlowState, LcList, NatReplyV4, NatReplyV6,
-    RING_CHUNKS, RingChunk, Service, ServiceKeyV4, ServiceKeyV6, Traffic, names,
+    Backend, DataplaneConfig, FLOW_WAYS, FlowKeyV4, FlowKeyV6, FlowSetV4, FlowSetV6, FlowState,
+    LcList, NatReplyV4, NatReplyV6, RING_CHUNKS, RingChunk, Service, ServiceKeyV4, ServiceKeyV6,
+    Traffic, names,
 };
 use tracing::warn;
 
@@ -65,6 +68,9 @@ enum Role {
     NewState,
     /// Counters, or settings the daemon writes again at every start.
     Counters,
+    /// A map of older builds whose entries are carried into this build's maps: kept when its
+    /// layout is the one expected, removed otherwise.
+    Legacy,
 }
 
 struct Layout {
@@ -75,11 +81,14 @@ struct Layout {
     role: Role,
 }
 
-const LAYOUTS: [Layout; 19] = [
+const LAYOUTS: [Layout; 21] = [
     layout::<ServiceKeyV4, Service>(names::SERVICES, 0, Role::State),
     layout::<u32, Backend>(names::BACKENDS, 0, Role::State),
     layout::<u32, RingChunk>(names::RINGS, BPF_F_MMAPABLE, Role::State),
-    layout::<FlowKeyV4, FlowState>(names::CONNTRACK, 0, Role::State),
+    layout::<u32, FlowSetV4>(names::FLOW_TABLE, BPF_F_MMAPABLE, Role::NewState),
+    layout::<u32, FlowSetV6>(names::FLOW_TABLE_V6, BPF_F_MMAPABLE, Role::NewState),
+    layout::<FlowKeyV4, FlowState>(names::LEGACY_CONNTRACK, 0, Role::Legacy),
+    layout::<FlowKeyV6, FlowState>(names::LEGACY_CONNTRACK_V6, 0, Role::Legacy),
     layout::<u32, Traffic>(names::SERVICE_STATS, 0, Role::Counters),
     layout::<u32, Traffic>(names::BACKEND_STATS, 0, Role::Counters),
     layout::<u32, u64>(names::REASON_STATS, 0, Role::Counters),
@@ -88,7 +97,6 @@ const LAYOUTS: [Layout; 19] = [
     layout::<u32, LcList>(names::LC_LISTS, 0, Role::State),
     layout::<u32, u32>(names::CLOCK, 0, Role::Counters),
     layout::<ServiceKeyV6, Service>(names::SERVICES_V6, 0, Role::State),
-    layout::<FlowKeyV6, FlowState>(names::CONNTRACK_V6, 0, Role::State),
     layout::<u32, DataplaneConfig>(names::CONFIG, 0, Role::Counters),
     layout::<FlowKeyV4, FlowState>(names::NAT_FLOWS, 0, Role::NewState),
     layout::<FlowKeyV6, FlowState>(names::NAT_FLOWS_V6, 0, Role::NewState),
@@ -202,6 +210,19 @@ impl PinDir {
                 info.map_flags() & BPF_F_MMAPABLE,
             );
             let changed = found != (l.key_size, l.value_size, l.flags);
+            if changed && l.role == Role::Legacy {
+                warn!(
+                    map = l.name,
+                    "an older connection table of an unknown layout: its flows are not carried \
+                     over (their next packets are placed again)"
+                );
+                std::fs::remove_file(&path).map_err(|source| PinError::Io {
+                    what: "removing",
+                    path: path.clone(),
+                    source,
+                })?;
+                continue;
+            }
             if changed && l.role != Role::Counters {
                 let describe = |(k, v, f): (usize, usize, u32)| {
                     format!("key size {k}, value size {v}, mmapable {}", f != 0)
@@ -245,7 +266,13 @@ impl PinDir {
                     sizing.max_services = entries / RING_CHUNKS - 1;
                 }
                 names::BACKENDS => sizing.max_backends = info.max_entries(),
-                names::CONNTRACK => sizing.conntrack_size = info.max_entries(),
+                // An older build's LRU table sizes the new one, unless the new one is pinned.
+                names::FLOW_TABLE => {
+                    sizing.conntrack_size = info.max_entries().saturating_mul(FLOW_WAYS as u32);
+                }
+                names::LEGACY_CONNTRACK if !self.map_path(names::FLOW_TABLE).exists() => {
+                    sizing.conntrack_size = info.max_entries();
+                }
                 names::NAT_FLOWS => sizing.nat_size = info.max_entries(),
                 _ => {}
             }
@@ -279,7 +306,10 @@ impl PinDir {
 
     /// The map names this build pins, for the loader.
     pub fn map_names() -> impl Iterator<Item = &'static str> {
-        LAYOUTS.iter().map(|l| l.name)
+        LAYOUTS
+            .iter()
+            .filter(|l| l.role != Role::Legacy)
+            .map(|l| l.name)
     }
 }
 

@@ -14,6 +14,7 @@ use lb_common::{
 use lb_userspace::{
     daemon::ipv6_words,
     dataplane::{Dataplane, ServiceKey, Sizing},
+    pins::PinDir,
 };
 use packet::{CLIENT_MAC, Frame, Frame6, LB_MAC};
 
@@ -35,19 +36,30 @@ struct Harness {
     dp: Dataplane,
 }
 
+/// The maps of `Harness`.
+const SIZING: Sizing = Sizing {
+    max_services: 4,
+    max_backends: 16,
+    conntrack_size: 4096,
+    nat_size: 1024,
+};
+
 impl Harness {
     fn new() -> Self {
+        Self::loaded(None)
+    }
+
+    /// With the maps pinned in `pins` (those already there reused).
+    fn loaded(pins: Option<&PinDir>) -> Self {
         assert!(
             unsafe { libc::geteuid() } == 0,
             "BPF_PROG_TEST_RUN tests need root (run them through the README test command)"
         );
-        let sizing = Sizing {
-            max_services: 4,
-            max_backends: 16,
-            conntrack_size: 4096,
-            nat_size: 1024,
-        };
-        let mut dp = Dataplane::load(sizing, false).expect("load the XDP object");
+        let mut dp = match pins {
+            Some(pins) => Dataplane::load_pinned(SIZING, false, pins),
+            None => Dataplane::load(SIZING, false),
+        }
+        .expect("load the XDP object");
         dp.program(names::PROG_BALANCER)
             .expect("verifier accepts the balancer");
         Harness { dp }
@@ -383,6 +395,183 @@ fn a_reused_backend_id_does_not_inherit_old_flows() {
     h.service(0, 1, 80, 6, &[1]);
     assert_eq!(h.forwarded_to(&flow), 1);
     assert_eq!(h.dp.flow(&key).map(|s| s.backend), Some(1));
+}
+
+/// The connection-table key of `tcp(sport)`.
+fn key_of(sport: u16) -> FlowKeyV4 {
+    FlowKeyV4 {
+        src: u32::from_ne_bytes(CLIENT.octets()),
+        dst: u32::from_ne_bytes(VIP.octets()),
+        sport: sport.to_be(),
+        dport: 80u16.to_be(),
+        proto: 6,
+        _pad0: 0,
+        _pad1: 0,
+    }
+}
+
+/// `n` client ports whose flows share one set of the connection table.
+fn ports_of_one_set(h: &mut Harness, n: usize) -> Vec<u16> {
+    let table = h.dp.flow_table();
+    let set = table.set_index(&key_of(1000));
+    let ports: Vec<u16> = (1000..u16::MAX)
+        .filter(|p| table.set_index(&key_of(*p)) == set)
+        .take(n)
+        .collect();
+    assert_eq!(ports.len(), n);
+    ports
+}
+
+#[test]
+fn a_full_set_gives_up_its_stalest_flow_and_keeps_the_others() {
+    let mut h = Harness::new();
+    h.backend(0, 1, true);
+    h.backend(1, 1, true);
+    h.service(0, 0, 80, 6, &[0]);
+    let ports = ports_of_one_set(&mut h, lb_common::FLOW_WAYS + 2);
+    // Four flows fill the set, seen at ticks 10..13.
+    for (tick, &p) in (10..).zip(&ports[..4]) {
+        h.dp.set_clock(tick).unwrap();
+        assert_eq!(h.forwarded_to(&tcp(p).build()), 0);
+    }
+    // The ring now says backend 1: a flow placed again shows it.
+    h.service(0, 1, 80, 6, &[1]);
+    h.dp.set_clock(20).unwrap();
+    assert_eq!(h.forwarded_to(&tcp(ports[4]).build()), 1);
+    assert_eq!(
+        h.dp.flow(&key_of(ports[0])),
+        None,
+        "the stalest flow made room"
+    );
+    for &p in &ports[1..5] {
+        assert!(h.dp.flow(&key_of(p)).is_some(), "port {p} kept its entry");
+    }
+    for &p in &ports[1..4] {
+        assert_eq!(
+            h.forwarded_to(&tcp(p).tcp_flags(ACK).build()),
+            0,
+            "port {p} moved"
+        );
+    }
+    // A closed flow goes before an open one, however recent.
+    h.forwarded_to(&tcp(ports[3]).tcp_flags(ACK | 0x01).build());
+    h.forwarded_to(&tcp(ports[5]).build());
+    assert_eq!(
+        h.dp.flow(&key_of(ports[3])),
+        None,
+        "the closed flow made room"
+    );
+    assert!(h.dp.flow(&key_of(ports[1])).is_some());
+    // The evicted open flow is placed again by the ring.
+    assert_eq!(h.forwarded_to(&tcp(ports[0]).tcp_flags(ACK).build()), 1);
+}
+
+#[test]
+fn a_torn_entry_is_placed_again_never_followed() {
+    let mut h = Harness::new();
+    for id in 0..3 {
+        h.backend(id, 1, true);
+    }
+    h.service(0, 0, 80, 6, &[0]);
+    assert_eq!(h.forwarded_to(&tcp(777).build()), 0);
+    // Another CPU's half-done write: backend 1 in the way, the seal still backend 0's.
+    let key = key_of(777);
+    let table = h.dp.flow_table();
+    let i = table.set_index(&key);
+    let mut set = table.set(i);
+    let way = set.position(&key).expect("the flow's way");
+    set.ways[way].backend = 1;
+    table.put_set(i, set);
+    h.service(0, 1, 80, 6, &[2]);
+    assert_eq!(
+        h.forwarded_to(&tcp(777).tcp_flags(ACK).build()),
+        2,
+        "the flow went to the torn entry's backend instead of being placed again"
+    );
+    let state = h.dp.flow(&key).expect("entered again");
+    assert_eq!((state.backend, state.generation), (2, 1));
+    assert_eq!(h.forwarded_to(&tcp(777).tcp_flags(ACK).build()), 2);
+}
+
+/// A pin directory on the root namespace's bpffs, removed on drop.
+struct TempPins(PinDir);
+
+impl Drop for TempPins {
+    fn drop(&mut self) {
+        let _ = self.0.remove_all();
+    }
+}
+
+#[test]
+fn flows_of_an_older_builds_lru_table_are_carried_over() {
+    let dir = std::path::PathBuf::from(format!("/sys/fs/bpf/lb-test-carry-{}", std::process::id()));
+    let pins = TempPins(PinDir::open(&dir).expect("a bpffs on /sys/fs/bpf"));
+    // What a build with the kernel's LRU connection table left pinned: flow 10.99.0.1:555 →
+    // VIP:80 on backend 1 of generation 1.
+    let legacy = pins.0.map_path(names::LEGACY_CONNTRACK);
+    let bpftool = |args: &[&str]| {
+        let status = std::process::Command::new("bpftool")
+            .args(args)
+            .status()
+            .expect("bpftool (scripts/setup.sh installs it)");
+        assert!(status.success(), "bpftool {args:?}");
+    };
+    let path = legacy.to_str().unwrap();
+    bpftool(&[
+        "map",
+        "create",
+        path,
+        "type",
+        "lru_hash",
+        "key",
+        "16",
+        "value",
+        "16",
+        "entries",
+        "1024",
+        "name",
+        "CONNTRACK",
+    ]);
+    let hex = |bytes: &[u8]| {
+        bytes
+            .iter()
+            .map(|b| format!("{b:#04x}"))
+            .collect::<Vec<_>>()
+    };
+    let mut key = CLIENT.octets().to_vec();
+    key.extend(VIP.octets());
+    key.extend(555u16.to_be_bytes());
+    key.extend(80u16.to_be_bytes());
+    key.extend([6, 0, 0, 0]);
+    let mut value = 1u32.to_ne_bytes().to_vec(); // backend
+    value.extend(1u32.to_ne_bytes()); // generation
+    value.extend([0; 8]); // last seen, flags, NAT port
+    let (key, value) = (hex(&key), hex(&value));
+    let mut update = vec!["map", "update", "pinned", path, "key"];
+    update.extend(key.iter().map(String::as_str));
+    update.push("value");
+    update.extend(value.iter().map(String::as_str));
+    bpftool(&update);
+
+    let mut h = Harness::loaded(Some(&pins.0));
+    h.backend(0, 1, true);
+    h.backend(1, 1, true);
+    h.service(0, 0, 80, 6, &[0]);
+    assert_eq!(h.dp.carry_legacy_flows(&pins.0, true).unwrap(), 1);
+    assert!(!legacy.exists(), "the older table is unpinned once carried");
+    let state = h.dp.flow(&key_of(555)).expect("carried into the new table");
+    assert_eq!((state.backend, state.generation), (1, 1));
+    assert_eq!(
+        h.forwarded_to(&tcp(555).tcp_flags(ACK).build()),
+        1,
+        "the carried flow keeps its backend (the ring says 0)"
+    );
+    assert_eq!(h.forwarded_to(&tcp(556).tcp_flags(ACK).build()), 0);
+    assert_eq!(
+        h.dp.carry_legacy_flows(&pins.0, true).unwrap(),
+        0,
+        "nothing left"
+    );
 }
 
 #[test]

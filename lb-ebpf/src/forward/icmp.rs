@@ -35,8 +35,7 @@ use super::{
     route::Sent,
 };
 use crate::{
-    Family,
-    maps::BACKENDS,
+    Family, flows,
     parse::{IP_MF, IP_OFFSET, Ipv4Wire, Ipv6Wire, ptr_at, ptr_at_mut},
 };
 
@@ -305,29 +304,16 @@ pub fn error_v6(ctx: &XdpContext, l3: usize) -> Result<Sent, Reason> {
 #[inline(always)]
 fn forward<K: Family>(ctx: &XdpContext, flow: K, l3: usize) -> Result<Sent, Reason> {
     let mode = flow.service().ok_or(Reason::PassNotTcpUdp)?.forward;
-    let conntrack = K::conntrack();
     let inner = Inner { l3, v6: K::V6 };
     if mode != FORWARD_DSR && mode != FORWARD_IPIP && mode != FORWARD_GUE {
         return Err(Reason::PassIcmpNoFlow);
     }
-    // SAFETY: the fields are copied out at once.
-    let (id, generation) = match unsafe { conntrack.get(flow) } {
-        Some(state) => (state.backend, state.generation),
-        None => return Err(Reason::PassIcmpNoFlow),
+    let hash = flow.flow_hash();
+    let id = match flows::find(&flow, hash) {
+        Some(entry) if entry.backend.flags & BACKEND_F_ALIVE != 0 => entry.id,
+        _ => return Err(Reason::PassIcmpNoFlow),
     };
-    let backend = BACKENDS.get(id).ok_or(Reason::PassIcmpNoFlow)?;
-    if backend.flags & BACKEND_F_ALIVE == 0 || backend.generation != generation {
-        return Err(Reason::PassIcmpNoFlow);
-    }
     // The flow's own hash: the same outer source and GUE port as the flow's packets, so the
     // backend receives the error on the same queue.
-    super::to_backend(
-        ctx,
-        mode,
-        id,
-        inner,
-        flow.flow_hash(),
-        Reason::IcmpForwarded,
-        false,
-    )
+    super::to_backend(ctx, mode, id, inner, hash, Reason::IcmpForwarded, false)
 }

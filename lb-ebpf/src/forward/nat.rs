@@ -114,7 +114,7 @@ pub fn forward<K: NatFlow>(
     service: &Service,
 ) -> Result<(Sent, Chosen), Reason> {
     let now = select::clock();
-    let chosen = match select::established(pkt, K::flows(), now) {
+    let chosen = match select::nat_established(pkt, K::flows(), now) {
         Some(chosen) => chosen,
         None => {
             let (id, hash) = pick(service, pkt)?;
@@ -228,7 +228,7 @@ fn place<K: NatFlow>(
         claim(key, reply, flow)?;
         0
     };
-    if select::place(K::flows(), pkt, id, backend.generation, now, nat_port).is_err() {
+    if select::nat_place(K::flows(), pkt, id, backend.generation, now, nat_port).is_err() {
         let _ = K::replies().remove(key);
         return Err(Reason::DropNatNoPort);
     }

@@ -212,7 +212,8 @@ pub fn run(args: DaemonArgs, api: PathBuf) -> anyhow::Result<()> {
         nat_size: routed_settings
             .nat_size
             .unwrap_or(lb_common::DEFAULT_NAT_SIZE),
-    };
+    }
+    .normalized();
     if args.fresh {
         PinDir::open(&args.pin_dir)?.remove_all()?;
     }
@@ -261,6 +262,11 @@ pub fn run(args: DaemonArgs, api: PathBuf) -> anyhow::Result<()> {
 
     let mut dp = Dataplane::load_pinned(sizing, args.debug_packets, &pins)
         .context("loading the XDP program (are you root? is the kernel built with BPF?)")?;
+    // An older build's connection table: its flows are copied before the program is replaced,
+    // and the ones it placed meanwhile after.
+    let carried = dp
+        .carry_legacy_flows(&pins, false)
+        .context("copying the flows of the adopted data plane's connection table")?;
     // The logger must live as long as the program: it owns the map the program logs into.
     let logger = aya_log::EbpfLogger::init(dp.ebpf_mut());
     let mut ifindexes = Vec::new();
@@ -289,6 +295,15 @@ pub fn run(args: DaemonArgs, api: PathBuf) -> anyhow::Result<()> {
             info!(iface = %name, mode = ?args.xdp_mode, "XDP balancer attached");
         }
         ifindexes.push(ifindex(name)?);
+    }
+    let more = dp
+        .carry_legacy_flows(&pins, true)
+        .context("copying the flows of the adopted data plane's connection table")?;
+    if carried.max(more) > 0 {
+        info!(
+            flows = carried.max(more),
+            "carried the flows of the older build's connection table over"
+        );
     }
     // A restart with fewer interfaces: detach from those no longer named.
     for (name, path) in pins.extra_links() {
