@@ -14,10 +14,14 @@
 //! seen longest ago.
 //!
 //! Torn entries: a reader on one CPU may see a way half rewritten by another. Each way holds a
-//! seal (`flow_seal`) of its flow's hash, its backend and that backend's generation, which a
-//! reader recomputes from what it read and its own flow's hash: a way mixed from two entries,
-//! or left by an earlier holder of the backend id, fails the check (but for a 2^-32 chance) and
-//! counts as absent, so the flow is placed again rather than sent to another flow's backend.
+//! seal (`flow_seal`) of its flow's table hash, its backend and that backend's generation,
+//! which a reader recomputes from what it read and its own flow's hash: a way mixed from two
+//! entries, or left by an earlier holder of the backend id, fails the check (but for a 2^-32
+//! chance) and counts as absent, so the flow is placed again rather than sent to another
+//! flow's backend.
+//!
+//! The set and the seal come from a hash of their own (`hash::table_hash_v4/v6`), cheaper
+//! and quicker to compute than the flow hash that places new flows on the Maglev ring.
 
 use crate::{FLOW_F_CLOSED, FlowKeyV4, FlowKeyV6, hash};
 
@@ -31,8 +35,10 @@ pub trait SlotKey: Copy + core::fmt::Debug + Eq {
     /// The same 5-tuple: compared word by word without branches (a derived `==` compiles to
     /// a chain of branches in BPF).
     fn same(&self, other: &Self) -> bool;
-    /// The flow hash (`hash::flow_hash_v4/v6`): the set, and the Maglev ring entry.
+    /// The flow hash (`hash::flow_hash_v4/v6`): the Maglev ring entry.
     fn flow_hash(&self) -> u32;
+    /// The connection table's hash (`hash::table_hash_v4/v6`): the set, and the seal.
+    fn table_hash(&self) -> u32;
 }
 
 /// Source and destination port as one word.
@@ -56,6 +62,10 @@ impl SlotKey for FlowKeyV4 {
     fn flow_hash(&self) -> u32 {
         hash::flow_hash_v4(self.src, self.dst, self.sport, self.dport, self.proto)
     }
+    #[inline(always)]
+    fn table_hash(&self) -> u32 {
+        hash::table_hash_v4(self.src, self.dst, self.sport, self.dport, self.proto)
+    }
 }
 
 impl SlotKey for FlowKeyV6 {
@@ -75,6 +85,10 @@ impl SlotKey for FlowKeyV6 {
     #[inline(always)]
     fn flow_hash(&self) -> u32 {
         hash::flow_hash_v6(&self.src, &self.dst, self.sport, self.dport, self.proto)
+    }
+    #[inline(always)]
+    fn table_hash(&self) -> u32 {
+        hash::table_hash_v6(&self.src, &self.dst, self.sport, self.dport, self.proto)
     }
 }
 
@@ -107,7 +121,7 @@ pub type FlowSetV4 = FlowSet<FlowKeyV4>;
 pub type FlowSetV6 = FlowSet<FlowKeyV6>;
 
 impl<K: SlotKey> FlowSlot<K> {
-    /// Makes this way `key`'s (of hash `hash`): backend `id` of generation `generation`, seen
+    /// Makes this way `key`'s (of table hash `hash`): backend `id` of generation `generation`, seen
     /// at tick `now`, closed (FIN or RST) or not. The seal is written last.
     #[inline(always)]
     pub fn fill(&mut self, key: &K, hash: u32, id: u32, generation: u32, now: u32, closed: bool) {
@@ -191,12 +205,16 @@ where
     }
 }
 
-/// The seal of a way holding a flow of hash `flow_hash` on backend `backend` of generation
-/// `generation`; never 0 (a free way).
+/// The seal of a way holding a flow of table hash `hash` on backend `backend` of generation
+/// `generation`; never 0 (a free way). For fixed backend and generation it tells apart any
+/// two hashes but those differing in bit 0 only (odd multiplications are one-to-one), likewise
+/// generations for a fixed hash and backend; fields mixed from two ways match with a chance of
+/// about 2^-32.
 #[inline(always)]
 #[must_use]
-pub fn flow_seal(flow_hash: u32, backend: u32, generation: u32) -> u32 {
-    hash::murmur3_words(flow_hash, &[backend, generation]) | 1
+pub const fn flow_seal(hash: u32, backend: u32, generation: u32) -> u32 {
+    let h = (hash ^ backend.wrapping_mul(0x9e37_79b1)).wrapping_mul(0x85eb_ca6b);
+    (h ^ (h >> 15) ^ generation.wrapping_mul(0xc2b2_ae35)) | 1
 }
 
 /// Sets of a table with room for `flows` flows: a power of two (the set is the flow hash's low
@@ -212,11 +230,11 @@ pub const fn flow_sets(flows: u32) -> u32 {
     }
 }
 
-/// The set of a flow of hash `flow_hash` in a table of `sets` sets (a power of two).
+/// The set of a flow of table hash `hash` in a table of `sets` sets (a power of two).
 #[inline(always)]
 #[must_use]
-pub const fn flow_set(flow_hash: u32, sets: u32) -> u32 {
-    flow_hash & (sets - 1)
+pub const fn flow_set(hash: u32, sets: u32) -> u32 {
+    hash & (sets - 1)
 }
 
 #[cfg(test)]

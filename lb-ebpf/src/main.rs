@@ -80,28 +80,36 @@ pub fn lb_hc_egress(ctx: TcContext) -> i32 {
 
 #[inline(always)]
 fn balance(ctx: &XdpContext) -> Result<Sent, Reason> {
-    let (step, inner) = match parse::l2(ctx)? {
+    // Not zeroed first: LLVM makes that a call to a byte-by-byte memset.
+    let mut step = core::mem::MaybeUninit::<Step>::uninit();
+    let (done, inner) = match parse::l2(ctx)? {
         L3::V4(l3) => (
-            balance_family::<FlowKeyV4>(ctx, l3),
+            balance_family::<FlowKeyV4>(ctx, l3, &mut step),
             Inner { l3, v6: false },
         ),
-        L3::V6(l3) => (balance_family::<FlowKeyV6>(ctx, l3), Inner { l3, v6: true }),
+        L3::V6(l3) => (
+            balance_family::<FlowKeyV6>(ctx, l3, &mut step),
+            Inner { l3, v6: true },
+        ),
     };
-    match step {
-        Ok(Step::Dsr(to)) => {
-            count(ctx, to.service, to.backend, to.placed);
+    // SAFETY: `balance_family` wrote the whole step when it returned `Ok`.
+    let step = || unsafe { step.assume_init_ref() };
+    match done {
+        Ok(()) if step().kind == STEP_DSR => {
+            let step = step();
+            count(ctx, step.service, step.backend, step.has(STEP_F_PLACED));
             Ok(Sent {
-                reason: forwarded(to.untracked),
+                reason: forwarded(step.has(STEP_F_UNTRACKED)),
                 action: xdp_action::XDP_TX,
             })
         }
-        Ok(Step::Encap(to)) => encapsulate(ctx, &to, l3_arg(inner)),
-        Ok(Step::Nat(service)) => unpack(lb_nat(
+        Ok(()) if step().kind == STEP_ENCAP => encapsulate(ctx, step(), l3_arg(inner)),
+        Ok(()) => unpack(lb_nat(
             ctx.ctx,
             l3_arg(inner),
-            service.id,
-            service.ring,
-            u32::from(service.forward) | u32::from(service.scheduler) << 8,
+            step().service,
+            step().backend,
+            step().hash,
         )),
         // Checked here, not in lb_nat_reply: the call alone cost ~20 ns per passed packet.
         Err(Reason::PassNotVip) if forward::nat::enabled() => {
@@ -113,31 +121,49 @@ fn balance(ctx: &XdpContext) -> Result<Sent, Reason> {
     }
 }
 
-/// What a family's balancing step did: rewrote the packet for L2 DSR (`balance` counts it),
-/// found a nat/fullnat service whose translation runs next in a subprogram of its own, or has
-/// an ipip/gue packet to encapsulate.
+/// What a family's balancing step did, for `balance` to finish: rewrote the packet for L2 DSR
+/// (`balance` counts it), has an ipip/gue packet to encapsulate, or found a nat/fullnat service
+/// whose translation runs next in a subprogram of its own.
 ///
-/// `repr(u32)`, a tag at offset 0: `balance_family` returns a `Result` of it, and the kernel
-/// refuses the BTF of a Rust enum whose tag (or niche) is elsewhere (a union member not at
-/// offset 0). Without BTF the program loads with no function information, and its global
-/// functions are verified as static ones, again for every state of every caller: 3.6 times the
-/// verifier's work (`tests/test_run.rs` checks that the BTF loads).
-#[repr(u32)]
-enum Step {
-    Dsr(Tally),
-    Nat(Service),
-    Encap(EncapTo),
-}
-
-/// Whom to count a packet for. Counted by `balance`, not in the family's subprogram: that
+/// Whom to count a packet for is counted by `balance`, not in the family's subprogram: that
 /// frame is on the call chain to the scheduler (`lb_pick`), which is near the verifier's
 /// 512-byte limit.
-struct Tally {
-    service: u32,
+///
+/// Plain words, written through a pointer by `balance_family`, which returns a scalar. Not a
+/// Rust enum: LLVM writes an enum's variant whole, the bytes a smaller variant leaves as
+/// padding taken from whatever register is at hand, and the verifier refuses a part of a
+/// pointer spilled to the stack; not a returned struct: LLVM may leave the pointer to the
+/// caller's copy in r0 at the exit, which the verifier refuses ("cannot return stack pointer
+/// to the caller").
+struct Step {
+    /// `STEP_DSR`, `STEP_ENCAP` or `STEP_NAT`.
+    kind: u32,
+    /// The backend (dsr, encap), or the service's ring (nat).
     backend: u32,
-    placed: bool,
-    /// Counted as `ForwardedUntracked` (the SYN-flood guard).
-    untracked: bool,
+    /// The service's id.
+    service: u32,
+    /// The flow hash (encap: the outer source and GUE port), or the service's forward |
+    /// scheduler << 8 (nat).
+    hash: u32,
+    /// `STEP_F_*` bits.
+    flags: u32,
+}
+
+const STEP_DSR: u32 = 0;
+const STEP_ENCAP: u32 = 1;
+const STEP_NAT: u32 = 2;
+/// The flow was placed by this packet (not found in the connection table).
+const STEP_F_PLACED: u32 = 1;
+/// Counted as `ForwardedUntracked` (the SYN-flood guard).
+const STEP_F_UNTRACKED: u32 = 2;
+/// encap: GUE, not IP-in-IP.
+const STEP_F_GUE: u32 = 4;
+
+impl Step {
+    #[inline(always)]
+    fn has(&self, flag: u32) -> bool {
+        self.flags & flag != 0
+    }
 }
 
 // One BPF subprogram per family, one per family for NAT (forward and replies), and one for the
@@ -200,9 +226,19 @@ impl Family for FlowKeyV6 {
     }
 }
 
-/// One family's balancing step; a subprogram per family (see above).
+/// One family's balancing step, into `step`; a subprogram per family (see above).
 #[inline(never)]
-fn balance_family<K: Family>(ctx: &XdpContext, l3: usize) -> Result<Step, Reason> {
+fn balance_family<K: Family>(
+    ctx: &XdpContext,
+    l3: usize,
+    step: &mut core::mem::MaybeUninit<Step>,
+) -> Result<(), Reason> {
+    step.write(balance_step::<K>(ctx, l3)?);
+    Ok(())
+}
+
+#[inline(always)]
+fn balance_step<K: Family>(ctx: &XdpContext, l3: usize) -> Result<Step, Reason> {
     let pkt = K::parse(ctx, l3)?;
     let filter = vip_filter(pkt.flow.vip_filter_bit());
     if filter == 0 {
@@ -211,17 +247,23 @@ fn balance_family<K: Family>(ctx: &XdpContext, l3: usize) -> Result<Step, Reason
     let now = select::clock();
     let plain = filter & VIP_FILTER_PLAIN != 0;
     let syn = pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
-    // The connection table's set and the Maglev ring are both chosen by this hash.
-    let hash = pkt.flow.flow_hash();
+    // The connection table's set and seal: its own hash, cheaper than the flow hash.
+    let slot = pkt.flow.table_hash();
     if plain
         && !syn
-        && let Some(found) = established(&pkt, hash, now)
+        && let Some(found) = established(&pkt, slot, now)
     {
-        return send(ctx, &found, hash);
+        return send(ctx, &found, &pkt.flow);
     }
     let service = pkt.flow.service().ok_or(Reason::PassNotVip)?;
     if is_nat(service.forward) {
-        return Ok(Step::Nat(service));
+        return Ok(Step {
+            kind: STEP_NAT,
+            backend: service.ring,
+            service: service.id,
+            hash: u32::from(service.forward) | u32::from(service.scheduler) << 8,
+            flags: 0,
+        });
     }
     // A SYN opens a connection, so a hashing scheduler places it without a look in the table
     // (the look was a third of a new flow's cost with the kernel's LRU table): a retransmitted
@@ -235,19 +277,19 @@ fn balance_family<K: Family>(ctx: &XdpContext, l3: usize) -> Result<Step, Reason
     if syn
         && plain
         && (!hashed || guarded)
-        && let Some(found) = established(&pkt, hash, now)
+        && let Some(found) = established(&pkt, slot, now)
     {
-        return send(ctx, &found, hash);
+        return send(ctx, &found, &pkt.flow);
     }
-    let backend = select::place_new(&service, &pkt, hash, now, !guarded)?;
-    send(ctx, &backend, hash)
+    let backend = select::place_new(&service, &pkt, slot, now, !guarded)?;
+    send(ctx, &backend, &pkt.flow)
 }
 
 /// The flow's backend from the connection table, unless it is a nat/fullnat one: the service
 /// changed mode in place, and its flows are placed again in the NAT tables.
 #[inline(always)]
-fn established<K: Family>(pkt: &parse::Packet<K>, hash: u32, now: u32) -> Option<Chosen> {
-    let entry = flows::established(&pkt.flow, hash, pkt.tcp_flags, now)?;
+fn established<K: Family>(pkt: &parse::Packet<K>, slot: u32, now: u32) -> Option<Chosen> {
+    let entry = flows::established(&pkt.flow, slot, pkt.tcp_flags, now)?;
     let backend = entry.backend;
     if is_nat(backend.forward) {
         return None;
@@ -282,62 +324,62 @@ fn vip_filter(slot: u32) -> u64 {
     maps::VIP_FILTER.get(word).map_or(0, |w| (w >> shift) & 3)
 }
 
-/// Sends a packet to its chosen backend by the mode of the backend's service (dsr here; for
-/// ipip and gue, says what to encapsulate: `balance` does it) and counts it. `hash`: the
-/// flow's.
+/// Sends a packet of `flow` to its chosen backend by the mode of the backend's service (dsr
+/// here; for ipip and gue, says what to encapsulate: `balance` does it) and counts it.
 #[inline(always)]
-fn send(ctx: &XdpContext, backend: &Chosen, hash: u32) -> Result<Step, Reason> {
+fn send<K: FlowKey>(ctx: &XdpContext, backend: &Chosen, flow: &K) -> Result<Step, Reason> {
+    let flags = if backend.placed { STEP_F_PLACED } else { 0 }
+        | if backend.untracked {
+            STEP_F_UNTRACKED
+        } else {
+            0
+        };
     match backend.forward {
         FORWARD_DSR => {
             forward::dsr::rewrite(ctx, &backend.mac)?;
-            Ok(Step::Dsr(Tally {
-                service: backend.service,
+            Ok(Step {
+                kind: STEP_DSR,
                 backend: backend.id,
-                placed: backend.placed,
-                untracked: backend.untracked,
-            }))
+                service: backend.service,
+                hash: 0,
+                flags,
+            })
         }
-        FORWARD_IPIP | FORWARD_GUE => Ok(Step::Encap(EncapTo {
-            id: backend.id,
-            hash,
+        FORWARD_IPIP | FORWARD_GUE => Ok(Step {
+            kind: STEP_ENCAP,
+            backend: backend.id,
             service: backend.service,
-            gue: backend.forward == FORWARD_GUE,
-            placed: backend.placed,
-            untracked: backend.untracked,
-        })),
+            hash: flow.flow_hash(),
+            flags: flags
+                | if backend.forward == FORWARD_GUE {
+                    STEP_F_GUE
+                } else {
+                    0
+                },
+        }),
         _ => Err(Reason::DropInternal),
     }
 }
 
-/// An ipip/gue packet's backend, flow hash and mode, and whom to count it for.
-struct EncapTo {
-    id: u32,
-    hash: u32,
-    service: u32,
-    gue: bool,
-    placed: bool,
-    untracked: bool,
-}
-
-/// Encapsulates and sends (`l3` as `l3_arg`); counts the packet unless it was answered "too
-/// big" instead. A subprogram, so its results stay out of `balance`'s frame, which every chain
-/// includes.
+/// Encapsulates an ipip/gue `step` and sends it (`l3` as `l3_arg`); counts the packet unless
+/// it was answered "too big" instead. A subprogram, so its results stay out of `balance`'s
+/// frame, which every chain includes.
 #[inline(never)]
-fn encapsulate(ctx: &XdpContext, to: &EncapTo, l3: u32) -> Result<Sent, Reason> {
+fn encapsulate(ctx: &XdpContext, step: &Step, l3: u32) -> Result<Sent, Reason> {
     let e = forward::encap::Encap {
         inner: Inner {
             l3: (l3 & 0xff) as usize,
             v6: l3 & 0x100 != 0,
         },
-        id: to.id,
-        hash: to.hash,
-        gue: to.gue,
+        id: step.backend,
+        hash: step.hash,
+        gue: step.has(STEP_F_GUE),
         reply: true,
-        reason: forwarded(to.untracked),
+        reason: forwarded(step.has(STEP_F_UNTRACKED)),
     };
     let sent = forward::encap::send(ctx, &e)?;
     if sent.reason != Reason::IcmpTooBig {
-        count(ctx, to.service, to.id, to.placed);
+        count(ctx, step.service, step.backend, step.has(STEP_F_PLACED));
     }
     Ok(sent)
 }

@@ -70,16 +70,16 @@ impl FlowKey for FlowKeyV6 {
 
 /// A backend for a flow the connection table does not place (`flows::established` said
 /// `None`): the service's scheduler picks it and, with `track`, the flow is entered in the
-/// connection table. `hash`: the flow's hash.
+/// connection table. `slot`: the flow's table hash.
 #[inline(always)]
 pub fn place_new<K: Tracked>(
     service: &Service,
     pkt: &Packet<K>,
-    hash: u32,
+    slot: u32,
     now: u32,
     track: bool,
 ) -> Result<Chosen, Reason> {
-    let id = schedule(service, pkt, hash)?;
+    let id = schedule(service, pkt)?;
     let backend = BACKENDS.get(id).ok_or(Reason::DropInternal)?;
     if backend.flags & BACKEND_F_ALIVE == 0 {
         // The table is being replaced because this backend just went away.
@@ -87,7 +87,7 @@ pub fn place_new<K: Tracked>(
     }
     if track {
         let closed = closes(pkt.tcp_flags);
-        flows::insert(&pkt.flow, hash, id, backend.generation, now, closed);
+        flows::insert(&pkt.flow, slot, id, backend.generation, now, closed);
         if !closed {
             add_flows(id, 1);
         }
@@ -163,7 +163,7 @@ pub fn nat_established<K: FlowKey>(
     flows: &HashMap<K, FlowState>,
     now: u32,
 ) -> Option<Chosen> {
-    let state = flows.get_ptr_mut(&pkt.flow)?;
+    let state = flows.get_ptr_mut(pkt.flow)?;
     // SAFETY: a pointer into the map's value, valid for this run of the program.
     let state = unsafe { &mut *state };
     let backend = BACKENDS.get(state.backend)?;
@@ -195,14 +195,13 @@ pub fn trusts_syn(scheduler: u8) -> bool {
     scheduler != SCHED_LEAST_CONN && scheduler != SCHED_ROUND_ROBIN
 }
 
-/// A new flow's backend id by the service's scheduler (not yet checked for being alive);
-/// `hash`: the flow's hash.
+/// A new flow's backend id by the service's scheduler (not yet checked for being alive).
 #[inline(always)]
-pub fn schedule<K: FlowKey>(service: &Service, pkt: &Packet<K>, hash: u32) -> Result<u32, Reason> {
+pub fn schedule<K: FlowKey>(service: &Service, pkt: &Packet<K>) -> Result<u32, Reason> {
     let hash = match service.scheduler {
         SCHED_LEAST_CONN | SCHED_ROUND_ROBIN => 0,
         SCHED_SOURCE_HASH => pkt.flow.source_hash(),
-        _ => hash,
+        _ => pkt.flow.flow_hash(),
     };
     pick(service, hash)
 }
@@ -278,7 +277,7 @@ pub fn nat_place<K: FlowKey>(
         flags: if closed { FLOW_F_CLOSED } else { 0 },
         nat_port,
     };
-    flows.insert(&pkt.flow, &state, 0)?;
+    flows.insert(pkt.flow, state, 0)?;
     if !closed {
         add_flows(id, 1);
     }

@@ -890,6 +890,22 @@ fn control_plane_costs(report: &mut Report, quick: bool) {
         );
     }
 
+    // What the connection table's sets of four cost in capacity: the share of flows still in a
+    // table as it fills (the kernel's LRU hash kept every flow until full).
+    let capacity = if quick { 1 << 16 } else { 1 << 20 };
+    for percent in [25u32, 50, 75, 100] {
+        let flows = (u64::from(capacity) * u64::from(percent) / 100) as u32;
+        report.figure(
+            &format!("connection table {percent}% full: flows keeping their entry"),
+            100.0 * lb_userspace::flow_table::retention(capacity, flows, 1),
+            "%",
+            &format!(
+                "flow_table::retention: {flows} random IPv4 flows entered one after the other \
+                 into a table with room for {capacity} (the program's way choice, in userspace)"
+            ),
+        );
+    }
+
     for n in [10u32, 100, 1000] {
         report.figure(
             &format!("failed backend out of the kernel table, {n} backends"),

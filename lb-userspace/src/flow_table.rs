@@ -59,7 +59,7 @@ impl<K: SlotKey, S: SetStore<K>> FlowTable<K, S> {
 
     /// The set `key` lives in.
     pub fn set_index(&self, key: &K) -> usize {
-        flow_set(key.flow_hash(), self.store.sets() as u32) as usize
+        flow_set(key.table_hash(), self.store.sets() as u32) as usize
     }
 
     /// The whole set at `index`, as the program last wrote it.
@@ -110,7 +110,7 @@ impl<K: SlotKey, S: SetStore<K>> FlowTable<K, S> {
         let index = self.set_index(key);
         let mut set = self.store.get(index);
         let way = set.vacancy_for(key, now);
-        set.ways[way].fill(key, key.flow_hash(), id, generation, now, closed);
+        set.ways[way].fill(key, key.table_hash(), id, generation, now, closed);
         self.store.put(index, set);
     }
 }
@@ -123,7 +123,7 @@ fn sound<K: SlotKey>(
     mut generation_of: impl FnMut(u32) -> Option<u32>,
 ) -> Option<FlowState> {
     let generation = generation_of(way.backend)?;
-    (way.seal == flow_seal(key.flow_hash(), way.backend, generation)).then_some(FlowState {
+    (way.seal == flow_seal(key.table_hash(), way.backend, generation)).then_some(FlowState {
         backend: way.backend,
         generation,
         last_seen: way.last_seen,

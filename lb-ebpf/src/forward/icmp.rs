@@ -308,12 +308,19 @@ fn forward<K: Family>(ctx: &XdpContext, flow: K, l3: usize) -> Result<Sent, Reas
     if mode != FORWARD_DSR && mode != FORWARD_IPIP && mode != FORWARD_GUE {
         return Err(Reason::PassIcmpNoFlow);
     }
-    let hash = flow.flow_hash();
-    let id = match flows::find(&flow, hash) {
+    let id = match flows::find(&flow, flow.table_hash()) {
         Some(entry) if entry.backend.flags & BACKEND_F_ALIVE != 0 => entry.id,
         _ => return Err(Reason::PassIcmpNoFlow),
     };
     // The flow's own hash: the same outer source and GUE port as the flow's packets, so the
     // backend receives the error on the same queue.
-    super::to_backend(ctx, mode, id, inner, hash, Reason::IcmpForwarded, false)
+    super::to_backend(
+        ctx,
+        mode,
+        id,
+        inner,
+        flow.flow_hash(),
+        Reason::IcmpForwarded,
+        false,
+    )
 }

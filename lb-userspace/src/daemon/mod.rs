@@ -74,7 +74,10 @@ pub struct DaemonArgs {
     /// Most backends at once, over all services.
     #[arg(long, default_value_t = lb_common::DEFAULT_MAX_BACKENDS, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub max_backends: u32,
-    /// Connection-table size in flows (least recently used flows are evicted when full).
+    /// Flows each connection table (IPv4, IPv6) has room for, rounded up to a power of two of
+    /// sets of four; a new flow in a full set takes the place of the flow seen longest ago.
+    /// 32 bytes per IPv4 flow, 64 per IPv6 flow. Size it at two to four times the flows
+    /// expected.
     #[arg(long, default_value_t = lb_common::DEFAULT_CONNTRACK_SIZE, value_parser = clap::value_parser!(u32).range(1024..=64_000_000))]
     pub conntrack_size: u32,
     /// Log every forwarding decision from the XDP program (slow; for debugging only).

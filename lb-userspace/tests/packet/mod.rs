@@ -361,13 +361,14 @@ pub fn icmp6(
 }
 
 /// A balancer with small maps, loaded but not attached, for tests that drive it through
-/// `BPF_PROG_TEST_RUN`.
+/// `BPF_PROG_TEST_RUN`. Room for 64k flows: the tests send a few thousand, and a table of sets
+/// of four keeps nearly all of them only well below its size (`flow_table::retention`).
 pub fn small_dataplane() -> lb_userspace::dataplane::Dataplane {
     lb_userspace::dataplane::Dataplane::load(
         lb_userspace::dataplane::Sizing {
             max_services: 4,
             max_backends: 16,
-            conntrack_size: 4096,
+            conntrack_size: 1 << 16,
             nat_size: 1024,
         },
         false,
