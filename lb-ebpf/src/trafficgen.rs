@@ -10,6 +10,9 @@
 //!   a fixed next hop and `XDP_TX`, nothing else (no lookup, no state).
 //! - `wire`: `XDP_PASS`, on the far end of a veth the generator transmits into (frames sent into
 //!   a veth with `XDP_TX`/redirect are only received when the peer runs an XDP program).
+//! - `uplink`: on the client's switch port, hands frames for a middlebox straight to that
+//!   middlebox's port (`XDP_REDIRECT`), so it receives a raw frame as from a NIC's driver
+//!   instead of an skb the bridge made; other frames pass to the bridge.
 #![no_std]
 #![no_main]
 
@@ -24,7 +27,7 @@ mod parse;
 use aya_ebpf::{
     bindings::xdp_action,
     macros::{map, xdp},
-    maps::{Array, PerCpuArray},
+    maps::{Array, DevMapHash, HashMap, PerCpuArray},
     programs::XdpContext,
 };
 use lb_common::PROTO_UDP;
@@ -133,6 +136,32 @@ pub fn fwd(ctx: XdpContext) -> u32 {
 #[xdp]
 pub fn wire(_ctx: XdpContext) -> u32 {
     xdp_action::XDP_PASS
+}
+
+/// `uplink`'s destinations: a middlebox's MAC (in the low six bytes, wire order) → the ifindex
+/// of the switch port towards it.
+#[map]
+static UPLINK_MACS: HashMap<u64, u32> = HashMap::with_max_entries(16, 0);
+
+/// The ports of `UPLINK_MACS`, by ifindex (in the switch's namespace).
+#[map]
+static UPLINK_PORTS: DevMapHash = DevMapHash::with_max_entries(16, 0);
+
+#[xdp]
+pub fn uplink(ctx: XdpContext) -> u32 {
+    let Some(dst) = parse::ptr_at::<[u8; 6]>(&ctx, 0) else {
+        return xdp_action::XDP_PASS;
+    };
+    let mut mac = [0u8; 8];
+    // SAFETY: bounds checked by ptr_at.
+    mac[..6].copy_from_slice(unsafe { &*dst });
+    // SAFETY: the value is copied out at once.
+    match unsafe { UPLINK_MACS.get(&u64::from_le_bytes(mac)) } {
+        Some(&port) => UPLINK_PORTS
+            .redirect(port, 0)
+            .unwrap_or(xdp_action::XDP_PASS),
+        None => xdp_action::XDP_PASS,
+    }
 }
 
 #[inline(always)]

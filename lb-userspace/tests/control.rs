@@ -674,3 +674,32 @@ fn a_batch_puts_added_backends_in_the_table_at_its_end_and_a_removal_in_it_appli
 fn bed_service() -> ServiceAddr {
     format!("{VIP}:80/tcp").parse().unwrap()
 }
+
+#[test]
+fn probe_results_taken_in_one_batch_change_the_table_once_at_its_end() {
+    in_netns(|| {
+        let mut bed = Bed::new(3);
+        for n in 1..=3 {
+            bed.add(n);
+        }
+        let keys = bed.probes.0.lock().unwrap().clone();
+        let key_of = |n: u8| *keys.iter().find(|k| k.ip == backend_ip(n)).unwrap();
+        // As the daemon's loop takes results that queued together: all up, then 3 fails.
+        let before_end = bed.control.batch(|control| {
+            for n in 1..=3 {
+                control.probe_result(key_of(n), Ok(()));
+                control.probe_result(key_of(n), Ok(()));
+            }
+            for _ in 0..2 {
+                control.probe_result(key_of(3), Err("refused".into()));
+            }
+            // What the kernel's table says yet: no backend (a new flow is dropped).
+            let syn = Frame::tcp(CLIENT, 999, VIP, 80).tcp_flags(SYN).build();
+            through_balancer(control.dataplane(), &syn)
+        });
+        assert_eq!(before_end, None, "the table changed before the batch ended");
+        let spread = bed.spread(1000..1600);
+        assert_eq!(spread[3], 0, "backend 3 failed in the batch");
+        assert!(spread[1] > 200 && spread[2] > 200, "{spread:?}");
+    });
+}

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use aya::{
     Ebpf, TestRun as _, TestRunAttrs, TestRunOptions,
-    maps::{Array, PerCpuArray},
+    maps::{Array, DevMapHash, HashMap, MapData, PerCpuArray},
     programs::{Xdp, xdp::XdpLinkId, xdp::XdpMode},
 };
 
@@ -21,6 +21,7 @@ pub const GENERATOR: &str = "trafficgen";
 pub const SINK: &str = "sink";
 pub const FWD: &str = "fwd";
 pub const WIRE: &str = "wire";
+pub const UPLINK: &str = "uplink";
 
 /// Length of the generator's frames (`FRAME_LEN` in trafficgen.rs): 64 bytes on a wire.
 pub const FRAME_LEN: usize = 60;
@@ -91,7 +92,7 @@ pub struct Progs {
 impl Progs {
     pub fn load(flows: Flows, sink_port: u16) -> Progs {
         let mut ebpf = Ebpf::load(OBJECT).unwrap_or_else(|e| panic!("loading lb-trafficgen: {e}"));
-        for name in [GENERATOR, SINK, FWD, WIRE] {
+        for name in [GENERATOR, SINK, FWD, WIRE, UPLINK] {
             let prog: &mut Xdp = ebpf
                 .program_mut(name)
                 .unwrap_or_else(|| panic!("program {name} missing from lb-trafficgen"))
@@ -141,6 +142,46 @@ impl Progs {
         bytes[..6].copy_from_slice(&dst);
         bytes[6..].copy_from_slice(&src);
         self.array_set("FWD_CONFIG", words::<3>(&bytes));
+    }
+
+    /// Makes `uplink` hand frames for `mac` straight to `port` of the switch namespace `sw`
+    /// (a devmap's entries name interfaces of the namespace that writes them).
+    pub fn set_uplink(&mut self, sw: &str, mac: [u8; 6], port: &str) {
+        let mut ports: DevMapHash<_> = self
+            .ebpf
+            .map_mut("UPLINK_PORTS")
+            .expect("map UPLINK_PORTS")
+            .try_into()
+            .expect("a devmap");
+        let ifindex = netns::run_in(sw, || {
+            let name = std::ffi::CString::new(port).expect("an interface name");
+            // SAFETY: a valid C string; reads this thread's network namespace.
+            let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
+            assert_ne!(ifindex, 0, "no interface {port} in {sw}");
+            ports
+                .insert(ifindex, ifindex, None, 0)
+                .unwrap_or_else(|e| panic!("UPLINK_PORTS: {e}"));
+            ifindex
+        })
+        .unwrap_or_else(|e| panic!("entering {sw}: {e}"));
+        self.uplink_macs()
+            .insert(uplink_key(mac), ifindex, 0)
+            .unwrap_or_else(|e| panic!("UPLINK_MACS: {e}"));
+    }
+
+    /// Frames for `mac` go through the bridge again.
+    pub fn clear_uplink(&mut self, mac: [u8; 6]) {
+        self.uplink_macs()
+            .remove(&uplink_key(mac))
+            .unwrap_or_else(|e| panic!("UPLINK_MACS: {e}"));
+    }
+
+    fn uplink_macs(&mut self) -> HashMap<&mut MapData, u64, u32> {
+        self.ebpf
+            .map_mut("UPLINK_MACS")
+            .expect("map UPLINK_MACS")
+            .try_into()
+            .expect("a hash map")
     }
 
     fn prog_mut(&mut self, name: &str) -> &mut Xdp {
@@ -328,4 +369,11 @@ impl Jitter {
         self.0 ^= self.0 << 17;
         lo + (hi - lo) * ((self.0 >> 11) as f64 / (1u64 << 53) as f64)
     }
+}
+
+/// `UPLINK_MACS`'s key: the MAC in the low six bytes, in wire order.
+fn uplink_key(mac: [u8; 6]) -> u64 {
+    let mut key = [0u8; 8];
+    key[..6].copy_from_slice(&mac);
+    u64::from_le_bytes(key)
 }

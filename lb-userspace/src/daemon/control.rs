@@ -845,11 +845,12 @@ impl<P: Prober> Control<P> {
         Ok(())
     }
 
-    /// Runs `changes` as one batch: a backend added in it enters its service's table when the
-    /// batch ends, so a service given many backends has its table built once, not once per
-    /// backend (a Maglev build is about 1 ms), and the neighbour tables are read once. Safe to
-    /// wait for: an added backend's kernel entry is written at once; only the ring does not
-    /// name it yet. Every other change syncs its service at once.
+    /// Runs `changes` as one batch: a backend added in it, or whose health changed, enters or
+    /// leaves its service's table when the batch ends, so a service given many backends (or
+    /// whose backends come up together) has its table built once, not once per backend (a
+    /// Maglev build is about 1 ms), and the neighbour tables are read once. Safe to wait for:
+    /// an added backend's kernel entry is written at once; only the ring does not name it yet.
+    /// Every other change syncs its service at once.
     pub fn batch<T>(&mut self, changes: impl FnOnce(&mut Self) -> T) -> T {
         if self.deferred.is_some() {
             return changes(self);
@@ -1101,7 +1102,13 @@ impl<P: Prober> Control<P> {
                 }
                 None => info!(service = %key.service, backend = %key.ip, "backend is up"),
             }
-            if backend.health == Health::Up {
+            let up = backend.health == Health::Up;
+            // In a batch, the service is synced (and the neighbours read) once at its end.
+            if let Some(dirty) = &mut self.deferred {
+                dirty.insert(key.service);
+                return;
+            }
+            if up {
                 // The probe's connection resolved the neighbour; read it now rather than on the
                 // next tick so the backend enters the table at once.
                 self.refresh_macs();

@@ -410,6 +410,8 @@ fn read_state(path: &std::path::Path) -> anyhow::Result<Option<control::SavedSta
 fn control_loop<P: Prober>(control: &mut Control<P>, inbox: &mpsc::Receiver<Event>) {
     let mut next_refresh = Instant::now();
     let mut next_recount = Instant::now() + FLOW_RECOUNT;
+    // An event taken off the inbox while draining probe results, handled next.
+    let mut pending = None;
     loop {
         let now = Instant::now();
         if now >= next_recount {
@@ -423,13 +425,30 @@ fn control_loop<P: Prober>(control: &mut Control<P>, inbox: &mpsc::Receiver<Even
             control.tick_drains();
             next_refresh = now + NEIGHBOUR_REFRESH;
         }
-        match inbox.recv_timeout(next_refresh.saturating_duration_since(now)) {
+        let event = match pending.take() {
+            Some(event) => Ok(event),
+            None => inbox.recv_timeout(next_refresh.saturating_duration_since(now)),
+        };
+        match event {
             Ok(Event::Api(request, reply)) => {
                 // The client may have gone; the change is applied either way.
                 let _ = reply.send(control.handle(request));
                 control.sync_vip_routes();
             }
-            Ok(Event::Probe(key, outcome)) => control.probe_result(key, outcome),
+            // The probe results already queued are one batch: backends checked together (a
+            // start, a switch's port coming back) change their service's table once.
+            Ok(Event::Probe(key, outcome)) => {
+                pending = control.batch(|control| {
+                    control.probe_result(key, outcome);
+                    loop {
+                        match inbox.try_recv() {
+                            Ok(Event::Probe(key, outcome)) => control.probe_result(key, outcome),
+                            Ok(other) => return Some(other),
+                            Err(_) => return None,
+                        }
+                    }
+                });
+            }
             Ok(Event::Shutdown) | Err(mpsc::RecvTimeoutError::Disconnected) => return,
             Err(mpsc::RecvTimeoutError::Timeout) => {}
         }
