@@ -156,7 +156,7 @@ pub fn uplink(ctx: XdpContext) -> u32 {
     // SAFETY: bounds checked by ptr_at.
     mac[..6].copy_from_slice(unsafe { &*dst });
     // SAFETY: the value is copied out at once.
-    match unsafe { UPLINK_MACS.get(&u64::from_le_bytes(mac)) } {
+    match unsafe { UPLINK_MACS.get(u64::from_le_bytes(mac)) } {
         Some(&port) => UPLINK_PORTS
             .redirect(port, 0)
             .unwrap_or(xdp_action::XDP_PASS),
