@@ -7,14 +7,16 @@
 //!   (generator)            ├─ fwd   10.99.0.4  minimal XDP forwarder (MAC rewrite)   ─┤            (XDP sinks)
 //!                          └─ kfwd  10.99.0.5  kernel IP forwarding, no netfilter    ─┘
 //! ```
-//! The client's frames for a middlebox do not cross the bridge: an XDP program on the client's
-//! switch port (`uplink`) redirects them to the middlebox's port, so the middlebox receives a
-//! raw frame as from a NIC's driver. Through the bridge, XDP on a veth first copies every skb
-//! into a fresh page, which a NIC driver never does: on the earlier test bed (the bridge both
-//! ways) the minimal XDP forwarder cost 1.0 to 1.2 µs per packet over the direct path, about
-//! 0.2 µs with the redirect. The kernel's stack on the NAT host and router builds its own skb
-//! around the frame, as it would from a NIC. What the middleboxes send, and the direct path,
-//! cross the bridge as before.
+//! The CPU figures are measured twice: as drawn, and with the client's frames for a middlebox
+//! redirected past the bridge (`uplink`, an XDP program on the client's switch port, hands
+//! them to the middlebox's port), so the middlebox receives a raw frame as from a NIC's
+//! driver. Through the bridge, XDP on a veth first copies every skb into a fresh page, which a
+//! NIC driver never does: the minimal XDP forwarder's floor is 1.0 to 1.2 µs per packet that
+//! way, 0.03 to 0.2 µs redirected. The kernel's stack on the NAT host and router builds its
+//! own skb around a redirected frame, as from a NIC. What the middleboxes send, and the direct
+//! path, cross the bridge either way. The rates and the HTTP runs go through the bridge: fed
+//! raw frames, with no queue in front of its veth's 256-frame ring, the balancer's path drops
+//! bursts of the generator (which shares its CPU) that the stack's queues absorb.
 //! The generator transmits UDP datagrams to the VIP from the client's eth0 with the kernel's
 //! live-frames test mode, in 65,536 distinct flows; an XDP program on every backend counts and
 //! drops them. The same traffic goes five ways: straight to backend b1 (no middlebox), through
@@ -132,6 +134,8 @@ struct Settings {
     ladder: &'static [f64],
     cpu_rounds: usize,
     cpu_trial: Duration,
+    /// How the CPU figures' frames reach the middleboxes, a table each.
+    cpu_ingresses: &'static [Ingress],
     /// Length of each wrk run (whole seconds: wrk's shortest) and rounds of all HTTP runs.
     http_seconds: u32,
     http_rounds: usize,
@@ -150,6 +154,8 @@ impl Settings {
                 ladder: &[],
                 cpu_rounds: 1,
                 cpu_trial: Duration::from_millis(200),
+                // Raw only: it switches the redirect on and off again.
+                cpu_ingresses: &[Ingress::Raw],
                 http_seconds: 1,
                 http_rounds: 1,
                 http_close: false,
@@ -160,6 +166,7 @@ impl Settings {
                 ladder: &[0.25, 0.5, 0.75, 0.9, 1.0],
                 cpu_rounds: 5,
                 cpu_trial: Duration::from_secs(2),
+                cpu_ingresses: &[Ingress::Bridge, Ingress::Raw],
                 http_seconds: 2,
                 http_rounds: 5,
                 http_close: true,
@@ -249,8 +256,8 @@ struct Bed {
     ksoftirqd: Option<i32>,
     /// `uplink` on the client's port (swapped for a sink to measure the generator alone).
     uplink_link: Option<XdpLinkId>,
-    /// The pass programs that let the NAT host and the kernel router receive redirected frames
-    /// (removed before the HTTP runs, whose frames reach them through the bridge).
+    /// With raw ingress: the pass programs that let the NAT host and the kernel router receive
+    /// redirected frames.
     stack_wires: Vec<XdpLinkId>,
     client_mac: [u8; 6],
     b1_mac: [u8; 6],
@@ -319,27 +326,10 @@ impl Bed {
         // program (ENVIRONMENT.md): the client's (generator) and the forwarder's bridge ports.
         // The test bed already has one on the balancer's.
         progs.attach(progs::WIRE, &tb.sw, &fwd.port);
-        // Each middlebox receives the client's frames as it would from a NIC's driver: the
-        // client's port hands them to the middlebox's port with XDP_REDIRECT, so an XDP
-        // program gets the raw frame and the kernel stack builds its own skb around it. Through
-        // the bridge, each XDP program would first pay for turning the bridge's skb back into
-        // a raw frame (a copy into a fresh page), which no NIC does. Frames to the backends
-        // (the direct path) and everything a middlebox sends go through the bridge, the same
-        // for every path. A redirected frame is only received by an interface that runs XDP:
-        // the NAT host and the kernel router get a pass program for the packet trials.
+        // The client's port runs `uplink`: with its map empty every frame passes to the
+        // bridge; the CPU figures are also measured with the middleboxes' frames redirected
+        // raw (`set_ingress`).
         let uplink_link = Some(progs.attach(progs::UPLINK, &tb.sw, "pclient"));
-        let mut stack_wires = Vec::new();
-        for host in [&nat, &kfwd] {
-            stack_wires.push(progs.attach(progs::WIRE, &host.ns, "eth0"));
-        }
-        for (ns, port) in [
-            (&tb.lb, "plb"),
-            (&nat.ns, nat.port.as_str()),
-            (&kfwd.ns, kfwd.port.as_str()),
-            (&fwd.ns, fwd.port.as_str()),
-        ] {
-            progs.set_uplink(&tb.sw, mac_of(ns, "eth0"), port);
-        }
         let b1_mac = mac_of(&tb.backends[0].ns, "eth0");
         let fwd_mac = mac_of(&fwd.ns, "eth0");
         progs.set_fwd_macs(b1_mac, fwd_mac);
@@ -392,22 +382,48 @@ impl Bed {
             cpu,
             ksoftirqd: threads::ksoftirqd(cpu),
             uplink_link,
-            stack_wires,
+            stack_wires: Vec::new(),
             client_mac,
             b1_mac,
             told_nice: false,
         }
     }
 
-    /// From here on the NAT host and the kernel router get everything through the bridge, as
-    /// skbs, and run no XDP (which would copy every skb they receive into a raw frame first):
-    /// the HTTP runs' answers reach the NAT host that way.
-    fn stack_hosts_through_the_bridge(&mut self) {
-        for ns in [self.nat.ns.clone(), self.kfwd.ns.clone()] {
-            self.progs.clear_uplink(mac_of(&ns, "eth0"));
-        }
-        for link in std::mem::take(&mut self.stack_wires) {
-            self.progs.detach(progs::WIRE, link);
+    /// How the client's frames reach the middleboxes. Raw: the client's port redirects them
+    /// to the middlebox's port, so an XDP program gets the raw frame as from a NIC's driver
+    /// and the kernel's stack (NAT host, router) builds its own skb around it; through the
+    /// bridge an XDP program on a veth first copies each skb into a fresh page, which no NIC
+    /// does. A redirected frame is only received by an interface that runs XDP: the NAT host
+    /// and the router get a pass program meanwhile (it would copy every skb they receive
+    /// through the bridge, so it goes again after). What the middleboxes send, and the direct
+    /// path, cross the bridge either way.
+    fn set_ingress(&mut self, ingress: Ingress) {
+        let stack = [self.nat.ns.clone(), self.kfwd.ns.clone()];
+        let middleboxes = [
+            (self.tb.lb.clone(), "plb".to_owned()),
+            (self.nat.ns.clone(), self.nat.port.clone()),
+            (self.kfwd.ns.clone(), self.kfwd.port.clone()),
+            (self.fwd.ns.clone(), self.fwd.port.clone()),
+        ];
+        match ingress {
+            Ingress::Raw if self.stack_wires.is_empty() => {
+                for ns in &stack {
+                    let link = self.progs.attach(progs::WIRE, ns, "eth0");
+                    self.stack_wires.push(link);
+                }
+                for (ns, port) in &middleboxes {
+                    self.progs.set_uplink(&self.tb.sw, mac_of(ns, "eth0"), port);
+                }
+            }
+            Ingress::Bridge if !self.stack_wires.is_empty() => {
+                for (ns, _) in &middleboxes {
+                    self.progs.clear_uplink(mac_of(ns, "eth0"));
+                }
+                for link in std::mem::take(&mut self.stack_wires) {
+                    self.progs.detach(progs::WIRE, link);
+                }
+            }
+            _ => {}
         }
     }
 
@@ -819,8 +835,8 @@ fn main() {
     let direct = 0;
     bed.check_generator(&paths[direct].frame);
     println!(
-        "client -> (XDP redirect) -> {{lb | nft DNAT | kernel router | XDP forwarder}} -> \
-         bridge -> backends, or client -> bridge -> b1;\nUDP to {VIP}:{PORT}, 60-byte frames, {} flows, \
+        "client -> bridge -> {{lb | nft DNAT | kernel router | XDP forwarder}} -> bridge -> \
+         backends, or client -> bridge -> b1;\nUDP to {VIP}:{PORT}, 60-byte frames, {} flows, \
          valid checksums; generator on CPU {}; set up in {:.1} s\n",
         FLOWS.flows,
         bed.cpu,
@@ -978,111 +994,19 @@ fn main() {
     } else {
         10e3
     };
-    let mut costs: Vec<Vec<f64>> = vec![Vec::new(); paths.len()];
-    let mut lossy = vec![false; paths.len()];
-    for round in 0..s.cpu_rounds {
-        for (i, path) in paths.iter().enumerate() {
-            if round == 0 {
-                bed.warm_up(path);
-            }
-            let m = bed.trial(
-                path,
-                Pace {
-                    rate: Some(rate),
-                    duration: s.cpu_trial,
-                    max_frames: None,
-                },
-            );
-            report.others.push(m.t.others_load());
-            lossy[i] |= !m.t.loss_free() || !m.t.kept_up();
-            costs[i].push(m.t.ns_per_packet());
-        }
-    }
-    let med: Vec<f64> = costs.iter_mut().map(|c| median(c)).collect();
-    let own: Vec<f64> = med.iter().map(|m| m - med[direct]).collect();
-    println!(
-        "\nCPU per delivered packet at {} kpps (median of {} round(s) of {:.1} s; generator \
-         thread + ksoftirqd):",
-        kpps(rate),
-        s.cpu_rounds,
-        s.cpu_trial.as_secs_f64()
-    );
-    println!(
-        "{:<46} {:>9} {:>13} {:>13} {:>7}",
-        "", "ns/packet", "(min..max)", "minus direct", "vs lb"
-    );
-    for (i, path) in paths.iter().enumerate() {
-        let lo = costs[i].iter().copied().fold(f64::INFINITY, f64::min);
-        let hi = costs[i].iter().copied().fold(0.0, f64::max);
-        let ratio = (i != direct && own[lb] > 0.0).then(|| own[i] / own[lb]);
-        println!(
-            "{:<46} {:>9.0} {:>13} {:>13} {:>7}{}",
-            path.name,
-            med[i],
-            format!("({lo:.0}..{hi:.0})"),
-            if i == direct {
-                "-".to_owned()
-            } else {
-                format!("{:.0}", own[i])
-            },
-            ratio.map_or_else(|| "-".to_owned(), |r| format!("{r:.2}x")),
-            if lossy[i] {
-                "  (loss, or the generator fell behind, in a round)"
-            } else {
-                ""
-            }
-        );
-        report.figure(
-            &format!("CPU per packet: {}", path.key),
-            med[i],
-            "ns/packet",
-            None,
+    for &ingress in s.cpu_ingresses {
+        bed.set_ingress(ingress);
+        cpu_costs(
+            &mut bed,
+            &paths,
+            rate,
+            &s,
+            &mut report,
+            ingress,
             &method_cpu,
         );
-        if i != direct {
-            report.figure(
-                &format!("CPU per packet: {}, minus direct", path.key),
-                own[i],
-                "ns/packet",
-                ratio,
-                &method_cpu,
-            );
-        }
     }
-    let idx = |key: &str| paths.iter().position(|p| p.key == key);
-    if let (Some(nat), Some(kfwd), Some(xfwd)) = (
-        idx("nft_dnat"),
-        idx("kernel_forwarding"),
-        idx("xdp_forwarder"),
-    ) && own[lb] > 0.0
-    {
-        println!(
-            "\nnftables DNAT costs {:.2}x what the balancer costs per packet (goal: at least 5x).\n\
-             Floors on this test bed: forwarding with XDP_TX costs {:.0} ns, kernel IP forwarding \
-             {:.0} ns; on top of its floor the balancer adds {:.0} ns, DNAT + conntrack {:.0} ns.",
-            own[nat] / own[lb],
-            own[xfwd],
-            own[kfwd],
-            med[lb] - med[xfwd],
-            med[nat] - med[kfwd],
-        );
-        report.figure(
-            "CPU per packet: lb minus the minimal XDP forwarder",
-            med[lb] - med[xfwd],
-            "ns/packet",
-            None,
-            &method_cpu,
-        );
-        report.figure(
-            "CPU per packet: nft_dnat minus kernel IP forwarding",
-            med[nat] - med[kfwd],
-            "ns/packet",
-            None,
-            &method_cpu,
-        );
-    } else {
-        println!("\nthe balancer's cost did not stand out from the direct path's: no ratios");
-    }
+    bed.set_ingress(Ingress::Bridge);
 
     let others = median(&mut report.others.clone());
     println!(
@@ -1094,12 +1018,11 @@ fn main() {
          Caveats: the whole path (veth NAPI, bridge, balancer or conntrack/NAT, backends) runs \
          in softirq on the generator's CPU, so a rate is what one CPU does for generator and \
          path together, not the balancer's capacity (issue 5 saw 0.6-0.9 Mpps here for both a \
-         minimal XDP forwarder and nft DNAT through a bridge). Each middlebox gets the \
-         client's frames redirected from the client's switch port as raw frames, as from a \
-         NIC's driver (XDP runs on them; the stack builds its skb around them); what it sends \
-         goes through the bridge. A veth hop still costs more than a NIC's transmit ring: the \
-         XDP forwarder's row is the floor of any XDP_TX forwarder here. Compare CPU per \
-         packet, not raw rates. The machine's 2 CPUs are shared \
+         minimal XDP forwarder and nft DNAT). Through the bridge, XDP on a veth pays for \
+         turning the bridge's skb into an XDP frame (a copy), which a NIC driver does not: \
+         the XDP forwarder's row is that floor; the raw-ingress figures redirect the client's \
+         frames past it, as a NIC's driver would hand them over. Compare CPU per packet, not \
+         raw rates. The machine's 2 CPUs are shared \
          with whatever else runs: other work took a median {others:.2} CPUs during the \
          trials{noisy}.",
         cpu = bed.cpu,
@@ -1119,7 +1042,6 @@ fn main() {
     );
 
     // 3. Requests per second of real HTTP.
-    bed.stack_hosts_through_the_bridge();
     http_section(&bed, &s, &mut report);
 
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/lb-bench");
@@ -1413,4 +1335,143 @@ fn http_section(bed: &Bed, s: &Settings, report: &mut Report) {
         "/proc/stat busy time minus wrk's, the benchmark process's and ksoftirqd's, median over \
          runs",
     );
+}
+
+/// How the client's frames reach a middlebox (`Bed::set_ingress`).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Ingress {
+    /// Through the bridge, as skbs: an XDP program on a veth first copies each into a fresh
+    /// page, which a NIC driver never does.
+    Bridge,
+    /// Redirected from the client's switch port (`uplink`): a raw frame, as from a NIC's
+    /// driver; the kernel's stack builds its own skb around it.
+    Raw,
+}
+
+/// CPU per delivered packet of every path at `rate`, with the client's frames reaching the
+/// middleboxes by `ingress`: printed, and in the report.
+fn cpu_costs(
+    bed: &mut Bed,
+    paths: &[Path],
+    rate: f64,
+    s: &Settings,
+    report: &mut Report,
+    ingress: Ingress,
+    method_cpu: &str,
+) {
+    let (direct, lb) = (0, paths.iter().position(|p| p.key == "lb").expect("lb"));
+    let (how, suffix) = match ingress {
+        Ingress::Bridge => ("frames to the middleboxes through the bridge", ""),
+        Ingress::Raw => (
+            "frames to the middleboxes redirected raw, as from a NIC's driver",
+            ", raw ingress",
+        ),
+    };
+    let method = format!("{method_cpu}; {how}");
+    let mut costs: Vec<Vec<f64>> = vec![Vec::new(); paths.len()];
+    let mut lossy = vec![false; paths.len()];
+    for round in 0..s.cpu_rounds {
+        for (i, path) in paths.iter().enumerate() {
+            if round == 0 {
+                bed.warm_up(path);
+            }
+            let m = bed.trial(
+                path,
+                Pace {
+                    rate: Some(rate),
+                    duration: s.cpu_trial,
+                    max_frames: None,
+                },
+            );
+            report.others.push(m.t.others_load());
+            lossy[i] |= !m.t.loss_free() || !m.t.kept_up();
+            costs[i].push(m.t.ns_per_packet());
+        }
+    }
+    let med: Vec<f64> = costs.iter_mut().map(|c| median(c)).collect();
+    let own: Vec<f64> = med.iter().map(|m| m - med[direct]).collect();
+    println!(
+        "\nCPU per delivered packet at {} kpps, {how} (median of {} round(s) of {:.1} s; \
+         generator thread + ksoftirqd):",
+        kpps(rate),
+        s.cpu_rounds,
+        s.cpu_trial.as_secs_f64()
+    );
+    println!(
+        "{:<46} {:>9} {:>13} {:>13} {:>7}",
+        "", "ns/packet", "(min..max)", "minus direct", "vs lb"
+    );
+    for (i, path) in paths.iter().enumerate() {
+        let lo = costs[i].iter().copied().fold(f64::INFINITY, f64::min);
+        let hi = costs[i].iter().copied().fold(0.0, f64::max);
+        let ratio = (i != direct && own[lb] > 0.0).then(|| own[i] / own[lb]);
+        println!(
+            "{:<46} {:>9.0} {:>13} {:>13} {:>7}{}",
+            path.name,
+            med[i],
+            format!("({lo:.0}..{hi:.0})"),
+            if i == direct {
+                "-".to_owned()
+            } else {
+                format!("{:.0}", own[i])
+            },
+            ratio.map_or_else(|| "-".to_owned(), |r| format!("{r:.2}x")),
+            if lossy[i] {
+                "  (loss, or the generator fell behind, in a round)"
+            } else {
+                ""
+            }
+        );
+        report.figure(
+            &format!("CPU per packet: {}{suffix}", path.key),
+            med[i],
+            "ns/packet",
+            None,
+            &method,
+        );
+        if i != direct {
+            report.figure(
+                &format!("CPU per packet: {}, minus direct{suffix}", path.key),
+                own[i],
+                "ns/packet",
+                ratio,
+                &method,
+            );
+        }
+    }
+    let idx = |key: &str| paths.iter().position(|p| p.key == key);
+    if let (Some(nat), Some(kfwd), Some(xfwd)) = (
+        idx("nft_dnat"),
+        idx("kernel_forwarding"),
+        idx("xdp_forwarder"),
+    ) && own[lb] > 0.0
+    {
+        println!(
+            "\n{how}: nftables DNAT costs {:.2}x what the balancer costs per packet (goal: at \
+             least 5x).\n\
+             Floors on this test bed: forwarding with XDP_TX costs {:.0} ns, kernel IP forwarding \
+             {:.0} ns; on top of its floor the balancer adds {:.0} ns, DNAT + conntrack {:.0} ns.",
+            own[nat] / own[lb],
+            own[xfwd],
+            own[kfwd],
+            med[lb] - med[xfwd],
+            med[nat] - med[kfwd],
+        );
+        report.figure(
+            &format!("CPU per packet: lb minus the minimal XDP forwarder{suffix}"),
+            med[lb] - med[xfwd],
+            "ns/packet",
+            None,
+            &method,
+        );
+        report.figure(
+            &format!("CPU per packet: nft_dnat minus kernel IP forwarding{suffix}"),
+            med[nat] - med[kfwd],
+            "ns/packet",
+            None,
+            &method,
+        );
+    } else {
+        println!("\nthe balancer's cost did not stand out from the direct path's: no ratios");
+    }
 }
