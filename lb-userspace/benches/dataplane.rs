@@ -702,6 +702,27 @@ fn per_packet(report: &mut Report, sizes: &katran::Sizes, mut beside: Option<&mu
         None,
     );
     drop(dp);
+    // The same 16,384 flows in tables of other sizes: a flow's set is anywhere in the table,
+    // so the cost of the set's cache miss grows with the memory it is spread over (TLB and
+    // page-walk misses), not only with the number of flows.
+    let sizes: &[u32] = if per_run < 10_000 {
+        &[1 << 16]
+    } else {
+        &[1 << 18, 1 << 20, 1 << 22]
+    };
+    for &size in sizes {
+        let mut dp = balancer(1, 100, size);
+        let figure = established(&mut dp, 1, 16_384, false, per_run);
+        report.row(
+            &format!(
+                "est. 16,384 flows, {}k-flow table ({} MB)",
+                size / 1024,
+                size / (1 << 15)
+            ),
+            figure,
+            None,
+        );
+    }
 
     let mut dp = balancer(1, 100, conntrack);
     if let Some(b) = beside.as_deref_mut() {
