@@ -210,20 +210,7 @@ impl PinDir {
                 info.map_flags() & BPF_F_MMAPABLE,
             );
             let changed = found != (l.key_size, l.value_size, l.flags);
-            if changed && l.role == Role::Legacy {
-                warn!(
-                    map = l.name,
-                    "an older connection table of an unknown layout: its flows are not carried \
-                     over (their next packets are placed again)"
-                );
-                std::fs::remove_file(&path).map_err(|source| PinError::Io {
-                    what: "removing",
-                    path: path.clone(),
-                    source,
-                })?;
-                continue;
-            }
-            if changed && l.role != Role::Counters {
+            if changed && matches!(l.role, Role::State | Role::NewState) {
                 let describe = |(k, v, f): (usize, usize, u32)| {
                     format!("key size {k}, value size {v}, mmapable {}", f != 0)
                 };
@@ -234,15 +221,22 @@ impl PinDir {
                     wanted: describe((l.key_size, l.value_size, l.flags)),
                 });
             }
-            // A counter map of another layout, or a reason array from a build with fewer
-            // reasons: made again, its counts restart.
-            if changed
-                || (l.name == names::REASON_STATS && info.max_entries() < lb_common::Reason::COUNT)
-            {
-                warn!(
-                    map = l.name,
-                    "counter map layout changed; its counts restart at zero"
-                );
+            // Removed so the load makes it again: a counter map of another layout or a reason
+            // array from a build with fewer reasons (its counts restart), or an older
+            // connection table this build cannot read.
+            let stale = if l.role == Role::Legacy {
+                changed.then_some(
+                    "an older connection table of an unknown layout: its flows are not carried \
+                     over (their next packets are placed again)",
+                )
+            } else {
+                (changed
+                    || (l.name == names::REASON_STATS
+                        && info.max_entries() < lb_common::Reason::COUNT))
+                    .then_some("counter map layout changed; its counts restart at zero")
+            };
+            if let Some(why) = stale {
+                warn!(map = l.name, "{why}");
                 std::fs::remove_file(&path).map_err(|source| PinError::Io {
                     what: "removing",
                     path: path.clone(),

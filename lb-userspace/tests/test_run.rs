@@ -377,23 +377,21 @@ fn a_reused_backend_id_does_not_inherit_old_flows() {
     h.service(0, 0, 80, 6, &[0]);
     let flow = tcp(4242).build();
     assert_eq!(h.forwarded_to(&flow), 0);
-    let key = FlowKeyV4 {
-        src: u32::from_ne_bytes(CLIENT.octets()),
-        dst: u32::from_ne_bytes(VIP.octets()),
-        sport: 4242u16.to_be(),
-        dport: 80u16.to_be(),
-        proto: 6,
-        _pad0: 0,
-        _pad1: 0,
-    };
+    let key = key_of(4242);
     assert_eq!(
         h.dp.flow(&key).map(|s| (s.backend, s.generation)),
         Some((0, 1))
     );
-    // Id 0 now names another backend (generation 2); the table points at backend 1.
+    // Id 0 now names another backend (generation 2); the table points at backend 1. The
+    // flow's next packet (an ACK: looked up, not placed as a SYN is) finds its entry stale.
     h.backend(0, 2, true);
     h.service(0, 1, 80, 6, &[1]);
-    assert_eq!(h.forwarded_to(&flow), 1);
+    assert_eq!(
+        h.dp.flow(&key),
+        None,
+        "the entry names the id's earlier holder"
+    );
+    assert_eq!(h.forwarded_to(&tcp(4242).tcp_flags(ACK).build()), 1);
     assert_eq!(h.dp.flow(&key).map(|s| s.backend), Some(1));
 }
 
