@@ -103,17 +103,21 @@ pub fn query_in(ns: &str, addr: SocketAddr) -> Result<String> {
     sock.send(b"who")
         .with_context(|| format!("udp send to {addr}"))?;
     let mut buf = [0u8; 1500];
-    let n = match sock.recv(&mut buf) {
-        Ok(n) => n,
-        Err(e)
-            if matches!(
-                e.kind(),
-                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-            ) =>
-        {
-            bail!("no answer from {addr} within {CLIENT_TIMEOUT:?}")
+    let n = loop {
+        match sock.recv(&mut buf) {
+            Ok(n) => break n,
+            // A signal reached this thread: read again.
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                bail!("no answer from {addr} within {CLIENT_TIMEOUT:?}")
+            }
+            Err(e) => return Err(e).with_context(|| format!("udp recv from {addr}")),
         }
-        Err(e) => return Err(e).with_context(|| format!("udp recv from {addr}")),
     };
     Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
 }
