@@ -85,7 +85,8 @@ pub fn flow_hash_v6(src: &[u32; 4], dst: &[u32; 4], sport: u16, dport: u16, prot
 }
 
 /// Odd constants of `table_hash_*` (random, fixed: every build places a flow in the same set).
-const TABLE_K: [u32; 10] = [
+/// Public for tests that build flows of equal table hash.
+pub const TABLE_K: [u32; 10] = [
     0x9e37_79b1,
     0x85eb_ca6b,
     0xc2b2_ae35,

@@ -13,7 +13,8 @@ pub mod flow_table;
 pub mod hash;
 
 pub use flow_table::{
-    FLOW_WAYS, FlowSet, FlowSetV4, FlowSetV6, FlowSlot, flow_seal, flow_set, flow_sets,
+    FLOW_MAX_BACKENDS, FLOW_STATE_CLOSED, FLOW_WAYS, FlowSet, FlowSetV4, FlowSetV6, FlowSlot,
+    flow_seal, flow_set, flow_sets, flow_state,
 };
 
 /// Entries in each service's Maglev lookup table. Prime, as the Maglev paper requires; 65537 is
@@ -43,9 +44,9 @@ pub const BACKEND_NONE: u32 = u32::MAX;
 pub const DEFAULT_MAX_SERVICES: u32 = 64;
 /// Default size of the backend array (ids are global across services).
 pub const DEFAULT_MAX_BACKENDS: u32 = 4096;
-/// Default connection-table size: room for 2M flows (`flow_table`: 2^19 sets of 4 ways; 64 MB
-/// for IPv4, 128 MB for IPv6, less than the kernel's LRU hash of 1M flows took). Sets of four
-/// keep nearly every flow only well below their size: 1M flows keep 96% of their entries.
+/// Default connection-table size: room for 2M flows (`flow_table`: 2^19 sets of 4 ways; 32 MB
+/// for IPv4, 64 MB for IPv6, a third of what the kernel's LRU hash of 1M flows took). Sets of
+/// four keep nearly every flow only well below their size: 1M flows keep 96% of their entries.
 pub const DEFAULT_CONNTRACK_SIZE: u32 = 1 << 21;
 
 /// `IPPROTO_TCP` and `IPPROTO_UDP`, as in the IPv4 header's protocol field.
@@ -68,14 +69,20 @@ pub mod names {
     pub const BACKENDS: &str = "BACKENDS";
     pub const RINGS: &str = "RINGS";
     /// The connection tables (`flow_table`).
-    pub const FLOW_TABLE: &str = "FLOW_TABLE";
-    pub const FLOW_TABLE_V6: &str = "FLOW_TABLE_V6";
+    pub const FLOWS: &str = "FLOWS";
+    pub const FLOWS_V6: &str = "FLOWS_V6";
     /// Read-only global: the number of sets of each connection table (a power of two).
     pub const GLOBAL_FLOW_SETS: &str = "LB_FLOW_SETS";
-    /// The LRU hash maps that were the connection tables before `FLOW_TABLE`: a daemon that
-    /// adopts a data plane pinned by such a build copies their flows over.
+    /// Each service's VIP, port and protocol by service id (`ServiceVip`). Not pinned: rebuilt
+    /// from the service maps whenever a data plane is loaded.
+    pub const SERVICE_VIPS: &str = "SERVICE_VIPS";
+    /// The connection tables of older builds: a daemon that adopts a data plane pinned by such
+    /// a build copies their flows over. The kernel's LRU hash maps first, then set-associative
+    /// tables whose ways held the whole 5-tuple (32 and 64 bytes).
     pub const LEGACY_CONNTRACK: &str = "CONNTRACK";
     pub const LEGACY_CONNTRACK_V6: &str = "CONNTRACK_V6";
+    pub const LEGACY_FLOW_TABLE: &str = "FLOW_TABLE";
+    pub const LEGACY_FLOW_TABLE_V6: &str = "FLOW_TABLE_V6";
     pub const SERVICE_STATS: &str = "SERVICE_STATS";
     pub const BACKEND_STATS: &str = "BACKEND_STATS";
     pub const REASON_STATS: &str = "REASON_STATS";
@@ -125,6 +132,43 @@ pub struct ServiceKeyV6 {
     pub port: u16,
     pub proto: u8,
     pub _pad: u8,
+}
+
+/// A service's own key, by service id (`SERVICE_VIPS`): a connection-table way holds only the
+/// client's side of its flow, and counts for a packet only if its backend's service is the
+/// packet's destination, port and protocol (`flow_table`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServiceVip {
+    /// VIP, network order; an IPv4 VIP in the first word, the others zero.
+    pub addr: [u32; 4],
+    /// Port, network order.
+    pub port: u16,
+    pub proto: u8,
+    /// `AF_INET` or `AF_INET6`; 0: no service has this id.
+    pub family: u8,
+}
+
+impl ServiceVip {
+    #[must_use]
+    pub const fn v4(key: &ServiceKeyV4) -> Self {
+        ServiceVip {
+            addr: [key.addr, 0, 0, 0],
+            port: key.port,
+            proto: key.proto,
+            family: AF_INET,
+        }
+    }
+
+    #[must_use]
+    pub const fn v6(key: &ServiceKeyV6) -> Self {
+        ServiceVip {
+            addr: key.addr,
+            port: key.port,
+            proto: key.proto,
+            family: AF_INET6,
+        }
+    }
 }
 
 /// Slots of the VIP filter (`VIP_FILTER`): each service key sets two bits in the slot its
@@ -264,8 +308,8 @@ pub struct Backend {
     pub service: u32,
 }
 
-/// An IPv4 5-tuple, network order: the key of the connection table (`FlowSlot::key`) and of the
-/// NAT maps.
+/// An IPv4 5-tuple, network order: a flow of the connection table (`FlowSlot` holds its client
+/// side) and the key of the NAT maps.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct FlowKeyV4 {
@@ -279,7 +323,7 @@ pub struct FlowKeyV4 {
     pub _pad1: u16,
 }
 
-/// `FlowState::last_seen` counts `CLOCK_MONOTONIC` nanoseconds shifted right by this much
+/// `FlowState::last_seen` and `FlowSlot::state` count `CLOCK_MONOTONIC` nanoseconds shifted right by this much
 /// (ticks of about 1.07 s). The daemon writes the current tick into the `CLOCK` map twice a
 /// second; the program reads it there, because a clock helper call cost ~35 ns per packet.
 pub const FLOW_TICK_SHIFT: u32 = 30;
@@ -297,7 +341,7 @@ pub struct FlowKeyV6 {
     pub _pad1: u16,
 }
 
-/// The flow has seen a TCP FIN or RST: it no longer counts as active.
+/// `FlowState::flags`: the flow has seen a TCP FIN or RST, it no longer counts as active.
 pub const FLOW_F_CLOSED: u16 = 1;
 
 /// A flow's backend and state: the value of the NAT flow maps (`NAT_FLOWS`), and how userspace
@@ -601,6 +645,7 @@ mod pod {
     // padding fields, so every bit pattern is valid and no byte is uninitialised.
     unsafe impl aya::Pod for super::ServiceKeyV4 {}
     unsafe impl aya::Pod for super::ServiceKeyV6 {}
+    unsafe impl aya::Pod for super::ServiceVip {}
     unsafe impl aya::Pod for super::FlowKeyV6 {}
     unsafe impl aya::Pod for super::Service {}
     unsafe impl aya::Pod for super::Backend {}
@@ -625,6 +670,7 @@ mod tests {
     fn map_types_have_no_implicit_padding() {
         assert_eq!(size_of::<ServiceKeyV4>(), 8);
         assert_eq!(size_of::<ServiceKeyV6>(), 20);
+        assert_eq!(size_of::<ServiceVip>(), 20);
         assert_eq!(size_of::<FlowKeyV6>(), 40);
         assert_eq!(size_of::<Service>(), 12);
         assert_eq!(size_of::<Backend>(), 36);

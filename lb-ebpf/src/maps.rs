@@ -10,7 +10,7 @@ use lb_common::{
     Backend, DECAP_MAX_ADDRS, DEFAULT_CONNTRACK_SIZE, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_SERVICES,
     DEFAULT_NAT_SIZE, DataplaneConfig, DecapAddr, DecapReason, FlowKeyV4, FlowKeyV6, FlowSetV4,
     FlowSetV6, FlowState, LcList, NatReplyV4, NatReplyV6, RING_CHUNKS, Reason, RingChunk, Service,
-    ServiceKeyV4, ServiceKeyV6, Traffic, VIP_FILTER_WORDS, flow_sets,
+    ServiceKeyV4, ServiceKeyV6, ServiceVip, Traffic, VIP_FILTER_WORDS, flow_sets,
 };
 
 use crate::forward::{
@@ -48,15 +48,20 @@ pub static RINGS: Array<RingChunk> =
 /// The connection table: every dsr/ipip/gue flow seen and its backend, in sets of
 /// `FLOW_WAYS` ways (`flow_table`; the loader sizes it in sets, `LB_FLOW_SETS`). Shared by all
 /// CPUs without locks. Mappable: a mappable array's values start on a page, so every set is
-/// aligned to whole cache lines (userspace also reads it through the mapping).
+/// one aligned cache line (userspace also reads it through the mapping).
 #[map]
-pub static FLOW_TABLE: Array<FlowSetV4> =
+pub static FLOWS: Array<FlowSetV4> =
     Array::with_max_entries(flow_sets(DEFAULT_CONNTRACK_SIZE), BPF_F_MMAPABLE);
 
-/// The IPv6 connection table (its own map: IPv4 ways stay 32 bytes).
+/// The IPv6 connection table (its own map: IPv4 sets stay one cache line).
 #[map]
-pub static FLOW_TABLE_V6: Array<FlowSetV6> =
+pub static FLOWS_V6: Array<FlowSetV6> =
     Array::with_max_entries(flow_sets(DEFAULT_CONNTRACK_SIZE), BPF_F_MMAPABLE);
+
+/// Each service's VIP, port and protocol by service id, which a connection-table way (holding
+/// only the client's address and port) is checked against through its backend's service.
+#[map]
+pub static SERVICE_VIPS: Array<ServiceVip> = Array::with_max_entries(DEFAULT_MAX_SERVICES, 0);
 
 /// Active flows per backend id: +1 when a flow is placed, -1 at its first FIN or RST. Flows
 /// that just go idle or are evicted are not seen here; the daemon recounts from the

@@ -170,13 +170,14 @@ pub fn nat_established<K: FlowKey>(
     if backend.flags & BACKEND_F_ALIVE == 0 || backend.generation != state.generation {
         return None;
     }
-    track(
-        &mut state.last_seen,
-        &mut state.flags,
-        state.backend,
-        pkt.tcp_flags,
-        now,
-    );
+    // Written at most once a tick, and when TCP closes or reopens the flow.
+    if state.last_seen != now {
+        state.last_seen = now;
+    }
+    let closed = state.flags & FLOW_F_CLOSED != 0;
+    if closed_after(closed, state.backend, pkt.tcp_flags) != closed {
+        state.flags ^= FLOW_F_CLOSED;
+    }
     Some(Chosen {
         id: state.backend,
         mac: backend.mac,
@@ -284,21 +285,19 @@ pub fn nat_place<K: FlowKey>(
     Ok(())
 }
 
-/// Keeps an established flow's entry current: its last-seen tick (written at most once a
-/// tick, about a second), and the active count of its backend `id` when TCP closes it or a
-/// SYN opens the same 5-tuple again.
+/// Whether a flow of backend `id` is closed after a packet with `tcp_flags` (`closed`: before
+/// it): a FIN or RST closes it, a SYN opens the same 5-tuple again, and the backend's count of
+/// active flows follows.
 #[inline(always)]
-pub fn track(last_seen: &mut u32, flags: &mut u16, id: u32, tcp_flags: u8, now: u32) {
-    if *last_seen != now {
-        *last_seen = now;
-    }
-    let closed = *flags & FLOW_F_CLOSED != 0;
+pub fn closed_after(closed: bool, id: u32, tcp_flags: u8) -> bool {
     if !closed && closes(tcp_flags) {
-        *flags |= FLOW_F_CLOSED;
         add_flows(id, -1);
+        true
     } else if closed && tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
-        *flags &= !FLOW_F_CLOSED;
         add_flows(id, 1);
+        false
+    } else {
+        closed
     }
 }
 

@@ -19,7 +19,8 @@ use lb_common::{
     Backend, DataplaneConfig, DecapAddr, DecapReason, FLOW_WAYS, FORWARD_FULLNAT, FORWARD_NAT,
     FlowKeyV4, FlowKeyV6, FlowSetV4, FlowSetV6, FlowState, LcList, NatReplyV4, NatReplyV6,
     RING_CHUNK, RING_CHUNKS, RING_SIZE, Reason, RingChunk, Service, ServiceKeyV4, ServiceKeyV6,
-    Traffic, VIP_FILTER_NAT, VIP_FILTER_PLAIN, VIP_FILTER_WORDS, names, vip_filter_place,
+    ServiceVip, Traffic, VIP_FILTER_NAT, VIP_FILTER_PLAIN, VIP_FILTER_WORDS, names,
+    vip_filter_place,
 };
 
 /// A service's key in the kernel: the map depends on the VIP's family.
@@ -57,9 +58,24 @@ impl ServiceKey {
             ServiceKey::V6(k) => k.filter_bit(),
         }
     }
+
+    /// The service's own key as `SERVICE_VIPS` holds it; `None` for the port-0 key of a
+    /// `--fragments` service, which only fragments are looked up by.
+    #[must_use]
+    pub fn vip(&self) -> Option<ServiceVip> {
+        match self {
+            ServiceKey::V4(k) if k.port != 0 => Some(ServiceVip::v4(k)),
+            ServiceKey::V6(k) if k.port != 0 => Some(ServiceVip::v6(k)),
+            _ => None,
+        }
+    }
 }
 
-use crate::{flow_table::FlowTable, mapped::MapMemory, pins::PinDir};
+use crate::{
+    flow_table::{FlowTable, Holder, legacy},
+    mapped::MapMemory,
+    pins::PinDir,
+};
 
 /// The VIP filter bit a service sets: nat/fullnat services' flows are not in the connection
 /// table, which the program then skips.
@@ -180,6 +196,7 @@ pub struct Dataplane {
     nat_replies: HashMap<MapData, FlowKeyV4, NatReplyV4>,
     nat_replies_v6: HashMap<MapData, FlowKeyV6, NatReplyV6>,
     vip_filter: Array<MapData, u64>,
+    service_vips: Array<MapData, ServiceVip>,
     /// What `vip_filter` holds.
     filter_words: Vec<u64>,
     /// The service keys in the maps with the filter bit each sets (`VIP_FILTER_PLAIN` or
@@ -234,9 +251,10 @@ impl Dataplane {
             .map_max_entries(names::RINGS, RING_CHUNKS * sizing.ring_tables())
             .map_max_entries(names::BACKENDS, sizing.max_backends)
             .map_max_entries(names::BACKEND_STATS, sizing.max_backends)
-            .map_max_entries(names::FLOW_TABLE, flow_sets)
+            .map_max_entries(names::SERVICE_VIPS, sizing.max_services)
+            .map_max_entries(names::FLOWS, flow_sets)
             .map_max_entries(names::SERVICES_V6, 2 * sizing.max_services)
-            .map_max_entries(names::FLOW_TABLE_V6, flow_sets)
+            .map_max_entries(names::FLOWS_V6, flow_sets)
             .map_max_entries(names::FLOW_COUNTS, sizing.max_backends)
             .map_max_entries(names::RR_CURSORS, sizing.max_services)
             .map_max_entries(names::LC_LISTS, sizing.ring_tables())
@@ -259,15 +277,11 @@ impl Dataplane {
             (RING_CHUNKS * RING_CHUNK * sizing.ring_tables()) as usize,
             names::RINGS,
         )?;
-        let flows: Array<MapData, FlowSetV4> = take(&mut ebpf, names::FLOW_TABLE)?;
-        let flows_v6: Array<MapData, FlowSetV6> = take(&mut ebpf, names::FLOW_TABLE_V6)?;
-        let flow_table =
-            FlowTable::new(mapped(flows.map(), flow_sets as usize, names::FLOW_TABLE)?);
-        let flow_table_v6 = FlowTable::new(mapped(
-            flows_v6.map(),
-            flow_sets as usize,
-            names::FLOW_TABLE_V6,
-        )?);
+        let flows: Array<MapData, FlowSetV4> = take(&mut ebpf, names::FLOWS)?;
+        let flows_v6: Array<MapData, FlowSetV6> = take(&mut ebpf, names::FLOWS_V6)?;
+        let flow_table = FlowTable::new(mapped(flows.map(), flow_sets as usize, names::FLOWS)?);
+        let flow_table_v6 =
+            FlowTable::new(mapped(flows_v6.map(), flow_sets as usize, names::FLOWS_V6)?);
         let mut dp = Dataplane {
             services: take(&mut ebpf, names::SERVICES)?,
             backends: take(&mut ebpf, names::BACKENDS)?,
@@ -288,16 +302,19 @@ impl Dataplane {
             nat_replies: take(&mut ebpf, names::NAT_REPLIES)?,
             nat_replies_v6: take(&mut ebpf, names::NAT_REPLIES_V6)?,
             vip_filter: take(&mut ebpf, names::VIP_FILTER)?,
+            service_vips: take(&mut ebpf, names::SERVICE_VIPS)?,
             filter_words: vec![0; VIP_FILTER_WORDS as usize],
             filter_keys: std::collections::HashMap::new(),
             filter_users: std::collections::HashMap::new(),
             ebpf,
             sizing,
         };
-        // Pinned service maps may already hold services: the filter must pass them.
+        // Pinned service maps may already hold services: the filter must pass them, and their
+        // flows' ways are checked against their keys.
         for key in dp.service_keys()? {
             let service = dp.service(&key)?;
             dp.filter_add(key, filter_kind(&service))?;
+            dp.set_service_vip(&key, service.id)?;
         }
         Ok(dp)
     }
@@ -399,6 +416,7 @@ impl Dataplane {
         let kind = filter_kind(&service);
         let previous = self.filter_keys.get(&key).copied();
         self.filter_add(key, kind)?;
+        self.set_service_vip(&key, service.id)?;
         let (result, name) = match key {
             ServiceKey::V4(k) => (self.services.insert(k, service, 0), names::SERVICES),
             ServiceKey::V6(k) => (self.services_v6.insert(k, service, 0), names::SERVICES_V6),
@@ -411,6 +429,7 @@ impl Dataplane {
     }
 
     pub fn remove_service(&mut self, key: &ServiceKey) -> Result<()> {
+        let id = self.service(key).ok().map(|s| s.id);
         let (result, name) = match key {
             ServiceKey::V4(k) => (self.services.remove(k), names::SERVICES),
             ServiceKey::V6(k) => (self.services_v6.remove(k), names::SERVICES_V6),
@@ -420,7 +439,31 @@ impl Dataplane {
             Err(source) => return Err(DataplaneError::Map { name, source }),
         }
         // After the removal: until then the service still gets its packets.
-        self.filter_remove(key)
+        self.filter_remove(key)?;
+        // Unless the id already names another service's key.
+        match (id, key.vip()) {
+            (Some(id), Some(vip)) if self.service_vips.get(&id, 0).ok() == Some(vip) => {
+                self.write_service_vip(id, ServiceVip::default())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Records `key` as service `id`'s own key (`SERVICE_VIPS`), unless it is a port-0 key.
+    fn set_service_vip(&mut self, key: &ServiceKey, id: u32) -> Result<()> {
+        match key.vip() {
+            Some(vip) => self.write_service_vip(id, vip),
+            None => Ok(()),
+        }
+    }
+
+    fn write_service_vip(&mut self, id: u32, vip: ServiceVip) -> Result<()> {
+        self.service_vips
+            .set(id, vip, 0)
+            .map_err(|source| DataplaneError::Map {
+                name: names::SERVICE_VIPS,
+                source,
+            })
     }
 
     /// Sets `key`'s bit `kind` in the VIP filter (counted: keys may share a slot) and records
@@ -690,9 +733,9 @@ impl Dataplane {
     /// made for the current holder of their backend id count (`flow_table`); the NAT maps in
     /// batches of 4096 (one syscall each instead of two per entry).
     pub fn flows(&self) -> Result<Vec<(u8, FlowState)>> {
-        let mut generation = self.generations();
-        let v4 = self.flow_table.entries(&mut generation);
-        let v6 = self.flow_table_v6.entries(&mut generation);
+        let mut holder = self.holders();
+        let v4 = self.flow_table.entries(&mut holder);
+        let v6 = self.flow_table_v6.entries(&mut holder);
         let nat_v4 = batch::<FlowKeyV4, FlowState>(self.nat_flows.map(), names::NAT_FLOWS)?;
         let nat_v6 = batch::<FlowKeyV6, FlowState>(self.nat_flows_v6.map(), names::NAT_FLOWS_V6)?;
         Ok(v4
@@ -701,6 +744,11 @@ impl Dataplane {
             .map(|(k, s)| (k.proto, s))
             .chain(v6.into_iter().chain(nat_v6).map(|(k, s)| (k.proto, s)))
             .collect())
+    }
+
+    /// What a way naming a backend id is checked against (`holders_of`).
+    fn holders(&self) -> impl FnMut(u32) -> Option<Holder> + '_ {
+        holders_of(&self.backends, &self.service_vips)
     }
 
     /// The generation of a backend id as the kernel's backend array holds it, each id read
@@ -759,7 +807,7 @@ impl Dataplane {
 
     /// The backend a flow is pinned to in the connection table, if any.
     pub fn flow(&self, key: &FlowKeyV4) -> Option<FlowState> {
-        self.flow_table.find(key, self.generations())
+        self.flow_table.find(key, self.holders())
     }
 
     /// The IPv4 connection table (tests and benchmarks look inside it).
@@ -767,16 +815,19 @@ impl Dataplane {
         &mut self.flow_table
     }
 
-    /// Copies the flows of the LRU connection tables an older build pinned in `pins` (if
-    /// any) into this build's tables, for the data plane adopted from it: flows keep their
+    /// Copies the flows of the connection tables an older build pinned in `pins` (if any: the
+    /// kernel's LRU hash maps, or set-associative tables whose ways held the whole 5-tuple)
+    /// into this build's tables, for the data plane adopted from it: flows keep their
     /// backends across the upgrade. Run it before the new program replaces the old one, and
     /// again (`remove`) once it has, for the flows placed in between; a flow the old program
     /// placed again in between keeps its newer entry. Returns the flows copied.
     pub fn carry_legacy_flows(&mut self, pins: &PinDir, remove: bool) -> Result<usize> {
         let mut copied = 0;
-        for (name, v6) in [
-            (names::LEGACY_CONNTRACK, false),
-            (names::LEGACY_CONNTRACK_V6, true),
+        for name in [
+            names::LEGACY_CONNTRACK,
+            names::LEGACY_CONNTRACK_V6,
+            names::LEGACY_FLOW_TABLE,
+            names::LEGACY_FLOW_TABLE_V6,
         ] {
             let path = pins.map_path(name);
             if !path.exists() {
@@ -784,18 +835,7 @@ impl Dataplane {
             }
             let map =
                 MapData::from_pin(&path).map_err(|source| DataplaneError::Map { name, source })?;
-            let now = self.clock.get(&0, 0).unwrap_or(0);
-            if v6 {
-                for (key, state) in batch::<FlowKeyV6, FlowState>(&map, name)? {
-                    carry(&mut self.flow_table_v6, &key, &state, now);
-                    copied += 1;
-                }
-            } else {
-                for (key, state) in batch::<FlowKeyV4, FlowState>(&map, name)? {
-                    carry(&mut self.flow_table, &key, &state, now);
-                    copied += 1;
-                }
-            }
+            copied += self.carry_flows_of(&map, name)?;
             if remove {
                 std::fs::remove_file(&path).map_err(|source| DataplaneError::Io {
                     what: "removing the pin",
@@ -806,6 +846,63 @@ impl Dataplane {
         }
         Ok(copied)
     }
+
+    /// Carries the flows of the older connection table `map` (pinned as `name`) over.
+    fn carry_flows_of(&mut self, map: &MapData, name: &'static str) -> Result<usize> {
+        type Flows<K> = Vec<(K, FlowState)>;
+        let (v4, v6): (Flows<FlowKeyV4>, Flows<FlowKeyV6>) = match name {
+            names::LEGACY_CONNTRACK => (batch(map, name)?, Vec::new()),
+            names::LEGACY_CONNTRACK_V6 => (Vec::new(), batch(map, name)?),
+            names::LEGACY_FLOW_TABLE => (legacy_flows::<_, 0>(map, name, self)?, Vec::new()),
+            _ => (Vec::new(), legacy_flows::<_, 2>(map, name, self)?),
+        };
+        let now = self.clock.get(&0, 0).unwrap_or(0);
+        let mut holder = holders_of(&self.backends, &self.service_vips);
+        for (key, state) in &v4 {
+            carry(&mut self.flow_table, key, state, now, &mut holder);
+        }
+        for (key, state) in &v6 {
+            carry(&mut self.flow_table_v6, key, state, now, &mut holder);
+        }
+        Ok(v4.len() + v6.len())
+    }
+}
+
+/// What a way naming a backend id is checked against, as the kernel's maps hold it: the id's
+/// generation and its service's key. Each id read once.
+fn holders_of<'a>(
+    backends: &'a Array<MapData, Backend>,
+    service_vips: &'a Array<MapData, ServiceVip>,
+) -> impl FnMut(u32) -> Option<Holder> + 'a {
+    let mut seen = std::collections::HashMap::new();
+    move |id| {
+        *seen.entry(id).or_insert_with(|| {
+            let backend = backends.get(&id, 0).ok()?;
+            let vip = service_vips.get(&backend.service, 0).ok()?;
+            Some(Holder {
+                generation: backend.generation,
+                vip,
+            })
+        })
+    }
+}
+
+/// The sound flows of an older build's set-associative table `map` (pinned as `name`; sets
+/// `legacy::Set<K, TAIL>`), read through its mapping and checked against the generations `dp`
+/// holds.
+fn legacy_flows<K: lb_common::flow_table::SlotKey, const TAIL: usize>(
+    map: &MapData,
+    name: &'static str,
+    dp: &Dataplane,
+) -> Result<Vec<(K, FlowState)>> {
+    let info = map
+        .info()
+        .map_err(|source| DataplaneError::Map { name, source })?;
+    let sets: MapMemory<legacy::Set<K, TAIL>> = mapped(map, info.max_entries() as usize, name)?;
+    let mut generation = dp.generations();
+    Ok((0..sets.len())
+        .flat_map(|i| sets.get(i).flows(&mut generation))
+        .collect())
 }
 
 /// The decapsulation program of a backend (`lb decap`) with its two maps. It lives in the
@@ -829,8 +926,9 @@ impl Decap {
             names::RINGS,
             names::BACKENDS,
             names::BACKEND_STATS,
-            names::FLOW_TABLE,
-            names::FLOW_TABLE_V6,
+            names::FLOWS,
+            names::FLOWS_V6,
+            names::SERVICE_VIPS,
             names::FLOW_COUNTS,
             names::RR_CURSORS,
             names::LC_LISTS,
@@ -1076,15 +1174,16 @@ fn mapped<T: Copy>(map: &MapData, len: usize, name: &'static str) -> Result<MapM
 
 /// Enters an older build's connection-table entry (`carry_legacy_flows`) unless the table
 /// already has one for the flow, which is newer. The entry keeps its generation: the seal
-/// then holds only while its backend id has the same holder.
+/// then holds only while its backend id has the same holder. Backend ids the ways cannot hold
+/// (from a data plane with more backends than this build allows) are left out.
 fn carry<K: lb_common::flow_table::SlotKey>(
     table: &mut FlowTable<K>,
     key: &K,
     state: &FlowState,
     now: u32,
+    mut holder: impl FnMut(u32) -> Option<Holder>,
 ) {
-    let set = table.set(table.set_index(key));
-    if set.position(key).is_some() {
+    if state.backend >= lb_common::FLOW_MAX_BACKENDS || table.find(key, &mut holder).is_some() {
         return;
     }
     let closed = state.flags & lb_common::FLOW_F_CLOSED != 0;
@@ -1093,5 +1192,5 @@ fn carry<K: lb_common::flow_table::SlotKey>(
     } else {
         now.min(state.last_seen)
     };
-    table.insert(key, state.backend, state.generation, seen, closed);
+    table.insert(key, state.backend, state.generation, seen, closed, holder);
 }

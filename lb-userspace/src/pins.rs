@@ -7,21 +7,22 @@
 //! Upgrades: a pinned map is reused only if its layout (type, key and value size, flags) is the
 //! one this build expects. Counter maps whose layout changed are recreated (their counts start
 //! again from zero); a changed state map (services, backends, rings, connection table) refuses
-//! the start with an explanation, because reusing it would misread every entry. The LRU
-//! connection tables of older builds (`CONNTRACK`, `CONNTRACK_V6`) are read once, their flows
-//! copied into this build's tables (`Dataplane::carry_legacy_flows`), and unpinned.
+//! the start with an explanation, because reusing it would misread every entry. The connection
+//! tables of older builds (the LRU hash maps `CONNTRACK`, `CONNTRACK_V6`; the sets of whole
+//! 5-tuples `FLOW_TABLE`, `FLOW_TABLE_V6`) are read once, their flows copied into this build's
+//! tables (`Dataplane::carry_legacy_flows`), and unpinned.
 
 use std::path::{Path, PathBuf};
 
 use aya::maps::MapInfo;
 use lb_common::{
-    Backend, DataplaneConfig, FLOW_WAYS, FlowKeyV4, FlowKeyV6, FlowSetV4, FlowSetV6, FlowState,
-    LcList, NatReplyV4, NatReplyV6, RING_CHUNKS, RingChunk, Service, ServiceKeyV4, ServiceKeyV6,
-    Traffic, names,
+    Backend, DataplaneConfig, FLOW_MAX_BACKENDS, FLOW_WAYS, FlowKeyV4, FlowKeyV6, FlowSetV4,
+    FlowSetV6, FlowState, LcList, NatReplyV4, NatReplyV6, RING_CHUNKS, RingChunk, Service,
+    ServiceKeyV4, ServiceKeyV6, Traffic, names,
 };
 use tracing::warn;
 
-use crate::dataplane::Sizing;
+use crate::{dataplane::Sizing, flow_table::legacy};
 
 /// `BPF_F_MMAPABLE`, which the ring map needs for userspace to write tables by memory copy.
 const BPF_F_MMAPABLE: u32 = 1 << 10;
@@ -81,14 +82,16 @@ struct Layout {
     role: Role,
 }
 
-const LAYOUTS: [Layout; 21] = [
+const LAYOUTS: [Layout; 23] = [
     layout::<ServiceKeyV4, Service>(names::SERVICES, 0, Role::State),
     layout::<u32, Backend>(names::BACKENDS, 0, Role::State),
     layout::<u32, RingChunk>(names::RINGS, BPF_F_MMAPABLE, Role::State),
-    layout::<u32, FlowSetV4>(names::FLOW_TABLE, BPF_F_MMAPABLE, Role::NewState),
-    layout::<u32, FlowSetV6>(names::FLOW_TABLE_V6, BPF_F_MMAPABLE, Role::NewState),
+    layout::<u32, FlowSetV4>(names::FLOWS, BPF_F_MMAPABLE, Role::NewState),
+    layout::<u32, FlowSetV6>(names::FLOWS_V6, BPF_F_MMAPABLE, Role::NewState),
     layout::<FlowKeyV4, FlowState>(names::LEGACY_CONNTRACK, 0, Role::Legacy),
     layout::<FlowKeyV6, FlowState>(names::LEGACY_CONNTRACK_V6, 0, Role::Legacy),
+    layout::<u32, legacy::SetV4>(names::LEGACY_FLOW_TABLE, BPF_F_MMAPABLE, Role::Legacy),
+    layout::<u32, legacy::SetV6>(names::LEGACY_FLOW_TABLE_V6, BPF_F_MMAPABLE, Role::Legacy),
     layout::<u32, Traffic>(names::SERVICE_STATS, 0, Role::Counters),
     layout::<u32, Traffic>(names::BACKEND_STATS, 0, Role::Counters),
     layout::<u32, u64>(names::REASON_STATS, 0, Role::Counters),
@@ -259,12 +262,29 @@ impl PinDir {
                     }
                     sizing.max_services = entries / RING_CHUNKS - 1;
                 }
-                names::BACKENDS => sizing.max_backends = info.max_entries(),
-                // An older build's LRU table sizes the new one, unless the new one is pinned.
-                names::FLOW_TABLE => {
+                names::BACKENDS => {
+                    let entries = info.max_entries();
+                    if entries > FLOW_MAX_BACKENDS {
+                        return Err(PinError::Incompatible {
+                            name: l.name,
+                            path,
+                            found: format!("{entries} entries"),
+                            wanted: format!("at most {FLOW_MAX_BACKENDS}"),
+                        });
+                    }
+                    sizing.max_backends = entries;
+                }
+                // An older build's table sizes the new one, unless the new one is pinned.
+                names::FLOWS => {
                     sizing.conntrack_size = info.max_entries().saturating_mul(FLOW_WAYS as u32);
                 }
-                names::LEGACY_CONNTRACK if !self.map_path(names::FLOW_TABLE).exists() => {
+                names::LEGACY_FLOW_TABLE if !self.map_path(names::FLOWS).exists() => {
+                    sizing.conntrack_size = info.max_entries().saturating_mul(FLOW_WAYS as u32);
+                }
+                names::LEGACY_CONNTRACK
+                    if !self.map_path(names::FLOWS).exists()
+                        && !self.map_path(names::LEGACY_FLOW_TABLE).exists() =>
+                {
                     sizing.conntrack_size = info.max_entries();
                 }
                 names::NAT_FLOWS => sizing.nat_size = info.max_entries(),

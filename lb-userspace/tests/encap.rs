@@ -711,33 +711,15 @@ fn too_big_for_an_ipv6_route_answers_packet_too_big() {
 fn icmp_errors_about_a_vip_flow_go_to_that_flows_backend() {
     let bed = Bed::new();
     bed.run(|lb| {
-        for id in 0..4 {
+        // Each service has backends of its own, as the daemon gives them: 4 each.
+        for id in 0..12 {
             lb.backend(id, Ipv4Addr::new(10, 2, 0, 11 + id as u8).into());
         }
-        lb.service(
-            key(false, 80, 6),
-            0,
-            &[0, 1, 2, 3],
-            FORWARD_IPIP,
-            SCHED_MAGLEV,
-            0,
-        );
-        lb.service(
-            key(false, 81, 6),
-            1,
-            &[0, 1, 2, 3],
-            FORWARD_DSR,
-            SCHED_MAGLEV,
-            0,
-        );
-        lb.service(
-            key(false, 82, 6),
-            2,
-            &[0, 1, 2, 3],
-            FORWARD_NAT,
-            SCHED_MAGLEV,
-            0,
-        );
+        for (port, forward) in [(80, FORWARD_IPIP), (81, FORWARD_DSR), (82, FORWARD_NAT)] {
+            let id = u32::from(port - 80);
+            let ids: Vec<u32> = (4 * id..4 * id + 4).collect();
+            lb.service(key(false, port, 6), id, &ids, forward, SCHED_MAGLEV, 0);
+        }
         let router = Ipv4Addr::new(10, 50, 0, 1);
         // (vport, client port): each flow is opened, then an error about the VIP's reply.
         for sport in 1000..1008u16 {

@@ -166,8 +166,8 @@ fn an_incompatible_pinned_map_refuses_the_start_and_touches_nothing() {
         .start();
     let maps = tb.pin_dir().expect("pinned").join("maps");
     std::fs::create_dir_all(&maps).expect("maps dir");
-    // What an older version could have left: the services map as this one has it, and a
-    // connection table whose sets are 64 bytes (this version's are 128).
+    // What another version could have left: the services map as this one has it, and a
+    // connection table whose sets are 128 bytes (this version's are 64).
     let create = |name: &str, kind: &str, key: &str, value: &str, entries: &str, flags: &str| {
         let path = maps.join(name);
         let status = Command::new("bpftool")
@@ -183,7 +183,7 @@ fn an_incompatible_pinned_map_refuses_the_start_and_touches_nothing() {
     create("SERVICES", "hash", "8", "12", "1", "0");
     create("BACKENDS", "array", "4", "36", "16", "0");
     create("RINGS", "array", "4", "64", "8194", "1024");
-    create("FLOW_TABLE", "array", "4", "64", "1024", "1024");
+    create("FLOWS", "array", "4", "128", "1024", "1024");
     let out = Command::new("ip")
         .args(["netns", "exec", &tb.lb, env!("CARGO_BIN_EXE_lb")])
         .arg("--api")
@@ -195,7 +195,7 @@ fn an_incompatible_pinned_map_refuses_the_start_and_touches_nothing() {
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        stderr.contains("pinned map FLOW_TABLE") && stderr.contains("value size 64"),
+        stderr.contains("pinned map FLOWS") && stderr.contains("value size 128"),
         "{stderr}"
     );
     assert!(
@@ -203,7 +203,7 @@ fn an_incompatible_pinned_map_refuses_the_start_and_touches_nothing() {
         "a refused start attached XDP"
     );
     assert!(
-        maps.join("FLOW_TABLE").exists(),
+        maps.join("FLOWS").exists(),
         "the old map was left as it was"
     );
 }

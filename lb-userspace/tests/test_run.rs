@@ -9,7 +9,7 @@ use std::net::Ipv4Addr;
 use aya::{TestRun as _, TestRunOptions};
 use lb_common::{
     AF_INET, BACKEND_F_ALIVE, BACKEND_NONE, Backend, FlowKeyV4, RING_SIZE, Reason, Service,
-    ServiceKeyV4, hash::flow_hash_v4, names,
+    ServiceKeyV4, flow_table::SlotKey as _, hash::flow_hash_v4, names,
 };
 use lb_userspace::{
     daemon::ipv6_words,
@@ -464,6 +464,63 @@ fn a_full_set_gives_up_its_stalest_flow_and_keeps_the_others() {
     assert_eq!(h.forwarded_to(&tcp(ports[0]).tcp_flags(ACK).build()), 1);
 }
 
+/// The multiplicative inverse of an odd `k` modulo 2^32 (Newton's iteration).
+fn inverse(k: u32) -> u32 {
+    let mut x = k;
+    for _ in 0..5 {
+        x = x.wrapping_mul(2u32.wrapping_sub(k.wrapping_mul(x)));
+    }
+    x
+}
+
+#[test]
+fn one_client_port_keeps_a_flow_to_each_service_even_of_equal_table_hash() {
+    // A way holds only the client's address and port: flows of one client port to two
+    // services must each find their own way. Service 1's VIP is chosen so both flows have the
+    // same table hash (the hash is a sum of each word times a constant): one set, and equal
+    // seals for equal backends, so only the check of the backend's service tells them apart.
+    let mut h = Harness::new();
+    for id in 0..4 {
+        h.backend(id, 1, true);
+    }
+    h.service(0, 0, 80, 6, &[0]);
+    let [_, k1, k2, ..] = lb_common::hash::TABLE_K;
+    let vip0 = u32::from_ne_bytes(VIP.octets());
+    let ports = |dport: u16| u32::from(777u16.to_be()) | u32::from(dport.to_be()) << 16;
+    let vip1 = vip0
+        .wrapping_add(inverse(k1).wrapping_mul(ports(80).wrapping_sub(ports(81)).wrapping_mul(k2)));
+    let key1 = ServiceKey::V4(ServiceKeyV4 {
+        addr: vip1,
+        port: 81u16.to_be(),
+        proto: 6,
+        _pad: 0,
+    });
+    h.install(key1, 1, 1, &[1], lb_common::SCHED_MAGLEV);
+    let flow0 = key_of(777);
+    let flow1 = FlowKeyV4 {
+        dst: vip1,
+        dport: 81u16.to_be(),
+        ..flow0
+    };
+    assert_eq!(flow0.table_hash(), flow1.table_hash(), "the test's premise");
+    let to1 = || Frame::tcp(CLIENT, 777, Ipv4Addr::from(vip1.to_ne_bytes()), 81);
+    assert_eq!(h.forwarded_to(&tcp(777).build()), 0);
+    assert_eq!(h.forwarded_to(&to1().build()), 1);
+    // New tables: both flows keep their backends, each through its own way.
+    h.service(0, 2, 80, 6, &[2]);
+    h.install(key1, 1, 3, &[3], lb_common::SCHED_MAGLEV);
+    for _ in 0..2 {
+        assert_eq!(h.forwarded_to(&tcp(777).tcp_flags(ACK).build()), 0);
+        assert_eq!(h.forwarded_to(&to1().tcp_flags(ACK).build()), 1);
+    }
+    assert_eq!(h.dp.flow(&flow0).map(|s| s.backend), Some(0));
+    assert_eq!(h.dp.flow(&flow1).map(|s| s.backend), Some(1));
+    // A SYN placing flow 1 again takes its own way, not flow 0's.
+    assert_eq!(h.forwarded_to(&to1().build()), 3);
+    assert_eq!(h.forwarded_to(&tcp(777).tcp_flags(ACK).build()), 0);
+    assert_eq!(h.forwarded_to(&to1().tcp_flags(ACK).build()), 3);
+}
+
 #[test]
 fn a_torn_entry_is_placed_again_never_followed() {
     let mut h = Harness::new();
@@ -477,7 +534,11 @@ fn a_torn_entry_is_placed_again_never_followed() {
     let table = h.dp.flow_table();
     let i = table.set_index(&key);
     let mut set = table.set(i);
-    let way = set.position(&key).expect("the flow's way");
+    let way = set
+        .ways
+        .iter()
+        .position(|w| w.has_client(&key))
+        .expect("the flow's way");
     set.ways[way].backend = 1;
     table.put_set(i, set);
     h.service(0, 1, 80, 6, &[2]);
@@ -500,61 +561,55 @@ impl Drop for TempPins {
     }
 }
 
-#[test]
-fn flows_of_an_older_builds_lru_table_are_carried_over() {
-    let dir = std::path::PathBuf::from(format!("/sys/fs/bpf/lb-test-carry-{}", std::process::id()));
-    let pins = TempPins(PinDir::open(&dir).expect("a bpffs on /sys/fs/bpf"));
-    // What a build with the kernel's LRU connection table left pinned: flow 10.99.0.1:555 →
-    // VIP:80 on backend 1 of generation 1.
-    let legacy = pins.0.map_path(names::LEGACY_CONNTRACK);
-    let bpftool = |args: &[&str]| {
-        let status = std::process::Command::new("bpftool")
-            .args(args)
-            .status()
-            .expect("bpftool (scripts/setup.sh installs it)");
-        assert!(status.success(), "bpftool {args:?}");
-    };
-    let path = legacy.to_str().unwrap();
-    bpftool(&[
-        "map",
-        "create",
-        path,
-        "type",
-        "lru_hash",
-        "key",
-        "16",
-        "value",
-        "16",
-        "entries",
-        "1024",
-        "name",
-        "CONNTRACK",
-    ]);
+/// Runs bpftool (scripts/setup.sh installs it) and checks it succeeded.
+fn bpftool(args: &[&str]) {
+    let status = std::process::Command::new("bpftool")
+        .args(args)
+        .status()
+        .expect("bpftool (scripts/setup.sh installs it)");
+    assert!(status.success(), "bpftool {args:?}");
+}
+
+/// Creates the map `name` pinned at `path` as an older build left it, holding `key` → `value`.
+fn pin_older_map(path: &std::path::Path, spec: &[&str], name: &str, key: &[u8], value: &[u8]) {
     let hex = |bytes: &[u8]| {
         bytes
             .iter()
             .map(|b| format!("{b:#04x}"))
             .collect::<Vec<_>>()
     };
-    let mut key = CLIENT.octets().to_vec();
-    key.extend(VIP.octets());
-    key.extend(555u16.to_be_bytes());
-    key.extend(80u16.to_be_bytes());
-    key.extend([6, 0, 0, 0]);
-    let mut value = 1u32.to_ne_bytes().to_vec(); // backend
-    value.extend(1u32.to_ne_bytes()); // generation
-    value.extend([0; 8]); // last seen, flags, NAT port
-    let (key, value) = (hex(&key), hex(&value));
+    let path = path.to_str().unwrap();
+    let mut create = vec!["map", "create", path];
+    create.extend(spec);
+    create.extend(["name", name]);
+    bpftool(&create);
+    let (key, value) = (hex(key), hex(value));
     let mut update = vec!["map", "update", "pinned", path, "key"];
     update.extend(key.iter().map(String::as_str));
     update.push("value");
     update.extend(value.iter().map(String::as_str));
     bpftool(&update);
+}
 
+/// The bytes of flow 10.99.0.1:555 → VIP:80/tcp as a key of the older tables.
+fn older_key() -> Vec<u8> {
+    let mut key = CLIENT.octets().to_vec();
+    key.extend(VIP.octets());
+    key.extend(555u16.to_be_bytes());
+    key.extend(80u16.to_be_bytes());
+    key.extend([6, 0, 0, 0]);
+    key
+}
+
+/// Loads a balancer over `pins` (an older table pinned there as `legacy`), with backends 0
+/// and 1 and the ring on 0; checks flow 555 of the older table is carried over on backend 1
+/// and the older table unpinned.
+fn check_carried(pins: &TempPins, legacy: &std::path::Path) {
     let mut h = Harness::loaded(Some(&pins.0));
     h.backend(0, 1, true);
     h.backend(1, 1, true);
     h.service(0, 0, 80, 6, &[0]);
+    packet::own_backends(&mut h.dp, &[1], 0, lb_common::FORWARD_DSR);
     assert_eq!(h.dp.carry_legacy_flows(&pins.0, true).unwrap(), 1);
     assert!(!legacy.exists(), "the older table is unpinned once carried");
     let state = h.dp.flow(&key_of(555)).expect("carried into the new table");
@@ -570,6 +625,49 @@ fn flows_of_an_older_builds_lru_table_are_carried_over() {
         0,
         "nothing left"
     );
+}
+
+fn temp_pins(what: &str) -> TempPins {
+    let dir =
+        std::path::PathBuf::from(format!("/sys/fs/bpf/lb-test-{what}-{}", std::process::id()));
+    TempPins(PinDir::open(&dir).expect("a bpffs on /sys/fs/bpf"))
+}
+
+#[test]
+fn flows_of_an_older_builds_lru_table_are_carried_over() {
+    let pins = temp_pins("carry-lru");
+    // What a build with the kernel's LRU connection table left pinned: flow 555 on backend 1
+    // of generation 1.
+    let legacy = pins.0.map_path(names::LEGACY_CONNTRACK);
+    let mut value = 1u32.to_ne_bytes().to_vec(); // backend
+    value.extend(1u32.to_ne_bytes()); // generation
+    value.extend([0; 8]); // last seen, flags, NAT port
+    let spec = [
+        "type", "lru_hash", "key", "16", "value", "16", "entries", "1024",
+    ];
+    pin_older_map(&legacy, &spec, "CONNTRACK", &older_key(), &value);
+    check_carried(&pins, &legacy);
+}
+
+#[test]
+fn flows_of_an_older_builds_table_of_whole_5_tuples_are_carried_over() {
+    let pins = temp_pins("carry-sets");
+    // What a build whose ways held the whole 5-tuple (32 bytes, sets of 128) left pinned: flow
+    // 555 on backend 1 of generation 1, in the set its table hash names in 1024 sets.
+    let legacy = pins.0.map_path(names::LEGACY_FLOW_TABLE);
+    let hash = key_of(555).table_hash();
+    let mut set = older_key(); // way 0: the 5-tuple,
+    set.extend(1u32.to_ne_bytes()); // backend,
+    set.extend(0u32.to_ne_bytes()); // last seen,
+    set.extend(0u32.to_ne_bytes()); // flags and padding,
+    set.extend(lb_common::flow_seal(hash, 1, 1).to_ne_bytes()); // seal;
+    set.resize(128, 0); // ways 1-3 free.
+    let index = (hash & 1023).to_ne_bytes();
+    let spec = [
+        "type", "array", "key", "4", "value", "128", "entries", "1024", "flags", "1024",
+    ];
+    pin_older_map(&legacy, &spec, "FLOW_TABLE", &index, &set);
+    check_carried(&pins, &legacy);
 }
 
 #[test]
