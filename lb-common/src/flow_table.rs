@@ -35,12 +35,18 @@ use crate::{AF_INET, AF_INET6, FlowKeyV4, FlowKeyV6, ServiceVip, hash};
 /// Ways per set.
 pub const FLOW_WAYS: usize = 4;
 
-/// Backend ids a way can hold: 16 bits of it.
-pub const FLOW_MAX_BACKENDS: u32 = 1 << 16;
+/// Backend ids a way can hold: 24 bits of it.
+pub const FLOW_MAX_BACKENDS: u32 = 1 << 24;
 
-/// `FlowSlot::state`: the flow has seen a TCP FIN or RST and no longer counts as active. The
-/// other bits are the tick of its last packet (ticks stay below 2^31: 73 years of uptime).
-pub const FLOW_STATE_CLOSED: u32 = 1 << 31;
+/// `FlowSlot::state`, bits 22-0: the tick (`FLOW_TICK_SHIFT`) of the flow's last packet,
+/// modulo 2^23 (about 104 days; ages are differences, so only a way idle that long looks
+/// recent again).
+pub const FLOW_STATE_TICK: u32 = (1 << 23) - 1;
+/// `FlowSlot::state`, bit 23: the flow has seen a TCP FIN or RST and no longer counts as
+/// active.
+pub const FLOW_STATE_CLOSED: u32 = 1 << 23;
+/// `FlowSlot::state`, bits 31-24: the backend id's bits 23-16.
+const FLOW_STATE_ID_SHIFT: u32 = 24;
 
 /// A flow key (5-tuple) of one address family, as a way holds part of it.
 pub trait SlotKey: Copy + core::fmt::Debug + Eq {
@@ -161,12 +167,12 @@ pub struct FlowSlot<K: SlotKey> {
     pub client: K::Client,
     /// The client's port, network order.
     pub port: u16,
-    /// The backend id the flow was placed on (below `FLOW_MAX_BACKENDS`).
-    pub backend: u16,
+    /// The low 16 bits of the backend id the flow was placed on (`backend`).
+    pub id_low: u16,
     /// `flow_seal(table hash, backend, backend's generation)`; 0: the way is free.
     pub seal: u32,
-    /// The tick (`FLOW_TICK_SHIFT`) of the flow's last packet, written at most once a tick,
-    /// and `FLOW_STATE_CLOSED`.
+    /// The backend id's high bits, whether TCP closed the flow, and the tick of its last
+    /// packet, written at most once a tick (`FLOW_STATE_*`).
     pub state: u32,
     pub _tail: K::Tail,
 }
@@ -187,9 +193,21 @@ impl<K: SlotKey> FlowSlot<K> {
     #[inline(always)]
     pub fn fill(&mut self, key: &K, hash: u32, id: u32, generation: u32, now: u32, closed: bool) {
         (self.client, self.port) = key.client();
-        self.backend = id as u16;
-        self.state = flow_state(now, closed);
+        self.id_low = id as u16;
+        self.state = (id >> 16) << FLOW_STATE_ID_SHIFT | flow_state(now, closed);
         self.seal = flow_seal(hash, id, generation);
+    }
+
+    /// The backend id the flow was placed on (below `FLOW_MAX_BACKENDS`).
+    #[inline(always)]
+    pub fn backend(&self) -> u32 {
+        u32::from(self.id_low) | (self.state >> FLOW_STATE_ID_SHIFT) << 16
+    }
+
+    /// `state` after a packet at tick `now` that leaves the flow closed or not.
+    #[inline(always)]
+    pub fn state_at(&self, now: u32, closed: bool) -> u32 {
+        self.state & !(FLOW_STATE_TICK | FLOW_STATE_CLOSED) | flow_state(now, closed)
     }
 
     /// Whether the way is taken by a flow of client `key` (its seal and service still to be
@@ -203,13 +221,13 @@ impl<K: SlotKey> FlowSlot<K> {
     /// for its backend's current `generation`, whose service is the flow's (`vip`).
     #[inline(always)]
     pub fn holds(&self, key: &K, hash: u32, generation: u32, vip: &ServiceVip) -> bool {
-        self.seal == flow_seal(hash, u32::from(self.backend), generation) && key.is_service(vip)
+        self.seal == flow_seal(hash, self.backend(), generation) && key.is_service(vip)
     }
 
     /// The tick of the flow's last packet.
     #[inline(always)]
     pub fn last_seen(&self) -> u32 {
-        self.state & !FLOW_STATE_CLOSED
+        self.state & FLOW_STATE_TICK
     }
 
     /// Whether TCP closed the flow (FIN or RST).
@@ -227,8 +245,7 @@ impl<K: SlotKey> FlowSlot<K> {
         if self.seal == 0 {
             return FREE;
         }
-        let idle = now.wrapping_sub(self.last_seen()) & !FLOW_STATE_CLOSED;
-        let idle = if idle < CLOSED { idle } else { CLOSED - 1 };
+        let idle = now.wrapping_sub(self.last_seen()) & FLOW_STATE_TICK;
         if self.closed() { CLOSED | idle } else { idle }
     }
 }
@@ -261,7 +278,7 @@ impl<K: SlotKey> Default for FlowSlot<K> {
         FlowSlot {
             client: K::Client::default(),
             port: 0,
-            backend: 0,
+            id_low: 0,
             seal: 0,
             state: 0,
             _tail: K::Tail::default(),
@@ -277,11 +294,11 @@ impl<K: SlotKey> Default for FlowSet<K> {
     }
 }
 
-/// A way's `state` at tick `now`, closed or not.
+/// A way's tick and closed bits (`FLOW_STATE_*`) at tick `now`, closed or not.
 #[inline(always)]
 #[must_use]
 pub const fn flow_state(now: u32, closed: bool) -> u32 {
-    let tick = now & !FLOW_STATE_CLOSED;
+    let tick = now & FLOW_STATE_TICK;
     if closed {
         tick | FLOW_STATE_CLOSED
     } else {
@@ -456,21 +473,29 @@ mod tests {
         assert_eq!(set.vacancy_for(None, 20), 3, "closed before open");
         // Ages are differences, so a wrapped clock still finds the stalest.
         let mut set = full_set();
-        for (way, seen) in set.ways.iter_mut().zip([2, 0, 1, (1 << 31) - 2]) {
+        for (way, seen) in set.ways.iter_mut().zip([2, 0, 1, FLOW_STATE_TICK - 1]) {
             way.state = flow_state(seen, false);
         }
         assert_eq!(set.vacancy_for(None, 3), 3);
     }
 
     #[test]
-    fn a_state_keeps_its_tick_and_closed_bit_apart() {
-        let s = flow_state(12345, true);
-        let way = FlowSlot::<FlowKeyV4> {
-            state: s,
-            ..Default::default()
-        };
-        assert_eq!((way.last_seen(), way.closed()), (12345, true));
-        assert_eq!(flow_state(12345, false), 12345);
+    fn a_way_keeps_its_backend_tick_and_closed_bit_apart() {
+        let k = key(1);
+        let mut way = FlowSlot::default();
+        for id in [0, 1, 0xffff, 0x1_0000, 0xab_cdef, FLOW_MAX_BACKENDS - 1] {
+            way.fill(&k, 7, id, 1, 12345, true);
+            assert_eq!(
+                (way.backend(), way.last_seen(), way.closed()),
+                (id, 12345, true)
+            );
+            way.state = way.state_at(FLOW_STATE_TICK + 3, false);
+            assert_eq!(
+                (way.backend(), way.last_seen(), way.closed()),
+                (id, 2, false)
+            );
+            assert_eq!(way.seal, flow_seal(7, id, 1));
+        }
     }
 
     #[test]

@@ -6,7 +6,7 @@
 use aya_ebpf::maps::Array;
 use lb_common::{
     BACKEND_F_ALIVE, Backend, FLOW_STATE_CLOSED, FLOW_WAYS, FlowKeyV4, FlowKeyV6, FlowSet,
-    FlowSlot, flow_set, flow_state, flow_table::SlotKey,
+    FlowSlot, flow_seal, flow_set, flow_table::SlotKey,
 };
 
 use crate::{
@@ -61,13 +61,15 @@ fn held<K: Tracked>(
 ) -> Option<(usize, u32, &'static Backend)> {
     let mut i = 0;
     while i < FLOW_WAYS {
-        // Copied once: the seal is checked against exactly the id used.
-        let way = set.ways[i];
+        let way = &set.ways[i];
         if way.has_client(flow) {
-            let id = u32::from(way.backend);
+            // Read once: the seal is checked against exactly the id used.
+            let (id, seal) = (way.backend(), way.seal);
             if let Some(backend) = BACKENDS.get(id)
-                && let Some(vip) = SERVICE_VIPS.get(backend.service)
-                && way.holds(flow, slot, backend.generation, vip)
+                && seal == flow_seal(slot, id, backend.generation)
+                && SERVICE_VIPS
+                    .get(backend.service)
+                    .is_some_and(|vip| flow.is_service(vip))
             {
                 return Some((i, id, backend));
             }
@@ -108,7 +110,7 @@ pub fn established<K: Tracked>(flow: &K, slot: u32, tcp_flags: u8, now: u32) -> 
     }
     let old = entry.way.state;
     let closed = select::closed_after(old & FLOW_STATE_CLOSED != 0, entry.id, tcp_flags);
-    let state = flow_state(now, closed);
+    let state = entry.way.state_at(now, closed);
     if state != old {
         entry.way.state = state;
     }

@@ -297,13 +297,14 @@ impl Report {
     }
 }
 
-/// A balancer loaded with `services` services of `backends` backends each, real Maglev tables.
+/// A balancer loaded with `services` VIPs of `backends` backends each, real Maglev tables.
+/// Each VIP has a TCP and a UDP service on port 80, as the daemon makes them: each with an id,
+/// a table and backends of its own (TCP: id `2 * vip`, UDP: `2 * vip + 1`).
 fn balancer(services: u32, backends: u32, conntrack: u32) -> Dataplane {
     let mut dp = Dataplane::load(
         Sizing {
-            // TCP and UDP on each VIP: two service keys per table (and one for fragments).
             max_services: 2 * services + 1,
-            max_backends: services * backends,
+            max_backends: 2 * services * backends,
             conntrack_size: conntrack,
             nat_size: 1 << 16,
         },
@@ -318,29 +319,38 @@ fn balancer(services: u32, backends: u32, conntrack: u32) -> Dataplane {
             })
             .collect();
         let table = build_table(&members, RING_SIZE).expect("maglev");
-        for b in 0..backends {
-            let id = s * backends + b;
-            let mut addr = [0u8; 16];
-            addr[..4].copy_from_slice(&members[b as usize].key[..4]);
-            dp.set_backend(
-                id,
-                Backend {
-                    addr,
-                    mac: [2, 0, 0, 0, (id >> 8) as u8, id as u8],
-                    port: 80u16.to_be(),
-                    generation: 1,
-                    flags: BACKEND_F_ALIVE,
-                    family: AF_INET,
-                    forward: FORWARD_DSR,
-                    _pad: 0,
-                    service: s,
-                },
-            )
-            .expect("backend");
-        }
-        let ring: Vec<u32> = table.iter().map(|i| s * backends + i).collect();
-        dp.write_ring(s, &ring).expect("ring");
-        for proto in [6u8, 17] {
+        for (p, proto) in [6u8, 17].into_iter().enumerate() {
+            let id = 2 * s + p as u32;
+            let first = id * backends;
+            for b in 0..backends {
+                let mut addr = [0u8; 16];
+                addr[..4].copy_from_slice(&members[b as usize].key[..4]);
+                let backend = first + b;
+                dp.set_backend(
+                    backend,
+                    Backend {
+                        addr,
+                        mac: [
+                            2,
+                            0,
+                            (backend >> 16) as u8,
+                            (backend >> 8) as u8,
+                            backend as u8,
+                            0,
+                        ],
+                        port: 80u16.to_be(),
+                        generation: 1,
+                        flags: BACKEND_F_ALIVE,
+                        family: AF_INET,
+                        forward: FORWARD_DSR,
+                        _pad: 0,
+                        service: id,
+                    },
+                )
+                .expect("backend");
+            }
+            let ring: Vec<u32> = table.iter().map(|i| first + i).collect();
+            dp.write_ring(id, &ring).expect("ring");
             dp.set_service(
                 ServiceKey::V4(ServiceKeyV4 {
                     addr: u32::from_ne_bytes(vip(s).octets()),
@@ -349,8 +359,8 @@ fn balancer(services: u32, backends: u32, conntrack: u32) -> Dataplane {
                     _pad: 0,
                 }),
                 Service {
-                    id: s,
-                    ring: s,
+                    id,
+                    ring: id,
                     forward: FORWARD_DSR,
                     scheduler: lb_common::SCHED_MAGLEV,
                     flags: 0,
@@ -717,7 +727,7 @@ fn per_packet(report: &mut Report, sizes: &katran::Sizes, mut beside: Option<&mu
             &format!(
                 "est. 16,384 flows, {}k-flow table ({} MB)",
                 size / 1024,
-                size / (1 << 15)
+                size as usize * size_of::<lb_common::FlowSlot<FlowKeyV4>>() >> 20
             ),
             figure,
             None,

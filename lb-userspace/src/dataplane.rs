@@ -152,11 +152,12 @@ impl Sizing {
     }
 
     /// These sizes as the maps get them: the connection tables rounded up to a power of two
-    /// of sets.
+    /// of sets, and no more backends than a connection-table way can name.
     #[must_use]
     pub fn normalized(self) -> Self {
         Sizing {
             conntrack_size: self.flow_sets().saturating_mul(FLOW_WAYS as u32),
+            max_backends: self.max_backends.min(lb_common::FLOW_MAX_BACKENDS),
             ..self
         }
     }
@@ -1174,8 +1175,7 @@ fn mapped<T: Copy>(map: &MapData, len: usize, name: &'static str) -> Result<MapM
 
 /// Enters an older build's connection-table entry (`carry_legacy_flows`) unless the table
 /// already has one for the flow, which is newer. The entry keeps its generation: the seal
-/// then holds only while its backend id has the same holder. Backend ids the ways cannot hold
-/// (from a data plane with more backends than this build allows) are left out.
+/// then holds only while its backend id has the same holder.
 fn carry<K: lb_common::flow_table::SlotKey>(
     table: &mut FlowTable<K>,
     key: &K,
@@ -1183,7 +1183,7 @@ fn carry<K: lb_common::flow_table::SlotKey>(
     now: u32,
     mut holder: impl FnMut(u32) -> Option<Holder>,
 ) {
-    if state.backend >= lb_common::FLOW_MAX_BACKENDS || table.find(key, &mut holder).is_some() {
+    if table.find(key, &mut holder).is_some() {
         return;
     }
     let closed = state.flags & lb_common::FLOW_F_CLOSED != 0;

@@ -89,7 +89,7 @@ impl<K: SlotKey, S: SetStore<K>> FlowTable<K, S> {
     ) -> Option<FlowState> {
         let set = self.set(self.set_index(key));
         let way = &set.ways[way_of(&set, key, &mut holder)?];
-        let generation = holder(u32::from(way.backend))?.generation;
+        let generation = holder(way.backend())?.generation;
         Some(state_of(way, generation))
     }
 
@@ -100,7 +100,7 @@ impl<K: SlotKey, S: SetStore<K>> FlowTable<K, S> {
         for i in 0..self.store.sets() {
             let set = self.store.get(i);
             for way in set.ways.iter().filter(|w| w.seal != 0) {
-                let Some(h) = holder(u32::from(way.backend)) else {
+                let Some(h) = holder(way.backend()) else {
                     continue;
                 };
                 if let Some(key) = K::from_parts(way.client, way.port, &h.vip)
@@ -143,15 +143,14 @@ pub fn way_of<K: SlotKey>(
     let hash = key.table_hash();
     set.ways.iter().position(|way| {
         way.has_client(key)
-            && holder(u32::from(way.backend))
-                .is_some_and(|h| way.holds(key, hash, h.generation, &h.vip))
+            && holder(way.backend()).is_some_and(|h| way.holds(key, hash, h.generation, &h.vip))
     })
 }
 
 /// How `FlowState` reports a sound way of backend generation `generation`.
 fn state_of<K: SlotKey>(way: &FlowSlot<K>, generation: u32) -> FlowState {
     FlowState {
-        backend: u32::from(way.backend),
+        backend: way.backend(),
         generation,
         last_seen: way.last_seen(),
         flags: if way.closed() {
@@ -385,7 +384,7 @@ mod tests {
         let mut set = t.set(i);
         let way = way_of(&set, &key(1), holder(7)).unwrap();
         // Another flow's backend written over this one's, the seal not yet.
-        set.ways[way].backend = 4;
+        set.ways[way].id_low = 4;
         t.put_set(i, set);
         assert_eq!(t.find(&key(1), holder(7)), None);
         assert!(t.entries(holder(7)).is_empty());

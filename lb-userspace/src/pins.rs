@@ -16,9 +16,9 @@ use std::path::{Path, PathBuf};
 
 use aya::maps::MapInfo;
 use lb_common::{
-    Backend, DataplaneConfig, FLOW_MAX_BACKENDS, FLOW_WAYS, FlowKeyV4, FlowKeyV6, FlowSetV4,
-    FlowSetV6, FlowState, LcList, NatReplyV4, NatReplyV6, RING_CHUNKS, RingChunk, Service,
-    ServiceKeyV4, ServiceKeyV6, Traffic, names,
+    Backend, DataplaneConfig, FLOW_WAYS, FlowKeyV4, FlowKeyV6, FlowSetV4, FlowSetV6, FlowState,
+    LcList, NatReplyV4, NatReplyV6, RING_CHUNKS, RingChunk, Service, ServiceKeyV4, ServiceKeyV6,
+    Traffic, names,
 };
 use tracing::warn;
 
@@ -262,18 +262,7 @@ impl PinDir {
                     }
                     sizing.max_services = entries / RING_CHUNKS - 1;
                 }
-                names::BACKENDS => {
-                    let entries = info.max_entries();
-                    if entries > FLOW_MAX_BACKENDS {
-                        return Err(PinError::Incompatible {
-                            name: l.name,
-                            path,
-                            found: format!("{entries} entries"),
-                            wanted: format!("at most {FLOW_MAX_BACKENDS}"),
-                        });
-                    }
-                    sizing.max_backends = entries;
-                }
+                names::BACKENDS => sizing.max_backends = info.max_entries(),
                 // An older build's table sizes the new one, unless the new one is pinned.
                 names::FLOWS => {
                     sizing.conntrack_size = info.max_entries().saturating_mul(FLOW_WAYS as u32);

@@ -539,7 +539,7 @@ fn a_torn_entry_is_placed_again_never_followed() {
         .iter()
         .position(|w| w.has_client(&key))
         .expect("the flow's way");
-    set.ways[way].backend = 1;
+    set.ways[way].id_low = 1;
     table.put_set(i, set);
     h.service(0, 1, 80, 6, &[2]);
     assert_eq!(

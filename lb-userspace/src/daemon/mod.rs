@@ -71,9 +71,8 @@ pub struct DaemonArgs {
     /// Most services at once (each holds a 65537-entry Maglev table, 256 KiB).
     #[arg(long, default_value_t = lb_common::DEFAULT_MAX_SERVICES, value_parser = clap::value_parser!(u32).range(1..=4096))]
     pub max_services: u32,
-    /// Most backends at once, over all services (at most 65536: a connection-table entry holds
-    /// a backend id in 16 bits).
-    #[arg(long, default_value_t = lb_common::DEFAULT_MAX_BACKENDS, value_parser = clap::value_parser!(u32).range(1..=lb_common::FLOW_MAX_BACKENDS as i64))]
+    /// Most backends at once, over all services.
+    #[arg(long, default_value_t = lb_common::DEFAULT_MAX_BACKENDS, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub max_backends: u32,
     /// Flows each connection table (IPv4, IPv6) has room for, rounded up to a power of two of
     /// sets of four; a new flow in a full set takes the place of the flow seen longest ago.
