@@ -2,12 +2,14 @@
 //! - `trafficgen`: run in the kernel's live-frames mode (`BPF_PROG_TEST_RUN` with
 //!   `BPF_F_TEST_XDP_LIVE_FRAMES`) on a client namespace's interface. Each run gives the frame
 //!   the benchmark's template frame, then the next flow's source address and port with the
-//!   checksums updated, and returns `XDP_TX`, which the kernel turns into a real transmit on
-//!   that interface: many distinct flows at a rate a socket could not reach.
+//!   checksums updated (and, to spread them over several hosts, its destination MAC), and
+//!   returns `XDP_TX`, which the kernel turns into a real transmit on that interface: many
+//!   distinct flows at a rate a socket could not reach.
 //! - `sink`: on a backend's interface, counts the benchmark's datagrams and drops them (other
 //!   traffic, such as the balancer's health checks, passes).
 //! - `fwd`: the floor for any XDP forwarder on this test bed: rewrite the Ethernet addresses to
-//!   a fixed next hop and `XDP_TX`, nothing else (no lookup, no state).
+//!   one of a few next hops, chosen by the source port (spread like a balancer's flows), and
+//!   `XDP_TX`, nothing else (no lookup, no state).
 //! - `wire`: `XDP_PASS`, on the far end of a veth the generator transmits into (frames sent into
 //!   a veth with `XDP_TX`/redirect are only received when the peer runs an XDP program).
 //! - `uplink`: on the client's switch port, hands frames for a middlebox straight to that
@@ -71,9 +73,19 @@ static SINK_CONFIG: Array<u32> = Array::with_max_entries(1, 0);
 #[map]
 static SINK_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
-/// The minimal forwarder's Ethernet addresses: destination then source, as 32-bit words.
+/// Most hosts the generator and the forwarder spread frames over.
+const MAX_HOPS: u32 = 4;
+
+/// Where the generator's frames go: `[0]`, how many hosts (0: the template's destination for
+/// every frame); `[1..]`, their MACs. Flow `f` goes to `[1 + f % n]`, as a balancer spreads
+/// its flows over backends. MACs are in the low six bytes, in wire order.
 #[map]
-static FWD_CONFIG: Array<[u32; 3]> = Array::with_max_entries(1, 0);
+static GEN_HOPS: Array<u64> = Array::with_max_entries(1 + MAX_HOPS, 0);
+
+/// The minimal forwarder's Ethernet addresses: `[0]`, its own (the source); `[1]`, how many
+/// next hops; `[2..]`, their MACs, as in `GEN_HOPS`.
+#[map]
+static FWD_MACS: Array<u64> = Array::with_max_entries(2 + MAX_HOPS, 0);
 
 // Offsets in the benchmark's template: untagged Ethernet, IPv4 without options, then UDP or TCP.
 const IP: usize = 14;
@@ -114,23 +126,39 @@ pub fn sink(ctx: XdpContext) -> u32 {
 
 #[xdp]
 pub fn fwd(ctx: XdpContext) -> u32 {
-    let Some(macs) = FWD_CONFIG.get(0) else {
-        return xdp_action::XDP_PASS;
-    };
-    let Some(eth) = parse::ptr_at_mut::<[u32; 3]>(&ctx, 0) else {
-        return xdp_action::XDP_PASS;
-    };
-    let Some(ether_type) = parse::ptr_at::<u16>(&ctx, 12) else {
-        return xdp_action::XDP_PASS;
-    };
-    // SAFETY: both pointers come from the bounds-checked accessors.
-    unsafe {
-        if *ether_type != ETH_P_IP.to_be() {
-            return xdp_action::XDP_PASS;
-        }
-        core::ptr::write_unaligned(eth, *macs);
+    forward(&ctx).unwrap_or(xdp_action::XDP_PASS)
+}
+
+/// `fwd`: an IPv4 frame to the next hop its source port picks (`FWD_MACS`).
+#[inline(always)]
+fn forward(ctx: &XdpContext) -> Option<u32> {
+    let own = *FWD_MACS.get(0)?;
+    #[expect(
+        clippy::manual_clamp,
+        reason = "clamp's check of its bounds leaves a panic branch the verifier refuses"
+    )]
+    let hops = (*FWD_MACS.get(1)? as u32).min(MAX_HOPS).max(1);
+    let ether_type: *const u16 = parse::ptr_at(ctx, 12)?;
+    // The benchmark's frames: IPv4 without options, then the port.
+    let sport: *const u16 = parse::ptr_at(ctx, L4)?;
+    // SAFETY (both): bounds checked by ptr_at.
+    if unsafe { *ether_type } != ETH_P_IP.to_be() {
+        return None;
     }
-    xdp_action::XDP_TX
+    let hop = *FWD_MACS.get(2 + u32::from(unsafe { *sport }) % hops)?;
+    set_mac(ctx, 0, hop)?;
+    set_mac(ctx, 6, own)?;
+    Some(xdp_action::XDP_TX)
+}
+
+/// Writes a MAC (the low six bytes of `mac`, wire order) at `offset` of the frame.
+#[inline(always)]
+fn set_mac(ctx: &XdpContext, offset: usize, mac: u64) -> Option<()> {
+    let at: *mut [u8; 6] = parse::ptr_at_mut(ctx, offset)?;
+    let b = mac.to_le_bytes();
+    // SAFETY: bounds checked by ptr_at_mut; a byte array has no alignment.
+    unsafe { *at = [b[0], b[1], b[2], b[3], b[4], b[5]] };
+    Some(())
 }
 
 #[xdp]
@@ -195,6 +223,10 @@ fn next_flow(ctx: &XdpContext) -> Option<()> {
     let per_addr = cfg.ports_per_addr.max(1);
     let addr = cfg.base_addr.wrapping_add(flow / per_addr).to_be();
     let port = (cfg.base_port.wrapping_add(flow % per_addr) as u16).to_be();
+    let hops = *GEN_HOPS.get(0)? as u32;
+    if hops > 0 {
+        set_mac(ctx, 0, *GEN_HOPS.get(1 + flow % hops.min(MAX_HOPS))?)?;
+    }
 
     let proto: *const u8 = parse::ptr_at(ctx, IP_PROTO)?;
     // SAFETY (all accesses below): each pointer comes from ptr_at/ptr_at_mut, which checked

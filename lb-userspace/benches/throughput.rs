@@ -18,11 +18,15 @@
 //! raw frames, with no queue in front of its veth's 256-frame ring, the balancer's path drops
 //! bursts of the generator (which shares its CPU) that the stack's queues absorb.
 //! The generator transmits UDP datagrams to the VIP from the client's eth0 with the kernel's
-//! live-frames test mode, in 65,536 distinct flows; an XDP program on every backend counts and
-//! drops them. The same traffic goes five ways: straight to backend b1 (no middlebox), through
-//! the balancer, through nftables DNAT (what users would pick instead, as kube-proxy does), and
-//! through two floors: a minimal XDP forwarder (for any XDP_TX forwarder on this test bed) and
-//! plain kernel forwarding (for anything the kernel's stack forwards, NAT included).
+//! live-frames test mode, in 65,536 distinct flows (8,192 in quick mode); an XDP program on every backend counts and
+//! drops them. The same traffic goes five ways, spread over the same three backends each
+//! time: straight to the backends (no middlebox; the generator gives each flow a backend's
+//! MAC), through the balancer, through nftables DNAT (what users would pick instead, as
+//! kube-proxy does), and through two floors: a minimal XDP forwarder (for any XDP_TX forwarder
+//! on this test bed; it picks the backend by source port) and plain kernel forwarding (for
+//! anything the kernel's stack forwards, NAT included; a multipath route hashing the 5-tuple).
+//! Delivering to three backends costs more per packet than to one (their receive batches are
+//! smaller), so every path, the direct one too, pays the same for it.
 //!
 //! Figures, printed and written to target/lb-bench/throughput.json, never asserted:
 //! 1. offered vs delivered rate at several offered rates, and the highest loss-free rate;
@@ -97,6 +101,11 @@ const FLOWS: Flows = Flows {
     base_addr: Ipv4Addr::new(10, 99, 0, 100),
     base_port: 1024,
 };
+/// Quick mode: 8,192 flows, so every path's tables hold them all after a short warm-up.
+const QUICK_FLOWS: Flows = Flows {
+    flows: 8_192,
+    ..FLOWS
+};
 /// The template's own source: in no flow, so every frame's rewrite changes both address and
 /// port (and both checksums).
 const TEMPLATE_SRC: (Ipv4Addr, u16) = (Ipv4Addr::new(10, 99, 0, 99), 9);
@@ -128,6 +137,7 @@ fn check_stop() {
 }
 
 struct Settings {
+    flows: Flows,
     /// Length of each offered-rate trial.
     trial: Duration,
     /// Paced trials, as fractions of the rate the generator reached unpaced on that path.
@@ -150,6 +160,7 @@ impl Settings {
             // run in the CPU figures; HTTP runs keep-alive only (a second of wrk per run and
             // path is most of this mode's time; `Connection: close` differs by a header).
             Settings {
+                flows: QUICK_FLOWS,
                 trial: Duration::from_millis(100),
                 ladder: &[],
                 cpu_rounds: 1,
@@ -162,6 +173,7 @@ impl Settings {
             }
         } else {
             Settings {
+                flows: FLOWS,
                 trial: Duration::from_millis(1500),
                 ladder: &[0.25, 0.5, 0.75, 0.9, 1.0],
                 cpu_rounds: 5,
@@ -175,11 +187,14 @@ impl Settings {
     }
 }
 
-/// One way through the test bed: the frame the generator sends for it.
+/// One way through the test bed: the frame the generator sends for it, and the hosts it
+/// spreads the flows over itself (the direct path; empty: every frame to the template's
+/// destination, a middlebox that spreads them).
 struct Path {
     name: &'static str,
     key: &'static str,
     frame: Vec<u8>,
+    hops: Vec<[u8; 6]>,
 }
 
 /// What one run of the generator sent and what reached the backends.
@@ -260,13 +275,15 @@ struct Bed {
     /// redirected frames.
     stack_wires: Vec<XdpLinkId>,
     client_mac: [u8; 6],
-    b1_mac: [u8; 6],
+    flows: Flows,
+    /// The backends' MACs: every path spreads the flows over all of them.
+    backend_macs: Vec<[u8; 6]>,
     /// Said once that the generator could not get its nice value.
     told_nice: bool,
 }
 
 impl Bed {
-    fn start() -> Bed {
+    fn start(flows: Flows) -> Bed {
         let tb = Testbed::builder().backends(3).start();
         let web = web::Responders::start(
             &tb.backends
@@ -315,10 +332,10 @@ impl Bed {
         );
         let client_mac = mac_of(&tb.client, "eth0");
         http_routes(&tb, &nat, client_mac);
-        let kfwd = Host::router(&tb, KFWD_IP, VIP, backends[0].0, &backends[0].1);
+        let kfwd = Host::router(&tb, KFWD_IP, VIP, &backends);
         let fwd = Host::add(&tb, "fwd", FWD_IP);
 
-        let mut progs = Progs::load(FLOWS, PORT);
+        let mut progs = Progs::load(flows, PORT);
         for b in &tb.backends {
             progs.attach(progs::SINK, &b.ns, "eth0");
         }
@@ -330,9 +347,9 @@ impl Bed {
         // bridge; the CPU figures are also measured with the middleboxes' frames redirected
         // raw (`set_ingress`).
         let uplink_link = Some(progs.attach(progs::UPLINK, &tb.sw, "pclient"));
-        let b1_mac = mac_of(&tb.backends[0].ns, "eth0");
-        let fwd_mac = mac_of(&fwd.ns, "eth0");
-        progs.set_fwd_macs(b1_mac, fwd_mac);
+        let backend_macs: Vec<[u8; 6]> =
+            tb.backends.iter().map(|b| mac_of(&b.ns, "eth0")).collect();
+        progs.set_fwd_macs(mac_of(&fwd.ns, "eth0"), &backend_macs);
         progs.attach(progs::FWD, &fwd.ns, "eth0");
 
         // With repeat > 1, BPF_PROG_TEST_RUN adds the program to the kernel's XDP dispatcher
@@ -384,7 +401,8 @@ impl Bed {
             uplink_link,
             stack_wires: Vec::new(),
             client_mac,
-            b1_mac,
+            flows,
+            backend_macs,
             told_nice: false,
         }
     }
@@ -439,45 +457,50 @@ impl Bed {
 
     /// The ways through the test bed, in the order they are measured and printed.
     fn paths(&self) -> Vec<Path> {
-        let to = |ns: &str| self.frame_to(mac_of(ns, "eth0"));
+        let via = |name, key, ns: &str| Path {
+            name,
+            key,
+            frame: self.frame_to(mac_of(ns, "eth0")),
+            hops: Vec::new(),
+        };
         vec![
             Path {
-                name: "direct to backend b1 (no middlebox)",
+                name: "direct to the backends (no middlebox)",
                 key: "direct",
-                frame: self.frame_to(self.b1_mac),
+                frame: self.frame_to(self.backend_macs[0]),
+                hops: self.backend_macs.clone(),
             },
-            Path {
-                name: "kernel IP forwarding (no NAT, no conntrack)",
-                key: "kernel_forwarding",
-                frame: to(&self.kfwd.ns),
-            },
-            Path {
-                name: "minimal XDP forwarder (MAC rewrite, XDP_TX)",
-                key: "xdp_forwarder",
-                frame: to(&self.fwd.ns),
-            },
-            Path {
-                name: "lb: the balancer (XDP, L2 DSR)",
-                key: "lb",
-                frame: to(&self.tb.lb),
-            },
-            Path {
-                name: "nftables DNAT + conntrack",
-                key: "nft_dnat",
-                frame: to(&self.nat.ns),
-            },
+            via(
+                "kernel IP forwarding (no NAT, no conntrack)",
+                "kernel_forwarding",
+                &self.kfwd.ns,
+            ),
+            via(
+                "minimal XDP forwarder (MAC rewrite, XDP_TX)",
+                "xdp_forwarder",
+                &self.fwd.ns,
+            ),
+            via("lb: the balancer (XDP, L2 DSR)", "lb", &self.tb.lb),
+            via("nftables DNAT + conntrack", "nft_dnat", &self.nat.ns),
         ]
     }
 
-    /// Checks what the generator makes of a template: the next flow's source, the rest
-    /// unchanged, both checksums valid. Panics otherwise.
-    fn check_generator(&mut self, template: &[u8]) {
+    /// Checks what the generator makes of `path`'s template: the next flow's source (and
+    /// destination MAC, when it spreads them), the rest unchanged, both checksums valid.
+    /// Panics otherwise.
+    fn check_generator(&mut self, path: &Path) {
+        let template = &path.frame;
         self.progs.set_template(template);
+        self.progs.set_generator_hops(&path.hops);
         for _ in 0..3 {
             let (seq, _) = self.progs.generated();
             let out = self.progs.generate_one(template);
-            let (addr, port) = FLOWS.source(seq);
+            let (addr, port) = self.flows.source(seq);
             let mut want = template.to_vec();
+            if !path.hops.is_empty() {
+                let flow = seq % u64::from(self.flows.flows);
+                want[..6].copy_from_slice(&path.hops[(flow % path.hops.len() as u64) as usize]);
+            }
             want[26..30].copy_from_slice(&addr.octets());
             want[34..36].copy_from_slice(&port.to_be_bytes());
             assert_eq!(
@@ -499,6 +522,7 @@ impl Bed {
 
     fn trial(&mut self, path: &Path, pace: Pace) -> Measured {
         self.progs.set_template(&path.frame);
+        self.progs.set_generator_hops(&path.hops);
         let ksoft = || {
             self.ksoftirqd
                 .and_then(threads::cpu_time)
@@ -577,7 +601,7 @@ impl Bed {
             Pace {
                 rate: None,
                 duration: Duration::from_secs(3),
-                max_frames: Some(u64::from(FLOWS.flows) * 3 / 2),
+                max_frames: Some(u64::from(self.flows.flows) * 3 / 2),
             },
         );
         assert!(
@@ -806,7 +830,7 @@ fn main() {
          frames, XDP_TX), counted by XDP sinks on the backends; highest delivered rate with \
          loss <= {}% over trials of {:.1} s, unpaced and paced; the whole path runs on the \
          generator's CPU",
-        FLOWS.flows,
+        s.flows.flows,
         100.0 * LOSS_FREE,
         s.trial.as_secs_f64()
     );
@@ -826,19 +850,19 @@ fn main() {
             ""
         }
     );
-    let mut bed = Bed::start();
+    let mut bed = Bed::start(s.flows);
     let paths = bed.paths();
     let lb = paths
         .iter()
         .position(|p| p.key == "lb")
         .expect("the balancer's path");
     let direct = 0;
-    bed.check_generator(&paths[direct].frame);
+    bed.check_generator(&paths[direct]);
     println!(
         "client -> bridge -> {{lb | nft DNAT | kernel router | XDP forwarder}} -> bridge -> \
-         backends, or client -> bridge -> b1;\nUDP to {VIP}:{PORT}, 60-byte frames, {} flows, \
+         backends, or client -> bridge -> backends;\nUDP to {VIP}:{PORT}, 60-byte frames, {} flows, \
          valid checksums; generator on CPU {}; set up in {:.1} s\n",
-        FLOWS.flows,
+        s.flows.flows,
         bed.cpu,
         started.elapsed().as_secs_f64()
     );

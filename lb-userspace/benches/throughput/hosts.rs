@@ -47,20 +47,29 @@ impl Host {
         host
     }
 
-    /// A plain IPv4 router: forwards `vip` to `via` (whose MAC is `via_mac`), no netfilter
-    /// rules, so no conntrack either.
-    pub fn router(tb: &Testbed, ip: Ipv4Addr, vip: Ipv4Addr, via: Ipv4Addr, via_mac: &str) -> Host {
+    /// A plain IPv4 router: forwards `vip` over `backends` (address, MAC) by a multipath route
+    /// hashing the 5-tuple, as a balancer spreads flows; no netfilter rules, so no conntrack
+    /// either.
+    pub fn router(
+        tb: &Testbed,
+        ip: Ipv4Addr,
+        vip: Ipv4Addr,
+        backends: &[(Ipv4Addr, String)],
+    ) -> Host {
         let host = Host::add(tb, "kfwd", ip);
-        host.forwarding(&[(via, via_mac.to_owned())]);
-        netns::ip(&[
-            "-n",
-            &host.ns,
-            "route",
-            "add",
-            &format!("{vip}/32"),
-            "via",
-            &via.to_string(),
-        ]);
+        host.forwarding(backends);
+        netns::sysctl(&host.ns, "net.ipv4.fib_multipath_hash_policy", "1");
+        let mut route = vec![
+            "-n".to_owned(),
+            host.ns.clone(),
+            "route".to_owned(),
+            "add".to_owned(),
+            format!("{vip}/32"),
+        ];
+        for (addr, _) in backends {
+            route.extend(["nexthop".to_owned(), "via".to_owned(), addr.to_string()]);
+        }
+        netns::ip(&route.iter().map(String::as_str).collect::<Vec<_>>());
         host
     }
 

@@ -25,6 +25,8 @@ pub const UPLINK: &str = "uplink";
 
 /// Length of the generator's frames (`FRAME_LEN` in trafficgen.rs): 64 bytes on a wire.
 pub const FRAME_LEN: usize = 60;
+/// Most hosts the generator and the forwarder spread frames over (`MAX_HOPS` there).
+pub const MAX_HOPS: usize = 4;
 /// Frames per batch in live-frames mode: the kernel's default (NAPI_POLL_WEIGHT). The kernel
 /// flushes the transmit queue after each batch.
 const BATCH: u32 = 64;
@@ -136,12 +138,35 @@ impl Progs {
         self.array_set("GEN_TEMPLATE", words::<{ FRAME_LEN / 4 }>(frame));
     }
 
-    /// The minimal forwarder's next hop (`dst`) and own (`src`) Ethernet addresses.
-    pub fn set_fwd_macs(&mut self, dst: [u8; 6], src: [u8; 6]) {
-        let mut bytes = [0u8; 12];
-        bytes[..6].copy_from_slice(&dst);
-        bytes[6..].copy_from_slice(&src);
-        self.array_set("FWD_CONFIG", words::<3>(&bytes));
+    /// The minimal forwarder's own Ethernet address and the next hops it spreads frames over
+    /// by their source port.
+    pub fn set_fwd_macs(&mut self, own: [u8; 6], hops: &[[u8; 6]]) {
+        let mut values = vec![mac_word(own), hops.len() as u64];
+        values.extend(hops.iter().map(|m| mac_word(*m)));
+        self.array_write("FWD_MACS", &values);
+    }
+
+    /// The hosts the generator spreads its frames over, flow `f` to `hops[f % len]` (empty:
+    /// every frame keeps the template's destination).
+    pub fn set_generator_hops(&mut self, hops: &[[u8; 6]]) {
+        assert!(hops.len() <= MAX_HOPS, "at most {MAX_HOPS} hops");
+        let mut values = vec![hops.len() as u64];
+        values.extend(hops.iter().map(|m| mac_word(*m)));
+        self.array_write("GEN_HOPS", &values);
+    }
+
+    /// Writes `values` to the first entries of the array `name`.
+    fn array_write(&mut self, name: &str, values: &[u64]) {
+        let mut map: Array<_, u64> = self
+            .ebpf
+            .map_mut(name)
+            .unwrap_or_else(|| panic!("map {name} missing from lb-trafficgen"))
+            .try_into()
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        for (i, v) in values.iter().enumerate() {
+            map.set(i as u32, v, 0)
+                .unwrap_or_else(|e| panic!("writing {name}: {e}"));
+        }
     }
 
     /// Makes `uplink` hand frames for `mac` straight to `port` of the switch namespace `sw`
@@ -165,14 +190,14 @@ impl Progs {
         })
         .unwrap_or_else(|e| panic!("entering {sw}: {e}"));
         self.uplink_macs()
-            .insert(uplink_key(mac), ifindex, 0)
+            .insert(mac_word(mac), ifindex, 0)
             .unwrap_or_else(|e| panic!("UPLINK_MACS: {e}"));
     }
 
     /// Frames for `mac` go through the bridge again.
     pub fn clear_uplink(&mut self, mac: [u8; 6]) {
         self.uplink_macs()
-            .remove(&uplink_key(mac))
+            .remove(&mac_word(mac))
             .unwrap_or_else(|e| panic!("UPLINK_MACS: {e}"));
     }
 
@@ -371,9 +396,10 @@ impl Jitter {
     }
 }
 
-/// `UPLINK_MACS`'s key: the MAC in the low six bytes, in wire order.
-fn uplink_key(mac: [u8; 6]) -> u64 {
-    let mut key = [0u8; 8];
-    key[..6].copy_from_slice(&mac);
-    u64::from_le_bytes(key)
+/// A MAC as the programs' maps hold it (and `UPLINK_MACS`'s key): in the low six bytes, in
+/// wire order.
+fn mac_word(mac: [u8; 6]) -> u64 {
+    let mut word = [0u8; 8];
+    word[..6].copy_from_slice(&mac);
+    u64::from_le_bytes(word)
 }
