@@ -221,7 +221,7 @@ impl<K: SlotKey> FlowSlot<K> {
     /// for its backend's current `generation`, whose service is the flow's (`vip`).
     #[inline(always)]
     pub fn holds(&self, key: &K, hash: u32, generation: u32, vip: &ServiceVip) -> bool {
-        self.seal == flow_seal(hash, self.backend(), generation) && key.is_service(vip)
+        flow_holds(key, hash, self.backend(), self.seal, generation, vip)
     }
 
     /// The tick of the flow's last packet.
@@ -316,6 +316,23 @@ pub const fn flow_state(now: u32, closed: bool) -> u32 {
 pub const fn flow_seal(hash: u32, backend: u32, generation: u32) -> u32 {
     let h = (hash ^ backend.wrapping_mul(0x9e37_79b1)).wrapping_mul(0x85eb_ca6b);
     (h ^ (h >> 15) ^ generation.wrapping_mul(0xc2b2_ae35)) | 1
+}
+
+/// Whether a way of `key`'s client, read as backend `id` and `seal`, holds `key` (of table hash
+/// `hash`): sealed for the backend's current `generation`, whose service is the flow's
+/// (`vip`). A reader that shares the table with writers passes the id and seal it read once,
+/// so a way rewritten meanwhile is not checked half old, half new.
+#[inline(always)]
+#[must_use]
+pub fn flow_holds<K: SlotKey>(
+    key: &K,
+    hash: u32,
+    id: u32,
+    seal: u32,
+    generation: u32,
+    vip: &ServiceVip,
+) -> bool {
+    seal == flow_seal(hash, id, generation) && key.is_service(vip)
 }
 
 /// Sets of a table with room for `flows` flows: a power of two (the set is the table hash's low

@@ -323,8 +323,8 @@ pub struct FlowKeyV4 {
     pub _pad1: u16,
 }
 
-/// `FlowState::last_seen` and `FlowSlot::state` count `CLOCK_MONOTONIC` nanoseconds shifted right by this much
-/// (ticks of about 1.07 s). The daemon writes the current tick into the `CLOCK` map twice a
+/// `FlowState::last_seen` and `FlowSlot::state` count `CLOCK_MONOTONIC` nanoseconds shifted
+/// right by this much (ticks of about 1.07 s). The daemon writes the current tick into the `CLOCK` map twice a
 /// second; the program reads it there, because a clock helper call cost ~35 ns per packet.
 pub const FLOW_TICK_SHIFT: u32 = 30;
 

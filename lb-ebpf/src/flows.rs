@@ -6,7 +6,8 @@
 use aya_ebpf::maps::Array;
 use lb_common::{
     BACKEND_F_ALIVE, Backend, FLOW_STATE_CLOSED, FLOW_WAYS, FlowKeyV4, FlowKeyV6, FlowSet,
-    FlowSlot, flow_seal, flow_set, flow_table::SlotKey,
+    FlowSlot, flow_set,
+    flow_table::{SlotKey, flow_holds},
 };
 
 use crate::{
@@ -66,10 +67,8 @@ fn held<K: Tracked>(
             // Read once: the seal is checked against exactly the id used.
             let (id, seal) = (way.backend(), way.seal);
             if let Some(backend) = BACKENDS.get(id)
-                && seal == flow_seal(slot, id, backend.generation)
-                && SERVICE_VIPS
-                    .get(backend.service)
-                    .is_some_and(|vip| flow.is_service(vip))
+                && let Some(vip) = SERVICE_VIPS.get(backend.service)
+                && flow_holds(flow, slot, id, seal, backend.generation, vip)
             {
                 return Some((i, id, backend));
             }
