@@ -324,8 +324,9 @@ pub struct FlowKeyV4 {
 }
 
 /// `FlowState::last_seen` and `FlowSlot::state` count `CLOCK_MONOTONIC` nanoseconds shifted
-/// right by this much (ticks of about 1.07 s). The daemon writes the current tick into the `CLOCK` map twice a
-/// second; the program reads it there, because a clock helper call cost ~35 ns per packet.
+/// right by this much (ticks of about 1.07 s). The daemon writes the current tick into the
+/// `CLOCK` map twice a second; the program reads it there, because a clock helper call cost
+/// ~35 ns per packet.
 pub const FLOW_TICK_SHIFT: u32 = 30;
 
 /// An IPv6 5-tuple, network order, as `FlowKeyV4`.
