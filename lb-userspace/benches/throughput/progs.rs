@@ -118,14 +118,21 @@ impl Progs {
     }
 
     fn array_set<V: aya::Pod>(&mut self, name: &str, value: V) {
+        self.array_write(name, &[value]);
+    }
+
+    /// Writes `values` to the first entries of the array `name`.
+    fn array_write<V: aya::Pod>(&mut self, name: &str, values: &[V]) {
         let mut map: Array<_, V> = self
             .ebpf
             .map_mut(name)
             .unwrap_or_else(|| panic!("map {name} missing from lb-trafficgen"))
             .try_into()
             .unwrap_or_else(|e| panic!("{name}: {e}"));
-        map.set(0, value, 0)
-            .unwrap_or_else(|e| panic!("writing {name}: {e}"));
+        for (i, v) in values.iter().enumerate() {
+            map.set(i as u32, v, 0)
+                .unwrap_or_else(|e| panic!("writing {name}: {e}"));
+        }
     }
 
     /// Makes `frame` the frame the generator restores on every run.
@@ -141,32 +148,13 @@ impl Progs {
     /// The minimal forwarder's own Ethernet address and the next hops it spreads frames over
     /// by their source port.
     pub fn set_fwd_macs(&mut self, own: [u8; 6], hops: &[[u8; 6]]) {
-        let mut values = vec![mac_word(own), hops.len() as u64];
-        values.extend(hops.iter().map(|m| mac_word(*m)));
-        self.array_write("FWD_MACS", &values);
+        self.array_write("FWD_MACS", &hop_table(&[mac_word(own)], hops));
     }
 
     /// The hosts the generator spreads its frames over, flow `f` to `hops[f % len]` (empty:
     /// every frame keeps the template's destination).
     pub fn set_generator_hops(&mut self, hops: &[[u8; 6]]) {
-        assert!(hops.len() <= MAX_HOPS, "at most {MAX_HOPS} hops");
-        let mut values = vec![hops.len() as u64];
-        values.extend(hops.iter().map(|m| mac_word(*m)));
-        self.array_write("GEN_HOPS", &values);
-    }
-
-    /// Writes `values` to the first entries of the array `name`.
-    fn array_write(&mut self, name: &str, values: &[u64]) {
-        let mut map: Array<_, u64> = self
-            .ebpf
-            .map_mut(name)
-            .unwrap_or_else(|| panic!("map {name} missing from lb-trafficgen"))
-            .try_into()
-            .unwrap_or_else(|e| panic!("{name}: {e}"));
-        for (i, v) in values.iter().enumerate() {
-            map.set(i as u32, v, 0)
-                .unwrap_or_else(|e| panic!("writing {name}: {e}"));
-        }
+        self.array_write("GEN_HOPS", &hop_table(&[], hops));
     }
 
     /// Makes `uplink` hand frames for `mac` straight to `port` of the switch namespace `sw`
@@ -394,6 +382,15 @@ impl Jitter {
         self.0 ^= self.0 << 17;
         lo + (hi - lo) * ((self.0 >> 11) as f64 / (1u64 << 53) as f64)
     }
+}
+
+/// A table of next hops as the programs read it: `head`, how many hops, their MACs.
+fn hop_table(head: &[u64], hops: &[[u8; 6]]) -> Vec<u64> {
+    assert!(hops.len() <= MAX_HOPS, "at most {MAX_HOPS} hops");
+    let mut table = head.to_vec();
+    table.push(hops.len() as u64);
+    table.extend(hops.iter().map(|m| mac_word(*m)));
+    table
 }
 
 /// A MAC as the programs' maps hold it (and `UPLINK_MACS`'s key): in the low six bytes, in
