@@ -752,17 +752,6 @@ impl Dataplane {
         holders_of(&self.backends, &self.service_vips)
     }
 
-    /// The generation of a backend id as the kernel's backend array holds it, each id read
-    /// once.
-    fn generations(&self) -> impl FnMut(u32) -> Option<u32> + '_ {
-        let mut seen = std::collections::HashMap::new();
-        move |id| {
-            *seen
-                .entry(id)
-                .or_insert_with(|| self.backends.get(&id, 0).ok().map(|b| b.generation))
-        }
-    }
-
     /// Every entry of the nat/fullnat tables.
     pub fn nat_tables(&self) -> Result<NatTables> {
         Ok(NatTables {
@@ -900,9 +889,9 @@ fn legacy_flows<K: lb_common::flow_table::SlotKey, const TAIL: usize>(
         .info()
         .map_err(|source| DataplaneError::Map { name, source })?;
     let sets: MapMemory<legacy::Set<K, TAIL>> = mapped(map, info.max_entries() as usize, name)?;
-    let mut generation = dp.generations();
+    let mut holder = dp.holders();
     Ok((0..sets.len())
-        .flat_map(|i| sets.get(i).flows(&mut generation))
+        .flat_map(|i| sets.get(i).flows(|id| holder(id).map(|h| h.generation)))
         .collect())
 }
 
