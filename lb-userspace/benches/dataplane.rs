@@ -951,7 +951,7 @@ fn control_plane_costs(report: &mut Report, quick: bool) {
         );
     }
 
-    let services = if quick { 50 } else { 500 };
+    let services = if quick { 10 } else { 500 };
     let (one_by_one, by_reload) = add_services(services);
     report.figure(
         &format!("add {services} services x 10 backends, one API call each"),

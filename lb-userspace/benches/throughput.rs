@@ -113,7 +113,7 @@ const TEMPLATE_SRC: (Ipv4Addr, u16) = (Ipv4Addr::new(10, 99, 0, 99), 9);
 const LOSS_FREE: f64 = 1e-4;
 /// Time after the generator stops before the counters are read (nothing is left in flight:
 /// see `Progs::generate`; this is margin).
-const DRAIN: Duration = Duration::from_millis(50);
+const DRAIN: Duration = Duration::from_millis(20);
 
 static STOP: AtomicBool = AtomicBool::new(false);
 
@@ -154,17 +154,20 @@ struct Settings {
     http_rounds: usize,
     /// Also runs of `Connection: close` (a new connection per request), besides keep-alive.
     http_close: bool,
-    /// Also wrk runs through the NAT host (one GET checks that path either way).
-    http_dnat: bool,
+    /// The paths wrk runs through (`HttpPath::key`); one GET checks each path either way.
+    http_paths: &'static [&'static str],
+    /// A warm-up before the first round of the CPU figures (the flows are new to the
+    /// middleboxes' tables only on the first pass of the rate trials otherwise).
+    cpu_warm_up: bool,
 }
 
 impl Settings {
     fn new(quick: bool) -> Settings {
         if quick {
             // Every path once, briefly: CI runs this so the benchmark never rots. Paced trials
-            // run in the CPU figures; HTTP runs keep-alive only, direct and through the
-            // balancer (a second of wrk per run, its shortest, is most of this mode's time;
-            // `Connection: close` differs by a header, the NAT host's path is checked by a GET).
+            // run in the CPU figures; HTTP runs keep-alive through the balancer only (a second
+            // of wrk per run, its shortest, was most of this mode's time; `Connection: close`
+            // differs by a header, the direct and NAT host's paths are checked by a GET).
             Settings {
                 flows: QUICK_FLOWS,
                 hc_interval: "100ms",
@@ -177,7 +180,8 @@ impl Settings {
                 http_seconds: 1,
                 http_rounds: 1,
                 http_close: false,
-                http_dnat: false,
+                http_paths: &["lb"],
+                cpu_warm_up: false,
             }
         } else {
             Settings {
@@ -191,7 +195,8 @@ impl Settings {
                 http_seconds: 2,
                 http_rounds: 5,
                 http_close: true,
-                http_dnat: true,
+                http_paths: &["direct", "lb", "nft_dnat"],
+                cpu_warm_up: true,
             }
         }
     }
@@ -1136,7 +1141,6 @@ fn http_section(bed: &Bed, s: &Settings, report: &mut Report) {
             addr: SocketAddr::from((NAT_HTTP_ADDR, HTTP_PORT)),
         },
     ];
-    let (direct, lb) = (0, 1);
     let started = Instant::now();
     // (request header, key, title)
     let mut kinds = vec![(
@@ -1161,8 +1165,14 @@ fn http_section(bed: &Bed, s: &Settings, report: &mut Report) {
     }
     let paths: Vec<HttpPath> = paths
         .into_iter()
-        .filter(|p| s.http_dnat || p.key != "nft_dnat")
+        .filter(|p| s.http_paths.contains(&p.key))
         .collect();
+    // No ratios to the direct path when it is not run.
+    let direct = paths.iter().position(|p| p.key == "direct");
+    let lb = paths
+        .iter()
+        .position(|p| p.key == "lb")
+        .expect("wrk runs through the balancer");
     let script = web::write_script(&bed.tb.dir);
     // SAFETY: sysconf has no preconditions.
     let ncpu = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) }.max(1) as f64;
@@ -1274,28 +1284,33 @@ fn http_section(bed: &Bed, s: &Settings, report: &mut Report) {
         println!("{title}");
         let rps: Vec<f64> = results[k].iter().map(|r| med(&r.rps)).collect();
         let cpu: Vec<f64> = results[k].iter().map(|r| med(&r.cpu_us)).collect();
-        let own: Vec<f64> = cpu.iter().map(|c| c - cpu[direct]).collect();
+        // What each path adds over the direct one, when that ran (not itself).
+        let own: Vec<Option<f64>> = (0..paths.len())
+            .map(|i| match direct {
+                Some(d) if d != i => Some(cpu[i] - cpu[d]),
+                _ => None,
+            })
+            .collect();
         for (i, p) in paths.iter().enumerate() {
             let r = &results[k][i];
             let vs_lb = rps[i] / rps[lb].max(1e-9);
-            let vs_direct = rps[i] / rps[direct].max(1e-9);
-            let cost_ratio = (i != direct && own[lb] > 0.0).then(|| own[i] / own[lb]);
+            let vs_direct = direct.map(|d| rps[i] / rps[d].max(1e-9));
+            let cost_ratio = match (own[i], own[lb]) {
+                (Some(o), Some(l)) if l > 0.0 => Some(o / l),
+                _ => None,
+            };
             let (p50, p99) = (med(&r.p50_ms), med(&r.p99_ms));
             println!(
-                "{:<46} {:>8.0} {:>5.2}x {:>5.2}x {:>6.2} {:>6.2} {:>6} {:>7.1} {:>7} {:>6} {:>9}{}",
+                "{:<46} {:>8.0} {:>5.2}x {:>6} {:>6.2} {:>6.2} {:>6} {:>7.1} {:>7} {:>6} {:>9}{}",
                 p.name,
                 rps[i],
                 vs_lb,
-                vs_direct,
+                vs_direct.map_or_else(|| "-".to_owned(), |v| format!("{v:.2}x")),
                 p50,
                 p99,
                 r.errors.total(),
                 cpu[i],
-                if i == direct {
-                    "-".to_owned()
-                } else {
-                    format!("{:.1}", own[i])
-                },
+                own[i].map_or_else(|| "-".to_owned(), |o| format!("{o:.1}")),
                 cost_ratio.map_or_else(|| "-".to_owned(), |c| format!("{c:.2}x")),
                 format!("{:.2}+{:.2}", med(&r.wrk_cpus), med(&r.responder_cpus)),
                 if r.errors.total() > 0 {
@@ -1328,7 +1343,7 @@ fn http_section(bed: &Bed, s: &Settings, report: &mut Report) {
                 None,
                 &method_cpu(kind),
             );
-            if i != direct {
+            if let (Some(vs_direct), Some(own)) = (vs_direct, own[i]) {
                 report.figure(
                     &name("share of the direct ceiling"),
                     vs_direct,
@@ -1341,7 +1356,7 @@ fn http_section(bed: &Bed, s: &Settings, report: &mut Report) {
                 );
                 report.figure(
                     &name("CPU per request, minus direct"),
-                    own[i],
+                    own,
                     "us/request",
                     cost_ratio,
                     &method_cpu(kind),
@@ -1410,7 +1425,7 @@ fn cpu_costs(
     let mut lossy = vec![false; paths.len()];
     for round in 0..s.cpu_rounds {
         for (i, path) in paths.iter().enumerate() {
-            if round == 0 {
+            if round == 0 && s.cpu_warm_up {
                 bed.warm_up(path);
             }
             let m = bed.trial(
