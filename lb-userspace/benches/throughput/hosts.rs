@@ -149,12 +149,20 @@ impl Host {
 
     /// Connection-tracking entries in this host's namespace.
     pub fn conntrack_count(&self) -> Option<u64> {
-        netns::run_in(&self.ns, || {
-            std::fs::read_to_string("/proc/sys/net/netfilter/nf_conntrack_count").ok()
-        })
-        .ok()
-        .flatten()
-        .and_then(|s| s.trim().parse().ok())
+        self.sysctl("nf_conntrack_count")
+    }
+
+    /// The most entries conntrack takes (the kernel's setting for every namespace).
+    pub fn conntrack_max(&self) -> Option<u64> {
+        self.sysctl("nf_conntrack_max")
+    }
+
+    fn sysctl(&self, name: &str) -> Option<u64> {
+        let path = format!("/proc/sys/net/netfilter/{name}");
+        netns::run_in(&self.ns, || std::fs::read_to_string(&path).ok())
+            .ok()
+            .flatten()
+            .and_then(|s| s.trim().parse().ok())
     }
 }
 
