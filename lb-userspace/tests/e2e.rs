@@ -403,7 +403,8 @@ fn open_connections_keep_their_backend_when_backends_are_added() {
         broken.len()
     );
 
-    let n = 80;
+    // 120: each new backend's fair quarter falls below a tenth once in 10^5 runs.
+    let n = 120;
     let t = tb.request_many(n);
     t.assert_all_ok("new connections after adding b3, b4");
     eprintln!("new connections after adding b3, b4: {:?}", t.counts);

@@ -47,13 +47,14 @@ fn an_ipv6_vip_is_balanced_and_fails_over() {
     );
 
     let mut counts: BTreeMap<String, usize> = BTreeMap::new();
-    for _ in 0..60 {
+    // At least 12 of 90 each: a fair spread over three falls below once in 10^5 runs.
+    for _ in 0..90 {
         *counts
             .entry(get6(&tb).expect("request over IPv6"))
             .or_default() += 1;
     }
     for (name, _) in &ips {
-        assert!(counts.get(name).copied().unwrap_or(0) >= 8, "{counts:?}");
+        assert!(counts.get(name).copied().unwrap_or(0) >= 12, "{counts:?}");
     }
 
     // b2's server stops: it leaves the table and every request still succeeds.

@@ -85,8 +85,10 @@ fn spreads_keeps_flows_and_fails_over(
     let all: Vec<&Member> = ms.iter().collect();
     wait_members(tb, service, &all, true);
 
+    // 90 connections, at least 12 each: with three members a fair spread falls below that
+    // once in 10^5 calls (40 and 5 failed about one CI run in fifty).
     let mut counts: BTreeMap<String, usize> = BTreeMap::new();
-    for i in 0..40 {
+    for i in 0..90 {
         let body = http::get_in(&tb.client, addr)
             .map(|(b, _)| b)
             .unwrap_or_else(|e| panic!("{service}: request {i} failed: {e:#}"));
@@ -94,8 +96,8 @@ fn spreads_keeps_flows_and_fails_over(
     }
     for m in ms {
         assert!(
-            counts.get(m.name).copied().unwrap_or(0) >= 5,
-            "{service}: {} got too few of 40 connections: {counts:?}",
+            counts.get(m.name).copied().unwrap_or(0) >= 12,
+            "{service}: {} got too few of 90 connections: {counts:?}",
             m.name
         );
     }
