@@ -18,8 +18,8 @@
 //! raw frames, with no queue in front of its veth's 256-frame ring, the balancer's path drops
 //! bursts of the generator (which shares its CPU) that the stack's queues absorb.
 //! The generator transmits UDP datagrams to the VIP from the client's eth0 with the kernel's
-//! live-frames test mode, in 65,536 distinct flows (8,192 in quick mode); an XDP program on every backend counts and
-//! drops them. The same traffic goes five ways, spread over the same three backends each
+//! live-frames test mode, in 65,536 distinct flows (8,192 in quick mode); an XDP program on
+//! every backend counts and drops them. The same traffic goes five ways, spread over the same three backends each
 //! time: straight to the backends (no middlebox; the generator gives each flow a backend's
 //! MAC), through the balancer, through nftables DNAT (what users would pick instead, as
 //! kube-proxy does), and through two floors: a minimal XDP forwarder (for any XDP_TX forwarder
@@ -1474,7 +1474,9 @@ fn cpu_costs(
         let (lo, hi) = min_max(&d);
         (median(&mut d), lo, hi)
     };
-    let own: Vec<f64> = (0..paths.len()).map(|i| over(i, direct).0).collect();
+    // (median, min, max) of each path's rounds minus direct's.
+    let over_direct: Vec<(f64, f64, f64)> = (0..paths.len()).map(|i| over(i, direct)).collect();
+    let own: Vec<f64> = over_direct.iter().map(|o| o.0).collect();
     println!(
         "\nCPU per delivered packet at {} kpps, {how} (median of {} round(s) of {:.1} s; \
          generator thread + ksoftirqd; minus direct: median of the rounds' differences):",
@@ -1489,7 +1491,7 @@ fn cpu_costs(
     for (i, path) in paths.iter().enumerate() {
         let (lo, hi) = min_max(&costs[i]);
         let ratio = (i != direct && own[lb] > 0.0).then(|| own[i] / own[lb]);
-        let (_, own_lo, own_hi) = over(i, direct);
+        let (_, own_lo, own_hi) = over_direct[i];
         println!(
             "{:<46} {:>9.0} {:>13} {:>13} {:>13} {:>7}{}",
             path.name,
@@ -1536,6 +1538,7 @@ fn cpu_costs(
         idx("xdp_forwarder"),
     ) && own[lb] > 0.0
     {
+        let (lb_over_floor, nat_over_floor) = (over(lb, xfwd).0, over(nat, kfwd).0);
         println!(
             "\n{how}: nftables DNAT costs {:.2}x what the balancer costs per packet (goal: at \
              least 5x).\n\
@@ -1544,19 +1547,19 @@ fn cpu_costs(
             own[nat] / own[lb],
             own[xfwd],
             own[kfwd],
-            over(lb, xfwd).0,
-            over(nat, kfwd).0,
+            lb_over_floor,
+            nat_over_floor,
         );
         report.figure(
             &format!("CPU per packet: lb minus the minimal XDP forwarder{suffix}"),
-            over(lb, xfwd).0,
+            lb_over_floor,
             "ns/packet",
             None,
             &method,
         );
         report.figure(
             &format!("CPU per packet: nft_dnat minus kernel IP forwarding{suffix}"),
-            over(nat, kfwd).0,
+            nat_over_floor,
             "ns/packet",
             None,
             &method,
