@@ -21,10 +21,11 @@
 //! live-frames test mode, in 65,536 distinct flows (8,192 in quick mode); an XDP program on
 //! every backend counts and drops them. The same traffic goes five ways, spread over the same
 //! three backends each time: straight to the backends (no middlebox; the generator gives each
-//! flow a backend's MAC), through the balancer, through nftables DNAT (what users would pick instead, as
-//! kube-proxy does), and through two floors: a minimal XDP forwarder (for any XDP_TX forwarder
-//! on this test bed; it picks the backend by source port) and plain kernel forwarding (for
-//! anything the kernel's stack forwards, NAT included; a multipath route hashing the 5-tuple).
+//! flow a backend's MAC), through the balancer, through nftables DNAT (what users would pick
+//! instead, as kube-proxy does), and through two floors: a minimal XDP forwarder (for any
+//! XDP_TX forwarder on this test bed; it picks the backend by source port) and plain kernel
+//! forwarding (for anything the kernel's stack forwards, NAT included; a multipath route
+//! hashing the 5-tuple).
 //! Delivering to three backends costs more per packet than to one (their receive batches are
 //! smaller), so every path, the direct one too, pays the same for it.
 //!
